@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face and MLX folders (installed as ``phi3mlx.convert``)."""

@@ -1,0 +1,55 @@
+"""Resolve a local folder or a Hugging Face Hub id to a local folder (downloading with progress)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from phi3mlx.errors import Phi3MLXError
+
+ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+    "*.txt",
+    "*.py",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def looks_like_hub_id(s: str) -> bool:
+    return bool(_HUB_ID.match(s)) and not s.startswith((".", "/"))
+
+
+def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id downloaded to the Hugging Face cache (resumable)."""
+    s = str(path_or_id)
+    p = Path(s).expanduser()
+    if p.exists():
+        return p
+    if not looks_like_hub_id(s):
+        raise Phi3MLXError(f"model path not found: {s}")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - dependency of the package
+        raise Phi3MLXError("huggingface-hub is not installed; pass a local folder") from None
+    try:
+        # huggingface-hub shows a tqdm progress bar per file and resumes partial downloads.
+        return Path(snapshot_download(s, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except RepositoryNotFoundError:
+        raise Phi3MLXError(f"'{s}' is neither a local folder nor a model on the Hugging Face Hub") from None
+    except LocalEntryNotFoundError:
+        raise Phi3MLXError(
+            f"cannot download '{s}': the Hugging Face Hub is unreachable (offline?) and it is not in the local "
+            "cache; pass a local folder instead"
+        ) from None
+    except Exception as e:  # connection errors come in many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise Phi3MLXError(
+            f"cannot download '{s}' from the Hugging Face Hub ({first}); if you are offline, pass a local folder"
+        ) from None

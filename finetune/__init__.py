@@ -1,0 +1,1 @@
+"""Fine-tuning and pretraining for phi3mlx models (installed as ``phi3mlx.finetune``)."""

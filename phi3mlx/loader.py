@@ -1,0 +1,65 @@
+"""load(): a model folder (ours, mlx-lm's or a Hugging Face one) or hub id -> (model, tokenizer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig, read_config
+from .errors import Phi3MLXError
+from .models import Model, build_model
+from .tokenizer import Tokenizer, load_tokenizer
+from .weights import check_weights, read_weights
+
+
+def apply_quantization(model: nn.Module, quant: dict, weights: Optional[dict] = None) -> None:
+    """Swap Linear/Embedding layers for quantized ones as a folder's ``quantization`` block says.
+
+    With ``weights`` given, exactly the layers whose ``.scales`` are present are quantized, which
+    also covers per-layer overrides such as a float ``lm_head``.
+    """
+    group_size, bits = int(quant.get("group_size", 64)), int(quant.get("bits", 4))
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if weights is not None:
+            return f"{path}.scales" in weights
+        override = quant.get(path)
+        if override is False:
+            return False
+        return True
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+
+
+def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:
+    from phi3mlx.convert.maps import hf_to_mlx
+
+    raw = read_config(path)
+    cfg = ModelConfig.from_dict(raw, source=str(Path(path) / "config.json"))
+    model = build_model(cfg)
+    weights = hf_to_mlx(cfg.model_type, read_weights(Path(path)), cfg.tie_word_embeddings)
+    if cfg.quantization or any(k.endswith(".scales") for k in weights):
+        apply_quantization(model, cfg.quantization or {}, weights)
+    if strict:
+        check_weights(model, weights, str(path))
+    model.load_weights(list(weights.items()), strict=strict)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, cfg
+
+
+def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, Tokenizer]:
+    """Load a model and its tokenizer from a local folder or a Hugging Face Hub id."""
+    from phi3mlx.convert.hub import resolve
+
+    path = resolve(path_or_hub_id)
+    model, cfg = load_model(path)
+    if adapter_path is not None:
+        raise Phi3MLXError("adapters are not supported yet (fine-tuning is not part of this release)")
+    tokenizer = load_tokenizer(path, cfg.raw)
+    return model, tokenizer

@@ -1,0 +1,164 @@
+"""The Phi-3 decoder, built from a ModelConfig.
+
+Parameter names equal the Hugging Face checkpoint's (and mlx-lm's for the same model_type):
+``model.embed_tokens``, ``model.layers.N.self_attn.qkv_proj``, ``...o_proj``,
+``model.layers.N.mlp.gate_up_proj``, ``...down_proj``, ``input_layernorm``,
+``post_attention_layernorm``, ``model.norm``, ``lm_head``.
+
+Shapes: B batch, L new tokens, T = offset + L total tokens, H query heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .rope import Rope
+
+
+@dataclass
+class AttentionMask:
+    """What every layer needs to mask one forward pass.
+
+    ``mask`` is None, "causal" or a boolean (L, T - kv_start) array (True = attend);
+    ``kv_start`` drops cached keys that no query of this pass can see (sliding window).
+    """
+
+    mask: Union[None, str, mx.array]
+    kv_start: int = 0
+
+
+def make_mask(offset: int, length: int, window: Optional[int]) -> AttentionMask:
+    """Causal mask for queries at positions offset..offset+length-1, optionally windowed.
+
+    A query at position i sees keys j with j <= i and i - j < window (as transformers does).
+    """
+    total = offset + length
+    if window is None or total <= window:
+        return AttentionMask("causal" if length > 1 else None)
+    kv_start = max(0, offset - window + 1)  # earliest key the first query can see
+    if length == 1:
+        return AttentionMask(None, kv_start)
+    q = mx.arange(offset, total)[:, None]
+    k = mx.arange(kv_start, total)[None, :]
+    return AttentionMask((k <= q) & (q - k < window), kv_start)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        op = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, op, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.rope = Rope(cfg.rope, cfg.head_dim)
+        self.scale = self.head_dim**-0.5 * self.rope.score_scale()
+
+    def __call__(self, x, mask: AttentionMask, cache=None, long_rope: bool = False):
+        B, L, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv, self.head_dim
+        qkv = self.qkv_proj(x)  # (B, L, (H + 2K) * D)
+        q, k, v = mx.split(qkv, [H * D, (H + K) * D], axis=-1)
+        q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = k.reshape(B, L, K, D).transpose(0, 2, 1, 3)  # (B, K, L, D)
+        v = v.reshape(B, L, K, D).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset, long_rope)
+        k = self.rope(k, offset, long_rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, K, T, D)
+        if mask.kv_start:
+            k, v = k[:, :, mask.kv_start :], v[:, :, mask.kv_start :]
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask.mask)
+        o = o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    """SwiGLU with a fused gate_up projection: [gate | up] along the output axis."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def __call__(self, x):
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, x, mask, cache=None, long_rope=False):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, long_rope)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Phi-3 causal LM. ``model(ids)`` with ids (B, L) returns logits (B, L, vocab)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model_type = cfg.model_type
+        self.model = Phi3Model(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[list] = None,
+        *,
+        long_rope: Optional[bool] = None,
+        last_only: bool = False,
+    ) -> mx.array:
+        """Run the decoder.
+
+        long_rope: which LongRoPE factor set to use; None decides from this pass alone
+        (offset + L > original_max_position_embeddings), which is exact for a full forward pass.
+        last_only: return logits for the last position only, shape (B, 1, vocab).
+        """
+        B, L = inputs.shape
+        offset = cache[0].offset if cache else 0
+        if long_rope is None:
+            long_rope = self.config.rope.uses_long(offset + L)
+        mask = make_mask(offset, L, self.config.sliding_window)
+        h = self.model.embed_tokens(inputs)  # (B, L, hidden)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, mask, cache[i] if cache else None, long_rope)
+        if last_only:
+            h = h[:, -1:]
+        h = self.model.norm(h)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in self.model.layers]
