@@ -31,6 +31,10 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     p = Path(s).expanduser()
     if p.exists():
         return p
+    from phi3mlx.tiny import TINY_ID, tiny_path
+
+    if s == TINY_ID:
+        return tiny_path()
     if not looks_like_hub_id(s):
         raise Phi3MLXError(f"model path not found: {s}")
     try:

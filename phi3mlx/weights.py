@@ -96,8 +96,13 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
-def save_weights(folder: Path, weights: dict[str, mx.array], progress=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> int:
-    """Write ``weights`` as shards of at most ``max_shard_bytes`` plus an index; return total bytes."""
+def save_weights(
+    folder: Path, weights: dict[str, mx.array], progress=None, max_shard_bytes: int = MAX_SHARD_BYTES, fmt: str = "mlx"
+) -> int:
+    """Write ``weights`` as shards of at most ``max_shard_bytes`` plus an index; return total bytes.
+
+    ``fmt`` is the safetensors "format" tag: "mlx" for our folders, "pt" for Hugging Face ones.
+    """
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for k in sorted(weights):
@@ -113,7 +118,7 @@ def save_weights(folder: Path, weights: dict[str, mx.array], progress=None, max_
     for i, shard in enumerate(shards):
         name = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         mx.eval(list(shard.values()))
-        mx.save_safetensors(str(folder / name), shard, metadata={"format": "mlx"})
+        mx.save_safetensors(str(folder / name), shard, metadata={"format": fmt})
         for k in shard:
             weight_map[k] = name
         total += sum(v.nbytes for v in shard.values())

@@ -1,0 +1,121 @@
+"""Hugging Face folder (or hub id) -> self-contained MLX folder, optionally quantized.
+
+The output folder holds safetensors shards (at most 5 GB each) with an index, config.json (with a
+``quantization`` block as mlx-lm writes it), the tokenizer and generation_config files. It is written
+to a temporary folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from phi3mlx.config import ModelConfig, read_config
+from phi3mlx.errors import Phi3MLXError
+from phi3mlx.models import build_model
+from phi3mlx.quant import check_quant_args, estimate_memory, quantize_model
+from phi3mlx.tokenizer import TOKENIZER_FILES
+from phi3mlx.weights import atomic_dir, check_weights, folder_bytes, read_weights, save_weights
+
+from .hub import resolve
+from .maps import hf_to_mlx
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+# Keys of a Hugging Face config that mean nothing to an MLX folder.
+_DROP_CONFIG_KEYS = ("auto_map", "quantization_config", "torch_dtype", "dtype", "_name_or_path")
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    bytes_on_disk: int
+    summary: list = field(default_factory=list)
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), transient=True)
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        f = src / name
+        if f.exists():
+            shutil.copy2(f, dst / name)
+            copied.append(name)
+    return copied
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str,
+    *,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    dtype: Optional[str] = None,
+    keep_float: tuple = (),
+    force: bool = False,
+    context: Optional[int] = None,
+    show_progress: bool = True,
+) -> ConvertResult:
+    if quantize:
+        check_quant_args(q_bits, q_group_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise Phi3MLXError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    out = Path(mlx_path)
+    if out.exists() and not force:  # fail before any download
+        raise Phi3MLXError(f"output folder {out} already exists (pass --force to replace it)")
+    src = resolve(hf_path)
+    raw = read_config(src)
+    cfg = ModelConfig.from_dict(raw, source=str(src / "config.json"))
+    if cfg.quantization:
+        raise Phi3MLXError(f"{src} is already quantized; convert from a float checkpoint")
+
+    model = build_model(cfg)
+    weights = hf_to_mlx(cfg.model_type, read_weights(src), cfg.tie_word_embeddings)
+    check_weights(model, weights, str(src))
+    target = DTYPES[dtype] if dtype else None
+    if target is None:  # keep the checkpoint's float type, bfloat16 if it is mixed
+        kinds = {v.dtype for v in weights.values()}
+        target = kinds.pop() if len(kinds) == 1 else mx.bfloat16
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()))
+
+    new_cfg = {k: v for k, v in raw.items() if k not in _DROP_CONFIG_KEYS}
+    if quantize:
+        new_cfg["quantization"] = quantize_model(model, q_bits, q_group_size, keep_float)
+        new_cfg["quantization_config"] = new_cfg["quantization"]  # the key mlx-lm also writes
+    new_cfg["torch_dtype"] = str(target).split(".")[-1]
+
+    from mlx.utils import tree_flatten
+
+    flat = dict(tree_flatten(model.parameters()))
+    with atomic_dir(out, force=force) as tmp:
+        if show_progress:
+            with _progress() as prog:
+                save_weights(tmp, flat, prog)
+        else:
+            save_weights(tmp, flat)
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2))
+        copied = copy_tokenizer_files(src, tmp)
+        if not any(n in copied for n in ("tokenizer.json", "tokenizer.model")):
+            raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model")
+    size = folder_bytes(out)
+    est = estimate_memory(model, cfg, context)
+    summary = [
+        f"wrote {out} ({size / 1e9:.3f} GB on disk, {str(target).split('.')[-1]}"
+        + (f", {q_bits}-bit group {q_group_size}" if quantize else "")
+        + ")",
+        *est.lines(),
+    ]
+    return ConvertResult(out, size, summary)

@@ -1,0 +1,193 @@
+"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench.
+
+User mistakes (``Phi3MLXError``) are printed as one line ``phi3mlx: error: ...`` with exit code 1;
+argparse reports unknown flags with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import Phi3MLXError
+
+DEFAULT_MODEL = "phi3mlx:tiny"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _model_arg(p, required=False):
+    p.add_argument(
+        "--model",
+        default=None if required else DEFAULT_MODEL,
+        required=required,
+        help="model folder (phi3mlx, mlx-lm or Hugging Face layout) or Hugging Face Hub id; "
+        f"'{DEFAULT_MODEL}' is a built-in tiny random-weight model for trying the tools offline",
+    )
+    p.add_argument("--adapter-path", default=None, help="folder with fine-tuned adapters to apply (unfused)")
+
+
+def _sampling_args(p, max_tokens=256):
+    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens, help="most tokens to generate")
+    p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the smallest set of tokens with this much probability (1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than min-p times the top token (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="penalise tokens seen in the last 20 (e.g. 1.1; off by default)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens processed per chunk")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phi3mlx",
+        description="Run, convert, quantize and benchmark Phi-3 family models with MLX.",
+        formatter_class=_Formatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"phi3mlx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an MLX folder (optionally quantized)",
+                       formatter_class=_Formatter,
+                       description="Convert a Hugging Face Phi-3 checkpoint (local folder or hub id) into a "
+                       "self-contained MLX folder: safetensors shards (<= 5 GB) with an index, config.json, "
+                       "tokenizer and generation_config files. Written to a temporary folder, then renamed.")
+    p.add_argument("--hf-path", required=True, help="Hugging Face folder or hub id (e.g. microsoft/Phi-3-mini-4k-instruct)")
+    p.add_argument("--mlx-path", required=True, help="output folder")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize weights (affine, MLX format)")
+    p.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing: 4 or 8")
+    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size: 32, 64 or 128")
+    p.add_argument("--keep-embeddings-float", action="store_true", help="do not quantize the token embedding")
+    p.add_argument("--keep-head-float", action="store_true", help="do not quantize the output head (lm_head)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="float type of the weights (default: the checkpoint's)")
+    p.add_argument("--context", type=int, default=None, help="context length for the memory estimate (default: min(model context, 4096))")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+
+    p = sub.add_parser("export-hf", help="write an MLX folder back as a Hugging Face checkpoint",
+                       formatter_class=_Formatter,
+                       description="Write an MLX folder (quantized or not) as a Hugging Face folder that "
+                       "transformers loads; quantized weights are dequantized.")
+    p.add_argument("--mlx-path", required=True, help="MLX model folder")
+    p.add_argument("--hf-path", required=True, help="output folder")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="float type of the written weights (default: as stored / dequantized)")
+    p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+
+    p = sub.add_parser("generate", help="complete one prompt", formatter_class=_Formatter,
+                       description="Generate a completion for one prompt. The prompt is wrapped in the "
+                       "model's chat template unless --raw is given.")
+    _model_arg(p)
+    p.add_argument("--prompt", "-p", required=True, help="the prompt text ('-' reads it from stdin)")
+    p.add_argument("--system", default=None, help="system message (chat template only)")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--verbose", "-v", action="store_true", help="print prompt/generation speed and peak memory")
+    _sampling_args(p)
+
+    p = sub.add_parser("chat", help="chat in the terminal (multi-turn)", formatter_class=_Formatter,
+                       description="Interactive chat with history kept through the chat template. Commands: "
+                       "/reset clears the history, /system TEXT sets the system message, /exit leaves. "
+                       "Ctrl-C stops the current answer. With stdin not a terminal, each input line is "
+                       "answered once and the program exits at end of input.")
+    _model_arg(p)
+    p.add_argument("--system", default=None, help="system message")
+    _sampling_args(p, max_tokens=512)
+
+    p = sub.add_parser("bench", help="measure prefill/decode speed and memory, optionally against mlx-lm",
+                       formatter_class=_Formatter,
+                       description="Measure prompt processing (prefill) and generation (decode) speed and "
+                       "peak memory on random prompt tokens; with --compare-mlx-lm, mlx-lm runs on the same "
+                       "folder in the same process and the ratios (ours / mlx-lm, higher is better) are printed.")
+    _model_arg(p)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (best is reported)")
+    p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
+    p.add_argument("--context", type=int, default=None, help="context length for the memory estimate")
+    p.add_argument("--seed", type=int, default=0, help="seed for the random prompt")
+    return parser
+
+
+def _cmd_convert(a):
+    from phi3mlx.convert.hf_to_mlx import convert
+
+    keep = tuple(n for n, on in (("model.embed_tokens", a.keep_embeddings_float), ("lm_head", a.keep_head_float)) if on)
+    res = convert(a.hf_path, a.mlx_path, quantize=a.quantize, q_bits=a.q_bits, q_group_size=a.q_group_size,
+                  dtype=a.dtype, keep_float=keep, force=a.force, context=a.context)
+    for line in res.summary:
+        print(line)
+
+
+def _cmd_export(a):
+    from phi3mlx.convert.mlx_to_hf import export_hf
+
+    out = export_hf(a.mlx_path, a.hf_path, dtype=a.dtype, force=a.force)
+    print(f"wrote {out}")
+
+
+def sampling_kwargs(a) -> dict:
+    return dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, prefill_step_size=a.prefill_step_size)
+
+
+def _cmd_generate(a):
+    from .generate import format_stats, stream_generate
+    from .loader import load
+
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    if not prompt.strip():
+        raise Phi3MLXError("the prompt is empty")
+    model, tok = load(a.model, adapter_path=a.adapter_path)
+    if not a.raw:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    last = None
+    for last in stream_generate(model, tok, prompt, max_tokens=a.max_tokens, **sampling_kwargs(a)):
+        print(last.text, end="", flush=True)
+    print()
+    if a.verbose and last is not None:
+        print(format_stats(last), file=sys.stderr)
+
+
+def _cmd_chat(a):
+    from .chat import main as chat_main
+
+    chat_main(a)
+
+
+def _cmd_bench(a):
+    from .bench import main as bench_main
+
+    bench_main(a)
+
+
+COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat,
+            "bench": _cmd_bench}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except Phi3MLXError as e:
+        print(f"phi3mlx: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nphi3mlx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

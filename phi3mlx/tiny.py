@@ -1,0 +1,83 @@
+"""The built-in default model ``phi3mlx:tiny``.
+
+A tiny Phi-3-shaped checkpoint (2 layers, width 384, head_dim 96, the real Phi-3 tokenizer) with
+*random* weights, built on first use into the user cache. It exercises every part of the toolkit
+offline — loading, generation, chat, conversion, quantization, benchmarks — but its text is noise.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .models import build_model
+from .weights import atomic_dir, save_weights
+
+TINY_ID = "phi3mlx:tiny"
+ASSETS = Path(__file__).parent / "assets"
+
+TINY_CONFIG = {
+    "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "vocab_size": 32064,
+    "hidden_size": 384,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "sliding_window": 2047,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("PHI3MLX_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "phi3mlx")
+    return Path(base).expanduser()
+
+
+def write_phi3_tokenizer(folder: Path) -> None:
+    """Write the bundled Phi-3 tokenizer (tokenizer.json + tokenizer_config.json) into a folder."""
+    with gzip.open(ASSETS / "phi3-tokenizer.json.gz", "rb") as f:
+        (folder / "tokenizer.json").write_bytes(f.read())
+    (folder / "tokenizer_config.json").write_bytes((ASSETS / "phi3-tokenizer_config.json").read_bytes())
+
+
+def make_tiny(out: Path, seed: int = 0, config: dict | None = None, force: bool = False) -> Path:
+    """Build a random tiny Phi-3 folder (Hugging Face layout, float32) at ``out``."""
+    raw = dict(TINY_CONFIG, **(config or {}))
+    cfg = ModelConfig.from_dict(raw)
+    mx.random.seed(seed)
+    model = build_model(cfg)
+    # Small random init, like transformers' initializer_range 0.02, norms at 1.
+    params = {}
+    for k, v in tree_flatten(model.parameters()):
+        params[k] = mx.ones(v.shape) if "norm" in k else 0.02 * mx.random.normal(v.shape)
+    with atomic_dir(out, force=force) as tmp:
+        save_weights(tmp, params, fmt="pt")
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [32000, 32007]}))
+        write_phi3_tokenizer(tmp)
+    return out
+
+
+def tiny_path() -> Path:
+    """The built-in tiny model's folder, built on first use."""
+    p = cache_dir() / "tiny-phi3"
+    if not (p / "config.json").exists():
+        make_tiny(p, force=True)
+    return p
