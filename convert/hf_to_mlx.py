@@ -20,7 +20,7 @@ from phi3mlx.errors import Phi3MLXError
 from phi3mlx.models import build_model
 from phi3mlx.quant import check_quant_args, estimate_memory, quantize_model
 from phi3mlx.tokenizer import TOKENIZER_FILES
-from phi3mlx.weights import atomic_dir, check_weights, folder_bytes, read_weights, save_weights
+from phi3mlx.weights import atomic_dir, check_output, check_weights, folder_bytes, read_weights, save_weights
 
 from .hub import resolve
 from .maps import hf_to_mlx
@@ -73,8 +73,7 @@ def convert(
     if dtype is not None and dtype not in DTYPES:
         raise Phi3MLXError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     out = Path(mlx_path)
-    if out.exists() and not force:  # fail before any download
-        raise Phi3MLXError(f"output folder {out} already exists (pass --force to replace it)")
+    check_output(out, force)  # fail before any download
     src = resolve(hf_path)
     raw = read_config(src)
     cfg = ModelConfig.from_dict(raw, source=str(src / "config.json"))

@@ -11,7 +11,7 @@ from mlx.utils import tree_flatten
 
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.loader import load_model
-from phi3mlx.weights import atomic_dir, save_weights
+from phi3mlx.weights import atomic_dir, check_output, save_weights
 
 from .hf_to_mlx import DTYPES, _progress, copy_tokenizer_files
 from .maps import mlx_to_hf
@@ -51,8 +51,7 @@ def export_hf(mlx_path: str, hf_path: str, *, dtype: str | None = None, force: b
     if dtype is not None and dtype not in DTYPES:
         raise Phi3MLXError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     out = Path(hf_path)
-    if out.exists() and not force:
-        raise Phi3MLXError(f"output folder {out} already exists (pass --force to replace it)")
+    check_output(out, force)
     model, cfg = load_model(src)
     dequantize(model)
     weights = dict(tree_flatten(model.parameters()))

@@ -186,6 +186,10 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:  # unreadable file, permission denied, disk full: the user's environment, not a bug
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"phi3mlx: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     return 0
 
 

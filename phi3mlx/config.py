@@ -67,6 +67,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise Phi3MLXError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+        try:
+            return cls._from_dict(cfg, source)
+        except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, OverflowError) as e:
+            # A value of a type the checks below did not foresee: still one line, naming the file.
+            raise Phi3MLXError(f"{source}: invalid value in config ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, cfg: dict, source: str) -> "ModelConfig":
         problems = []
         mt = cfg.get("model_type")
         if mt is None:
@@ -85,52 +95,70 @@ class ModelConfig:
             raise Phi3MLXError.many(problems, f"{source}: ")
 
         n_heads = cfg["num_attention_heads"]
-        n_kv = cfg.get("num_key_value_heads") or n_heads
         hidden = cfg["hidden_size"]
-        head_dim = cfg.get("head_dim") or hidden // n_heads
+        n_kv = _opt_number(cfg, "num_key_value_heads", n_heads, problems, integer=True)
+        head_dim = _opt_number(cfg, "head_dim", hidden // n_heads, problems, integer=True)
         if cfg.get("head_dim") is None and hidden % n_heads:
             problems.append(f"hidden_size {hidden} is not divisible by num_attention_heads {n_heads}")
         if n_heads % n_kv:
             problems.append(f"num_attention_heads {n_heads} is not divisible by num_key_value_heads {n_kv}")
         act = cfg.get("hidden_act", "silu")
         if act != "silu":
-            problems.append(f"hidden_act '{act}' is not supported for phi3 (expected 'silu')")
+            problems.append(f"hidden_act {act!r} is not supported for phi3 (expected 'silu')")
 
-        partial = float(cfg.get("partial_rotary_factor", 1.0))
+        partial = _opt_number(cfg, "partial_rotary_factor", 1.0, problems)
+        if partial > 1.0:
+            problems.append(f"'partial_rotary_factor' must be at most 1, got {partial}")
         dims = int(head_dim * partial)
-        max_pos = int(cfg.get("max_position_embeddings", 4096))
-        orig = int(cfg.get("original_max_position_embeddings") or max_pos)
-        rope = RopeConfig(theta=float(cfg.get("rope_theta", 10000.0)), dims=dims, original_max_position_embeddings=orig)
-        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        max_pos = _opt_number(cfg, "max_position_embeddings", 4096, problems, integer=True)
+        orig = _opt_number(cfg, "original_max_position_embeddings", max_pos, problems, integer=True)
+        rms_eps = _opt_number(cfg, "rms_norm_eps", 1e-5, problems)
+        sw = _opt_number(cfg, "sliding_window", 0, problems, integer=True, positive=False)
+        theta = _opt_number(cfg, "rope_theta", 10000.0, problems)
+        quant = cfg.get("quantization")
+        if quant is not None:
+            if not isinstance(quant, dict):
+                problems.append(f"'quantization' must be an object, got {quant!r}")
+                quant = None
+            else:
+                for k in ("bits", "group_size"):
+                    if k in quant:
+                        _opt_number(quant, k, 0, problems, integer=True, where="quantization.")
+        rope = RopeConfig(theta=theta, dims=dims, original_max_position_embeddings=orig)
+        rs_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        rs = cfg.get(rs_key)
+        if rs and not isinstance(rs, dict):
+            problems.append(f"'{rs_key}' must be an object or null, got {rs!r}")
+            rs = None
         if rs:
             rtype = rs.get("type", rs.get("rope_type"))
             if "rope_theta" in rs:
-                rope.theta = float(rs["rope_theta"])
+                rope.theta = _opt_number(rs, "rope_theta", rope.theta, problems, where=f"{rs_key}.")
             if rtype in ("longrope", "su"):
                 rope.kind = "longrope"
-                orig = int(rs.get("original_max_position_embeddings") or orig)
+                orig = _opt_number(rs, "original_max_position_embeddings", orig, problems, integer=True,
+                                   where=f"{rs_key}.")
                 rope.original_max_position_embeddings = orig
                 for name in ("short_factor", "long_factor"):
                     f = rs.get(name)
                     if not isinstance(f, list) or not all(isinstance(x, (int, float)) for x in f):
-                        problems.append(f"rope_scaling.{name} must be a list of numbers")
+                        problems.append(f"{rs_key}.{name} must be a list of numbers")
                     elif len(f) != dims // 2:
-                        problems.append(f"rope_scaling.{name} has {len(f)} values, expected {dims // 2} (rotary dims / 2)")
+                        problems.append(f"{rs_key}.{name} has {len(f)} values, expected {dims // 2} (rotary dims / 2)")
                     else:
                         setattr(rope, name, [float(x) for x in f])
-                af = rs.get("attention_factor")
+                af = _opt_number(rs, "attention_factor", None, problems, where=f"{rs_key}.")
                 if af is None:
-                    factor = rs.get("factor") or (max_pos / orig)
-                    af = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+                    factor = _opt_number(rs, "factor", max_pos / orig, problems, where=f"{rs_key}.")
+                    af = 1.0 if factor <= 1.0 or orig <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
                 rope.attention_factor = float(af)
             elif rtype in (None, "default") and not any(k in rs for k in ("short_factor", "long_factor", "factor")):
                 pass
             else:
-                problems.append(f"unsupported rope_scaling type {rtype!r} (supported: longrope, su)")
+                problems.append(f"unsupported {rs_key} type {rtype!r} (supported: longrope, su)")
         if problems:
             raise Phi3MLXError.many(problems, f"{source}: ")
 
-        sw = cfg.get("sliding_window")
         return cls(
             model_type=mt,
             vocab_size=cfg["vocab_size"],
@@ -140,19 +168,37 @@ class ModelConfig:
             num_attention_heads=n_heads,
             num_key_value_heads=n_kv,
             head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            rms_norm_eps=rms_eps,
             max_position_embeddings=max_pos,
-            sliding_window=int(sw) if sw else None,
+            sliding_window=sw or None,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             hidden_act=act,
             rope=rope,
-            quantization=cfg.get("quantization"),
+            quantization=quant,
             raw=dict(cfg),
         )
 
     @classmethod
     def from_path(cls, path: str | Path) -> "ModelConfig":
         return cls.from_dict(read_config(path), source=str(Path(path) / "config.json"))
+
+
+def _opt_number(cfg: dict, key: str, default, problems: list, integer: bool = False, positive: bool = True,
+                where: str = ""):
+    """``cfg[key]`` as an int/float, ``default`` when absent or null; a wrong value adds a problem."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and integer and not (isinstance(v, int) or float(v).is_integer()):
+        ok = False
+    if ok and (v <= 0 if positive else v < 0):
+        ok = False
+    if not ok:
+        what = ("positive " if positive else "non-negative ") + ("integer" if integer else "number")
+        problems.append(f"'{where}{key}' must be a {what}, got {v!r}")
+        return default
+    return int(v) if integer else float(v)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -166,6 +212,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not f.exists():
         raise Phi3MLXError(f"no config.json in {p}")
     try:
-        return json.loads(f.read_text())
+        cfg = json.loads(f.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Phi3MLXError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise Phi3MLXError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg

@@ -94,7 +94,7 @@ class Tokenizer:
         out = self._tok.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kw
         )
-        if tokenize and isinstance(out, dict):  # transformers 5 returns a BatchEncoding
+        if tokenize and hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
             out = out["input_ids"]
         return list(out) if tokenize else out
 

@@ -78,22 +78,49 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     On any failure (or Ctrl-C) the temporary folder is removed and ``out`` is left as it was.
     """
     out = Path(out)
-    if out.exists() and not force:
-        raise Phi3MLXError(f"output folder {out} already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    check_output(out, force)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise Phi3MLXError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     try:
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # put the previous folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+    except OSError as e:  # disk full, permissions, ...: one line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Phi3MLXError(f"cannot write {out}: {_os_message(e)}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output(out: Path, force: bool = False) -> None:
+    """Fail early (before any work) if ``out`` cannot be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise Phi3MLXError(f"output path {out} exists and is not a folder")
+    if out.exists() and not force:
+        raise Phi3MLXError(f"output folder {out} already exists (pass --force to replace it)")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise Phi3MLXError(f"cannot create the output folder {out}: {parent} is not a folder")
+
+
+def _os_message(e: OSError) -> str:
+    if e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
 
 
 def save_weights(
