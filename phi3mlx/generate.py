@@ -77,8 +77,18 @@ def generate_step(
         mx.random.seed(seed)
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
     processors = list(logits_processors or []) + make_logits_processors(repetition_penalty, repetition_context_size)
-    cache = cache if cache is not None else model.make_cache()
     rope = model.config.rope
+    if cache is None:
+        cache = model.make_cache()
+    elif rope.kind == "longrope" and cache[0].offset and not rope.uses_long(cache[0].offset) and rope.uses_long(
+        cache[0].offset + len(ids) + max_tokens
+    ):
+        # The cached prefix holds short-factor keys and its tokens are not known here, so it could
+        # not be re-encoded when the sequence crosses the LongRoPE threshold.
+        raise Phi3MLXError(
+            f"a cache holding {cache[0].offset} tokens cannot be continued past "
+            f"{rope.original_max_position_embeddings} tokens (LongRoPE switch); pass the whole prompt without a cache"
+        )
     ctx = model.config.context_length
     progress = prompt_progress or (lambda done, total: None)
     history = []  # every token in the cache, for re-prefill and logits processors
