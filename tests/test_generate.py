@@ -116,3 +116,21 @@ def test_help_documents_every_flag_with_defaults(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     assert "(default: 0.0)" in out and "(default: phi3mlx:tiny)" in out
+
+
+def test_prefilled_cache_cannot_cross_longrope_threshold(tmp_path):
+    from phi3mlx.errors import Phi3MLXError
+    from phi3mlx.tiny import make_tiny
+
+    rope = {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [4.0] * 48}
+    folder = make_tiny(tmp_path / "lr", config={"rope_scaling": rope, "original_max_position_embeddings": 32,
+                                                "max_position_embeddings": 1024, "sliding_window": None})
+    model, _ = load(folder)
+    cache = model.make_cache()
+    model(mx.array([PROMPT * 4]), cache=cache)  # 20 tokens, short factors
+    with pytest.raises(Phi3MLXError, match="LongRoPE"):
+        next(generate_step(PROMPT, model, max_tokens=20, cache=cache))
+    # continuing below the threshold is fine and equals a fresh run over the whole sequence
+    cont = [t for t, _ in generate_step(PROMPT, model, max_tokens=3, cache=cache)]
+    fresh = [t for t, _ in generate_step(PROMPT * 5, model, max_tokens=3)]
+    assert cont == fresh
