@@ -72,6 +72,8 @@ def convert(
         check_quant_args(q_bits, q_group_size)
     if dtype is not None and dtype not in DTYPES:
         raise Phi3MLXError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    if context is not None and context <= 0:
+        raise Phi3MLXError(f"--context must be a positive number, got {context}")
     out = Path(mlx_path)
     check_output(out, force)  # fail before any download
     src = resolve(hf_path)
@@ -79,6 +81,8 @@ def convert(
     cfg = ModelConfig.from_dict(raw, source=str(src / "config.json"))
     if cfg.quantization:
         raise Phi3MLXError(f"{src} is already quantized; convert from a float checkpoint")
+    if not any((src / n).exists() for n in ("tokenizer.json", "tokenizer.model")):  # fail before the work
+        raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model")
 
     model = build_model(cfg)
     weights = hf_to_mlx(cfg.model_type, read_weights(src), cfg.tie_word_embeddings)

@@ -172,14 +172,38 @@ COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_
             "bench": _cmd_bench}
 
 
+def check_args(a) -> None:
+    """Numbers argparse cannot check, all problems in one ``Phi3MLXError``."""
+    problems = []
+
+    def need(flag, ok, what, dest=None):
+        v = getattr(a, dest or flag.lstrip("-").replace("-", "_"), None)
+        if v is not None and not ok(v):
+            problems.append(f"{flag} must be {what}, got {v}")
+
+    if a.command in ("generate", "chat"):
+        need("--max-tokens", lambda v: v >= 1, "at least 1")
+        need("--temp", lambda v: v >= 0, "0 (greedy) or more", dest="temperature")
+        need("--top-p", lambda v: 0 <= v <= 1, "in [0, 1]")
+        need("--top-k", lambda v: v >= 0, "0 (off) or more")
+        need("--min-p", lambda v: 0 <= v <= 1, "in [0, 1]")
+        need("--repetition-penalty", lambda v: v > 0, "positive")
+        need("--prefill-step-size", lambda v: v >= 1, "at least 1")
+    if a.command == "convert":
+        need("--context", lambda v: v >= 1, "a positive number")
+    if problems:
+        raise Phi3MLXError.many(problems)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         COMMANDS[args.command](args)
     except Phi3MLXError as e:
-        print(f"phi3mlx: error: {e}", file=sys.stderr)
+        print(f"phi3mlx: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nphi3mlx: interrupted", file=sys.stderr)
@@ -188,9 +212,14 @@ def main(argv=None) -> int:
         return 0
     except OSError as e:  # unreadable file, permission denied, disk full: the user's environment, not a bug
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"phi3mlx: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"phi3mlx: error: {_one_line(e.strerror or str(e) or type(e).__name__)}{where}", file=sys.stderr)
         return 1
     return 0
+
+
+def _one_line(msg: str) -> str:
+    """Messages that quote a library's error may hold newlines; the CLI promises one line."""
+    return " ".join(part.strip() for part in msg.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

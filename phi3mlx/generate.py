@@ -73,6 +73,8 @@ def generate_step(
     """
     ids = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, mx.array) else prompt_ids)]
     _check_prompt(ids, model)
+    if prefill_step_size < 1 or max_tokens < 0:
+        raise Phi3MLXError(f"prefill_step_size must be >= 1 and max_tokens >= 0 (got {prefill_step_size}, {max_tokens})")
     if seed is not None:
         mx.random.seed(seed)
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)

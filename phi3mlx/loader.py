@@ -57,9 +57,9 @@ def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, Tok
     """Load a model and its tokenizer from a local folder or a Hugging Face Hub id."""
     from phi3mlx.convert.hub import resolve
 
-    path = resolve(path_or_hub_id)
-    model, cfg = load_model(path)
     if adapter_path is not None:
         raise Phi3MLXError("adapters are not supported yet (fine-tuning is not part of this release)")
+    path = resolve(path_or_hub_id)
+    model, cfg = load_model(path)
     tokenizer = load_tokenizer(path, cfg.raw)
     return model, tokenizer

@@ -55,7 +55,7 @@ def assert_error(code, err, *needles):
     assert lines[0].startswith("phi3mlx: error: "), lines[0]
     for n in needles:
         assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
-    print("\nMSG", lines[0]); return lines[0]
+    return lines[0]
 
 
 def leftovers(parent: Path, name: str = "OUT") -> list[str]:
@@ -69,9 +69,21 @@ def assert_nothing_written(out: Path):
         assert leftovers(out.parent, out.name) == []
 
 
-def copy_model(src: Path, tmp_path: Path, name: str = "model") -> Path:
+def copy_model(src: Path, tmp_path: Path, name: str = "model", link_weights: bool = True) -> Path:
+    """Copy a model folder; the (large) safetensors files are hard links unless ``link_weights`` is False.
+
+    A linked weight file is shared with ``src``: replace it (unlink, then write), never edit it in place.
+    """
+    def copy(a, b):
+        if link_weights and a.endswith(".safetensors"):
+            try:
+                return os.link(a, b)
+            except OSError:
+                pass
+        return shutil.copy2(a, b)
+
     dst = tmp_path / name
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, copy_function=copy)
     return dst
 
 
@@ -96,6 +108,15 @@ def edit_weights(folder: Path, fn) -> None:
     mx.eval(list(w.values()))
     f.unlink()
     mx.save_safetensors(str(f), w, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _tiny_folder_untouched(tiny_folder):
+    """The shared tiny folder (hard-linked into copies) must come out of this module unchanged."""
+    before = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in tiny_folder.iterdir()}
+    yield
+    after = {f.name: (f.stat().st_size, f.stat().st_mtime_ns) for f in tiny_folder.iterdir()}
+    assert after == before, "a test modified the shared tiny folder"
 
 
 @pytest.fixture(scope="module")
@@ -289,12 +310,13 @@ def test_shard_named_in_index_is_missing(capsys, tmp_path, tiny_folder):
 
 @pytest.mark.parametrize("how", ["truncated", "garbage", "empty"])
 def test_corrupt_safetensors(capsys, tmp_path, tiny_folder, how):
-    m = copy_model(tiny_folder, tmp_path)
+    m = copy_model(tiny_folder, tmp_path, link_weights=how != "truncated")
     f = m / "model.safetensors"
     if how == "truncated":
         with open(f, "r+b") as fh:
             fh.truncate(f.stat().st_size - 1000)
     else:
+        f.unlink()  # a hard link to the shared tiny folder: replace, never overwrite
         f.write_bytes(b"this is not a safetensors file" * 10 if how == "garbage" else b"")
     assert_error(*cli_err(capsys, "generate", "--model", m, "--prompt", "hi"), str(f), "corrupt")
     out = tmp_path / "OUT"
@@ -303,7 +325,7 @@ def test_corrupt_safetensors(capsys, tmp_path, tiny_folder, how):
 
 
 def test_corrupt_safetensors_subprocess(tmp_path, tiny_folder):
-    m = copy_model(tiny_folder, tmp_path)
+    m = copy_model(tiny_folder, tmp_path, link_weights=False)
     f = m / "model.safetensors"
     with open(f, "r+b") as fh:
         fh.truncate(f.stat().st_size // 2)
@@ -427,6 +449,50 @@ def test_unknown_flag_in_process(capsys):
         main(["generate", "--prompt", "hi", "--bogus"])
     assert e.value.code == 2
     assert "--bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--max-tokens", "0"], ["--max-tokens", "0"]),
+        (["--temp", "-1"], ["--temp", "-1"]),
+        (["--top-p", "2"], ["--top-p", "2"]),
+        (["--top-k", "-5"], ["--top-k", "-5"]),
+        (["--min-p", "3"], ["--min-p", "3"]),
+        (["--prefill-step-size", "0"], ["--prefill-step-size", "0"]),
+        (["--repetition-penalty", "-1"], ["--repetition-penalty", "-1"]),
+        (["-m", "-1", "--temp", "-2"], ["--max-tokens", "--temp", "; "]),  # all problems in one line
+    ],
+    ids=["max-tokens", "temp", "top-p", "top-k", "min-p", "prefill", "repetition", "two-at-once"],
+)
+def test_bad_sampling_flags(capsys, tiny_folder, args, needles):
+    assert_error(*cli_err(capsys, "generate", "--model", tiny_folder, "--prompt", "hi", *args), *needles)
+
+
+def test_bad_flag_value_type_is_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "hi", "--max-tokens", "many"])
+    assert e.value.code == 2
+    assert "--max-tokens" in capsys.readouterr().err
+
+
+def test_convert_bad_context(capsys, tmp_path, tiny_folder):
+    out = tmp_path / "OUT"
+    assert_error(*cli_err(capsys, "convert", "--hf-path", tiny_folder, "--mlx-path", out, "--context", "-5"),
+                 "--context", "-5")
+    assert_nothing_written(out)
+
+
+def test_error_with_newlines_is_printed_as_one_line(capsys, monkeypatch):
+    from phi3mlx import cli as cli_mod
+    from phi3mlx.errors import Phi3MLXError
+
+    def boom(a):
+        raise Phi3MLXError("first part\n  second part\n")
+
+    monkeypatch.setitem(cli_mod.COMMANDS, "generate", boom)
+    line = assert_error(*cli_err(capsys, "generate", "--prompt", "hi"), "first part second part")
+    assert line == "phi3mlx: error: first part second part"
 
 
 @pytest.mark.parametrize(
