@@ -34,6 +34,9 @@ def apply_quantization(model: nn.Module, quant: dict, weights: Optional[dict] = 
         return True
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    from .quant import use_cpu_prefill_path
+
+    use_cpu_prefill_path(model)
 
 
 def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -62,6 +63,33 @@ def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, keep_f
     for p in sorted(skipped):
         block[p] = False
     return block
+
+
+class CpuPrefillQuantizedLinear(nn.QuantizedLinear):
+    """A QuantizedLinear that, on the CPU backend, multiplies many rows through float32.
+
+    MLX's CPU quantized matmul is fast for one row (decoding) but slow for many (prefill); from
+    ``MIN_ROWS`` rows on, dequantizing the weight and using the float matmul is far faster
+    (measured about 10x for prompt processing on a phi-3-mini-shaped 4-bit model). Results equal the
+    quantized product up to float rounding. On a GPU the stock path is always used.
+    """
+
+    MIN_ROWS = 16
+
+    def __call__(self, x):
+        if x.size // x.shape[-1] >= self.MIN_ROWS and mx.default_device() == mx.cpu:
+            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                              bits=self.bits, mode=self.mode, dtype=mx.float32)
+            y = (x.astype(mx.float32) @ w.T).astype(x.dtype)
+            return y + self["bias"] if "bias" in self else y
+        return super().__call__(x)
+
+
+def use_cpu_prefill_path(model: nn.Module) -> None:
+    """Switch every affine QuantizedLinear to ``CpuPrefillQuantizedLinear`` (same parameters)."""
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear and getattr(m, "mode", "affine") == "affine":
+            m.__class__ = CpuPrefillQuantizedLinear
 
 
 def weight_bytes(model: nn.Module) -> int:

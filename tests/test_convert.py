@@ -154,3 +154,22 @@ def test_load_reads_hf_folder_directly(mini):
     a, _ = load(src)
     b, _ = load(out)
     assert np.array_equal(np.array(a(mx.array(IDS))), np.array(b(mx.array(IDS))))
+
+
+def test_cpu_prefill_path_matches_quantized_matmul(mini, tmp_path):
+    """Quantized layers multiply many rows through dequantized float32 on the CPU: same result."""
+    import mlx.nn as nn
+
+    from phi3mlx.quant import CpuPrefillQuantizedLinear
+
+    src, _, _ = mini
+    q = tmp_path / "q4"
+    convert(str(src), str(q), quantize=True, show_progress=False)
+    model, _ = load(q)
+    layer = model.layers[0].mlp.gate_up_proj
+    assert type(layer) is CpuPrefillQuantizedLinear
+    x = mx.random.normal((1, 40, layer.scales.shape[-1] * layer.group_size))
+    fast = layer(x)
+    stock = nn.QuantizedLinear.__call__(layer, x)
+    assert np.abs(np.array(fast) - np.array(stock)).max() <= 1e-4
+    assert np.array_equal(np.array(layer(x[:, :1])), np.array(nn.QuantizedLinear.__call__(layer, x[:, :1])))
