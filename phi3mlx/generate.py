@@ -93,7 +93,7 @@ def generate_step(
         )
     ctx = model.config.context_length
     progress = prompt_progress or (lambda done, total: None)
-    history = []  # every token in the cache, for re-prefill and logits processors
+    generated: List[mx.array] = []  # tokens fed back so far, kept lazy (shape (1,) each)
     state = {"long": None}
 
     def prefill(tokens: List[int], long: bool) -> mx.array:
@@ -112,7 +112,7 @@ def generate_step(
 
     def sample(logits: mx.array) -> Tuple[mx.array, mx.array]:
         if processors:
-            hist = mx.array(history)
+            hist = mx.concatenate([mx.array(ids)] + generated)
             for p in processors:
                 logits = p(hist, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -122,11 +122,11 @@ def generate_step(
         offset = cache[0].offset
         long = rope.uses_long(offset + len(ids))
         state["long"] = long
-        history.extend(ids)
         return sample(prefill(ids, long))
 
-    def next_step(y: int) -> Tuple[mx.array, mx.array]:
-        history.append(y)
+    def next_step(y: mx.array) -> Tuple[mx.array, mx.array]:
+        # y may still be computing: the next step is queued before its value is read.
+        generated.append(y)
         total = cache[0].offset + 1
         if rope.uses_long(total) and not state["long"]:
             # Cross the LongRoPE threshold: rebuild the cache with the long factors.
@@ -134,23 +134,26 @@ def generate_step(
                 c.keys = c.values = None
                 c.offset = 0
             state["long"] = True
-            return sample(prefill(list(history), True))
-        logits = model(mx.array([[y]]), cache=cache, long_rope=state["long"])[:, -1, :]
+            seq = ids + [int(t.item()) for t in generated]
+            return sample(prefill(seq, True))
+        logits = model(y[None], cache=cache, long_rope=state["long"])[:, -1, :]
         return sample(logits)
 
+    if max_tokens == 0:
+        return
     y, logprobs = first_step()
     mx.async_eval(y, logprobs)
     n = 0
-    while n < max_tokens:
-        tok = int(y.item())
-        if n == 0:
-            progress(len(ids), len(ids))
+    while True:
         if n + 1 < max_tokens and cache[0].offset < ctx:  # room for one more token
-            next_y, next_logprobs = next_step(tok)
+            next_y, next_logprobs = next_step(y)
             mx.async_eval(next_y, next_logprobs)
         else:
             next_y = next_logprobs = None
-        yield tok, logprobs
+        if n == 0:
+            mx.eval(y)
+            progress(len(ids), len(ids))
+        yield int(y.item()), logprobs
         n += 1
         if next_y is None:
             break
