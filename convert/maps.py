@@ -2,22 +2,33 @@
 
 Used by loading, conversion and export alike. For phi3 the names are equal; the only difference is
 that HF checkpoints may carry precomputed rotary tables, which MLX recomputes and never stores.
+Variants with real differences (e.g. experts stacked for ``gather_mm``) register their own pair of
+functions in ``HF_TO_MLX`` / ``MLX_TO_HF`` from their model module.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Dict
+
 import mlx.core as mx
+
+Weights = Dict[str, mx.array]
 
 # Suffixes of tensors that are derived, never learned: dropped on the way in.
 _DROP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.short_inv_freq", "rotary_emb.long_inv_freq")
 
+HF_TO_MLX: Dict[str, Callable[[Weights], Weights]] = {}
+MLX_TO_HF: Dict[str, Callable[[Weights], Weights]] = {}
 
-def hf_to_mlx(model_type: str, weights: dict[str, mx.array], tie_word_embeddings: bool = False) -> dict[str, mx.array]:
+
+def hf_to_mlx(model_type: str, weights: Weights, tie_word_embeddings: bool = False) -> Weights:
     out = {k: v for k, v in weights.items() if not k.endswith(_DROP_SUFFIXES)}
     if tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    return out
+    fn = HF_TO_MLX.get(model_type)
+    return fn(out) if fn else out
 
 
-def mlx_to_hf(model_type: str, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    return dict(weights)
+def mlx_to_hf(model_type: str, weights: Weights) -> Weights:
+    fn = MLX_TO_HF.get(model_type)
+    return fn(dict(weights)) if fn else dict(weights)

@@ -15,7 +15,19 @@ from typing import Any, Optional
 
 from .errors import Phi3MLXError
 
-SUPPORTED_MODEL_TYPES = ("phi3",)
+SUPPORTED_MODEL_TYPES = ["phi3"]
+
+# model_type -> (normalize, finish). ``normalize(cfg) -> cfg`` renames a variant's own keys to the
+# common ones before validation; ``finish(cfg, fields, problems)`` sets variant parts in ``fields``
+# (the ModelConfig keyword arguments) and appends what is wrong to ``problems``. Variants register
+# themselves from their model module (see phi3mlx/models/__init__.py).
+VARIANTS: dict = {}
+
+
+def register_variant(model_type: str, normalize=None, finish=None) -> None:
+    VARIANTS[model_type] = (normalize, finish)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        SUPPORTED_MODEL_TYPES.append(model_type)
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -59,6 +71,13 @@ class ModelConfig:
     hidden_act: str = "silu"
     rope: RopeConfig = field(default_factory=RopeConfig)
     quantization: Optional[dict] = None
+    # swappable parts (registries in phi3mlx/models/decoder.py) and model-level scalings
+    norm: str = "rms"  # "rms" | "layer"
+    attention: str = "phi3"
+    mlp: str = "swiglu"
+    embedding_multiplier: float = 1.0
+    logit_divisor: float = 1.0
+    extra: dict = field(default_factory=dict)  # variant-specific parameters
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -77,7 +96,10 @@ class ModelConfig:
 
     @classmethod
     def _from_dict(cls, cfg: dict, source: str) -> "ModelConfig":
+        import phi3mlx.models  # noqa: F401  (variants register themselves on import)
+
         problems = []
+        raw = cfg
         mt = cfg.get("model_type")
         if mt is None:
             raise Phi3MLXError(f"{source}: no 'model_type' key (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -85,6 +107,9 @@ class ModelConfig:
             raise Phi3MLXError(
                 f"{source}: unsupported model_type '{mt}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
+        normalize, finish = VARIANTS.get(mt, (None, None))
+        if normalize is not None:
+            cfg = normalize(dict(cfg))
         missing = [k for k in _REQUIRED if k not in cfg]
         if missing:
             problems.append("missing key(s) " + ", ".join(repr(k) for k in missing))
@@ -103,7 +128,7 @@ class ModelConfig:
         if n_heads % n_kv:
             problems.append(f"num_attention_heads {n_heads} is not divisible by num_key_value_heads {n_kv}")
         act = cfg.get("hidden_act", "silu")
-        if act != "silu":
+        if act != "silu" and finish is None:
             problems.append(f"hidden_act {act!r} is not supported for phi3 (expected 'silu')")
 
         partial = _opt_number(cfg, "partial_rotary_factor", 1.0, problems)
@@ -159,7 +184,7 @@ class ModelConfig:
         if problems:
             raise Phi3MLXError.many(problems, f"{source}: ")
 
-        return cls(
+        fields = dict(
             model_type=mt,
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
@@ -175,8 +200,13 @@ class ModelConfig:
             hidden_act=act,
             rope=rope,
             quantization=quant,
-            raw=dict(cfg),
+            raw=dict(raw),
         )
+        if finish is not None:
+            finish(cfg, fields, problems)
+            if problems:
+                raise Phi3MLXError.many(problems, f"{source}: ")
+        return cls(**fields)
 
     @classmethod
     def from_path(cls, path: str | Path) -> "ModelConfig":

@@ -100,13 +100,27 @@ class MLP(nn.Module):
         return self.down_proj(swiglu(gate, up))
 
 
+# The swappable parts. Variant modules (phi3mlx/models/<variant>.py) add their own entries; every
+# attention class is built as cls(cfg, layer_idx) and called as (x, mask, cache, long_rope), every
+# MLP as cls(cfg, layer_idx) and called as (x).
+ATTENTIONS: dict = {"phi3": Attention}
+MLPS: dict = {"swiglu": MLP}
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    return nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        attn, mlp = ATTENTIONS[cfg.attention], MLPS[cfg.mlp]
+        self.self_attn = attn(cfg) if attn is Attention else attn(cfg, layer_idx)
+        self.mlp = mlp(cfg) if mlp is MLP else mlp(cfg, layer_idx)
+        self.input_layernorm = make_norm(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
 
     def __call__(self, x, mask, cache=None, long_rope=False):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, long_rope)
@@ -117,8 +131,8 @@ class Phi3Model(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = make_norm(cfg)
 
 
 class Model(nn.Module):
@@ -130,7 +144,7 @@ class Model(nn.Module):
         self.model_type = cfg.model_type
         self.model = Phi3Model(cfg)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=bool(cfg.extra.get("lm_head_bias")))
 
     @property
     def layers(self):
@@ -156,14 +170,20 @@ class Model(nn.Module):
             long_rope = self.config.rope.uses_long(offset + L)
         mask = make_mask(offset, L, self.config.sliding_window)
         h = self.model.embed_tokens(inputs)  # (B, L, hidden)
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
             h = layer(h, mask, cache[i] if cache else None, long_rope)
         if last_only:
             h = h[:, -1:]
         h = self.model.norm(h)
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if self.config.logit_divisor != 1.0:
+            logits = logits.astype(mx.float32) / self.config.logit_divisor
+        return logits
 
     def make_cache(self) -> list:
         from mlx_lm.models.cache import KVCache

@@ -1,0 +1,1 @@
+"""Phi-3.5-MoE parts (model_type "phimoe"): to be implemented."""
