@@ -40,6 +40,11 @@ def _sampling_args(p, max_tokens=256):
     p.add_argument("--repetition-penalty", type=float, default=None, help="penalise tokens seen in the last 20 (e.g. 1.1; off by default)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens processed per chunk")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="store the KV cache quantized to this many bits (less memory for long contexts; default: float)")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="group size of the quantized KV cache (default: 64, or 32 when the head size is not a "
+                   "multiple of 64, as Phi-3's 96)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +139,8 @@ def _cmd_export(a):
 
 def sampling_kwargs(a) -> dict:
     return dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
-                repetition_penalty=a.repetition_penalty, seed=a.seed, prefill_step_size=a.prefill_step_size)
+                repetition_penalty=a.repetition_penalty, seed=a.seed, prefill_step_size=a.prefill_step_size,
+                kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)
 
 
 def _cmd_generate(a):

@@ -39,6 +39,20 @@ def make_logits_processors(repetition_penalty: Optional[float] = None, repetitio
     return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
 
 
+def check_kv_quant(head_dim: int, bits: int, group_size: Optional[int]) -> int:
+    """Validate KV-cache quantization settings; return the group size to use."""
+    if group_size is None:
+        group_size = 64 if head_dim % 64 == 0 else 32
+    problems = []
+    if bits not in (4, 8):
+        problems.append(f"kv_bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128) or head_dim % group_size:
+        problems.append(f"kv_group_size must be 32, 64 or 128 and divide the head size {head_dim}, got {group_size}")
+    if problems:
+        raise Phi3MLXError.many(problems)
+    return group_size
+
+
 def _check_prompt(prompt_ids: Sequence[int], model) -> None:
     n = len(prompt_ids)
     if n == 0:
@@ -63,6 +77,8 @@ def generate_step(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Optional[List[Callable]] = None,
     cache: Optional[list] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: Optional[int] = None,
     prefill_step_size: int = 2048,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
@@ -70,6 +86,8 @@ def generate_step(
 
     Never stops on end tokens (that is ``stream_generate``'s job). ``cache`` may be a cache from
     ``model.make_cache()`` that already holds a prefix; ``prompt_ids`` then continue it.
+    ``kv_bits`` (4 or 8) stores the KV cache quantized, with ``kv_group_size`` values per group
+    (default 64, or 32 where the head size is not a multiple of 64, as Phi-3's 96).
     """
     ids = [int(t) for t in (prompt_ids.tolist() if isinstance(prompt_ids, mx.array) else prompt_ids)]
     _check_prompt(ids, model)
@@ -80,8 +98,10 @@ def generate_step(
     sampler = sampler or make_sampler(temperature, top_p, top_k, min_p)
     processors = list(logits_processors or []) + make_logits_processors(repetition_penalty, repetition_context_size)
     rope = model.config.rope
+    if kv_bits is not None:
+        kv_group_size = check_kv_quant(model.config.head_dim, kv_bits, kv_group_size)
     if cache is None:
-        cache = model.make_cache()
+        cache = model.make_cache(kv_bits, kv_group_size)
     elif rope.kind == "longrope" and cache[0].offset and not rope.uses_long(cache[0].offset) and rope.uses_long(
         cache[0].offset + len(ids) + max_tokens
     ):

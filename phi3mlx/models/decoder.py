@@ -49,6 +49,26 @@ def make_mask(offset: int, length: int, window: Optional[int]) -> AttentionMask:
     return AttentionMask((k <= q) & (q - k < window), kv_start)
 
 
+def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> mx.array:
+    """softmax(q k^T * scale + mask) v for float or quantized (tuple) keys and values.
+
+    q: (B, H, L, D); k, v: (B, K, T, D) arrays, or (packed, scales, biases) tuples from a
+    quantized KV cache. Keys before ``mask.kv_start`` are outside every query's window: dropped.
+    """
+    if isinstance(k, tuple):
+        if mask.kv_start:
+            k = tuple(t[:, :, mask.kv_start :] for t in k)
+            v = tuple(t[:, :, mask.kv_start :] for t in v)
+        from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+        return quantized_scaled_dot_product_attention(
+            q, k, v, scale=scale, mask=mask.mask, group_size=cache.group_size, bits=cache.bits
+        )
+    if mask.kv_start:
+        k, v = k[:, :, mask.kv_start :], v[:, :, mask.kv_start :]
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.mask)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -74,9 +94,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset, long_rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, D)
-        if mask.kv_start:
-            k, v = k[:, :, mask.kv_start :], v[:, :, mask.kv_start :]
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask.mask)
+        o = attend(q, k, v, self.scale, mask, cache)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
         return self.o_proj(o)
 
@@ -185,7 +203,13 @@ class Model(nn.Module):
             logits = logits.astype(mx.float32) / self.config.logit_divisor
         return logits
 
-    def make_cache(self) -> list:
-        from mlx_lm.models.cache import KVCache
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None) -> list:
+        """One KV cache per layer; with ``kv_bits`` (4 or 8) keys and values are stored quantized."""
+        from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
-        return [KVCache() for _ in self.model.layers]
+        if kv_bits is None:
+            return [KVCache() for _ in self.model.layers]
+        from ..generate import check_kv_quant
+
+        kv_group_size = check_kv_quant(self.config.head_dim, kv_bits, kv_group_size)
+        return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in self.model.layers]
