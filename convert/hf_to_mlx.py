@@ -19,7 +19,7 @@ from phi3mlx.config import ModelConfig, read_config
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.models import build_model
 from phi3mlx.quant import check_quant_args, estimate_memory, quantize_model
-from phi3mlx.tokenizer import TOKENIZER_FILES
+from phi3mlx.tokenizer import has_tokenizer, tokenizer_files
 from phi3mlx.weights import atomic_dir, check_output, check_weights, folder_bytes, read_weights, save_weights
 
 from .hub import resolve
@@ -46,12 +46,11 @@ def _progress():
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES and *.tiktoken) so the new folder works offline."""
     copied = []
-    for name in TOKENIZER_FILES:
-        f = src / name
-        if f.exists():
-            shutil.copy2(f, dst / name)
-            copied.append(name)
+    for name in tokenizer_files(src):
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+        copied.append(name)
     return copied
 
 
@@ -81,8 +80,8 @@ def convert(
     cfg = ModelConfig.from_dict(raw, source=str(src / "config.json"))
     if cfg.quantization:
         raise Phi3MLXError(f"{src} is already quantized; convert from a float checkpoint")
-    if not any((src / n).exists() for n in ("tokenizer.json", "tokenizer.model")):  # fail before the work
-        raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model")
+    if not has_tokenizer(src):  # fail before the work
+        raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json, tokenizer.model or cl100k_base.tiktoken")
 
     model = build_model(cfg)
     weights = hf_to_mlx(cfg.model_type, read_weights(src), cfg.tie_word_embeddings)
@@ -110,9 +109,9 @@ def convert(
         else:
             save_weights(tmp, flat)
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2))
-        copied = copy_tokenizer_files(src, tmp)
-        if not any(n in copied for n in ("tokenizer.json", "tokenizer.model")):
-            raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json or tokenizer.model")
+        copy_tokenizer_files(src, tmp)
+        if not has_tokenizer(tmp):
+            raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json, tokenizer.model or cl100k_base.tiktoken")
     size = folder_bytes(out)
     est = estimate_memory(model, cfg, context)
     summary = [

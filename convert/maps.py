@@ -32,3 +32,15 @@ def hf_to_mlx(model_type: str, weights: Weights, tie_word_embeddings: bool = Fal
 def mlx_to_hf(model_type: str, weights: Weights) -> Weights:
     fn = MLX_TO_HF.get(model_type)
     return fn(dict(weights)) if fn else dict(weights)
+
+
+def _small_in(w: Weights) -> Weights:
+    return {k.replace("model.final_layernorm.", "model.norm."): v for k, v in w.items()}
+
+
+def _small_out(w: Weights) -> Weights:
+    return {k.replace("model.norm.", "model.final_layernorm."): v for k, v in w.items()}
+
+
+HF_TO_MLX["phi3small"] = _small_in
+MLX_TO_HF["phi3small"] = _small_out

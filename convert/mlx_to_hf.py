@@ -16,13 +16,23 @@ from phi3mlx.weights import atomic_dir, check_output, save_weights
 from .hf_to_mlx import DTYPES, _progress, copy_tokenizer_files
 from .maps import mlx_to_hf
 
-_HF_ARCH = {"phi3": "Phi3ForCausalLM"}
+_HF_ARCH = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}
 
 
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace quantized layers by float ones holding the dequantized weights."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
     swaps = []
     for name, m in model.named_modules():
+        if isinstance(m, QuantizedSwitchLinear):  # stacked experts (phimoe)
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            sl = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+            sl.weight = w
+            if "bias" in m:
+                sl.bias = m.bias
+            swaps.append((name, sl))
+            continue
         if isinstance(m, nn.QuantizedLinear):
             w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
             lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)

@@ -11,7 +11,7 @@ import mlx.nn as nn
 from .config import ModelConfig, read_config
 from .errors import Phi3MLXError
 from .models import Model, build_model
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import BaseTokenizer, load_tokenizer
 from .weights import check_weights, read_weights
 
 
@@ -56,7 +56,7 @@ def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:
     return model, cfg
 
 
-def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, Tokenizer]:
+def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, BaseTokenizer]:
     """Load a model and its tokenizer from a local folder or a Hugging Face Hub id."""
     from phi3mlx.convert.hub import resolve
 

@@ -123,6 +123,9 @@ class MLP(nn.Module):
 # MLP as cls(cfg, layer_idx) and called as (x).
 ATTENTIONS: dict = {"phi3": Attention}
 MLPS: dict = {"swiglu": MLP}
+# MLP kind -> the DecoderLayer attribute (so the weight-name part) holding it; "mlp" when absent
+# (phimoe: "block_sparse_moe", mlx-lm's and the Hub checkpoint's name).
+MLP_ATTRS: dict = {}
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -136,13 +139,14 @@ class DecoderLayer(nn.Module):
         super().__init__()
         attn, mlp = ATTENTIONS[cfg.attention], MLPS[cfg.mlp]
         self.self_attn = attn(cfg) if attn is Attention else attn(cfg, layer_idx)
-        self.mlp = mlp(cfg) if mlp is MLP else mlp(cfg, layer_idx)
+        self.mlp_attr = MLP_ATTRS.get(cfg.mlp, "mlp")
+        setattr(self, self.mlp_attr, mlp(cfg) if mlp is MLP else mlp(cfg, layer_idx))
         self.input_layernorm = make_norm(cfg)
         self.post_attention_layernorm = make_norm(cfg)
 
     def __call__(self, x, mask, cache=None, long_rope=False):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, long_rope)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + getattr(self, self.mlp_attr)(self.post_attention_layernorm(h))
 
 
 class Phi3Model(nn.Module):
@@ -201,6 +205,10 @@ class Model(nn.Module):
             logits = self.lm_head(h)
         if self.config.logit_divisor != 1.0:
             logits = logits.astype(mx.float32) / self.config.logit_divisor
+        dummy = self.config.extra.get("dummy_token_ids")
+        if dummy:  # phi3small: never-trained ids can never be sampled
+            logits = logits.astype(mx.float32)
+            logits[..., mx.array(dummy)] = mx.finfo(mx.float32).min
         return logits
 
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None) -> list:
