@@ -16,7 +16,10 @@ from phi3mlx import load  # noqa: E402
 from phi3mlx.convert.hf_to_mlx import convert  # noqa: E402
 from phi3mlx.generate import generate_step  # noqa: E402
 
-TOL = 1e-4
+from .helpers import TOL, assert_logits_and_greedy_match  # noqa: E402
+from .helpers import random_ids as _ids  # noqa: E402
+from .helpers import ref_generate as _ref_generate  # noqa: E402
+from .helpers import ref_logits as _ref_logits  # noqa: E402
 
 MODELS = [
     "Phi-3-mini-4k-instruct",  # sliding window 2047, plain RoPE
@@ -24,16 +27,6 @@ MODELS = [
     "Phi-3-medium-4k-instruct",  # GQA 40:10 -> 4:1 here, sliding window
     "Phi-3.5-mini-instruct",  # LongRoPE
 ]
-
-
-def _ids(n, seed):
-    return np.random.RandomState(seed).randint(0, 32000, size=(1, n))
-
-
-def _ref_logits(torch, hf_model, ids):
-    with torch.no_grad():
-        return hf_model(torch.tensor(ids)).logits.numpy()
-
 
 def _converted(hf_checkpoint, tmp_path_factory, name, **overrides):
     src, hf_model = hf_checkpoint(name, **overrides)
@@ -43,25 +36,10 @@ def _converted(hf_checkpoint, tmp_path_factory, name, **overrides):
     return model, tok, hf_model
 
 
-def _ref_generate(torch, hf_model, ids, n=32):
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
-    return out[0, ids.shape[1]:].tolist()
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_and_greedy_match_transformers(name, hf_checkpoint, tmp_path_factory, torch_mod):
     model, _, hf_model = _converted(hf_checkpoint, tmp_path_factory, name)
-    for n, seed in ((1, 1), (9, 2), (300, 3)):
-        ids = _ids(n, seed)
-        ours = np.array(model(mx.array(ids)))
-        assert ours.shape == (1, n, 32064)
-        err = np.abs(ours - _ref_logits(torch_mod, hf_model, ids)).max()
-        assert err <= TOL, f"{name} L={n}: max |dlogit| {err}"
-    ids = _ids(12, 4)
-    ours = [t for t, _ in generate_step(ids[0].tolist(), model, max_tokens=32)]
-    assert ours == _ref_generate(torch_mod, hf_model, ids)
+    assert_logits_and_greedy_match(model, hf_model, torch_mod, name)
 
 
 def test_longrope_long_regime_logits(hf_checkpoint, tmp_path_factory, torch_mod):

@@ -23,13 +23,11 @@ from phi3mlx.generate import generate_step  # noqa: E402
 from phi3mlx.models import phimoe  # noqa: E402
 
 from .conftest import write_tokenizer  # noqa: E402
+from .helpers import TOL, assert_logits_and_greedy_match  # noqa: E402
+from .helpers import random_ids as _ids  # noqa: E402
+from .helpers import ref_logits as _ref_logits  # noqa: E402
 
-TOL = 1e-4
 JITTER = 0.01
-
-
-def _ids(n, seed):
-    return np.random.RandomState(seed).randint(0, 32000, size=(1, n))
 
 
 def _tiny_cfg(seed=0, **overrides):
@@ -81,11 +79,6 @@ def phimoe_checkpoint(tmp_path_factory, torch_mod):
         return made[key]
 
     return build
-
-
-def _ref_logits(torch, hf_model, ids):
-    with torch.no_grad():
-        return hf_model(torch.tensor(ids)).logits.numpy()
 
 
 def _moe(model, i=0):
@@ -184,18 +177,7 @@ def test_training_mode_routes_by_sampling(phimoe_checkpoint):
 def test_logits_and_greedy_match_transformers(phimoe_checkpoint, torch_mod):
     _, out, hf_model = phimoe_checkpoint()
     model, _ = load(out)
-    for n, seed in ((1, 1), (9, 2), (300, 3)):
-        ids = _ids(n, seed)
-        ours = np.array(model(mx.array(ids)))
-        assert ours.shape == (1, n, 32064)
-        err = np.abs(ours - _ref_logits(torch_mod, hf_model, ids)).max()
-        assert err <= TOL, f"L={n}: max |dlogit| {err}"
-    ids = _ids(12, 4)
-    ours = [t for t, _ in generate_step(ids[0].tolist(), model, max_tokens=32)]
-    with torch_mod.no_grad():
-        ref = hf_model.generate(torch_mod.tensor(ids), max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)
-    assert ours == ref[0, 12:].tolist()
+    assert_logits_and_greedy_match(model, hf_model, torch_mod, "phimoe")
 
 
 def test_long_regime_switches_mscale_only(phimoe_checkpoint, torch_mod, tmp_path):

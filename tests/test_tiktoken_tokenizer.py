@@ -15,6 +15,7 @@ import pytest
 from phi3mlx.errors import Phi3MLXError
 
 from .conftest import REFERENCE
+from .helpers import assert_streams_to_decode
 
 tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is needed for the Phi-3-small tokenizer")
 
@@ -157,12 +158,7 @@ def test_stop_ids(tok, folder, tmp_path):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_streaming_detokenizer_concatenates_to_decode(tok, text):
-    ids = tok.encode(text)
-    detok = tok.detokenizer()
-    pieces = [detok.add(i) for i in ids]
-    pieces.append(detok.finalize())
-    assert "".join(pieces) == tok.decode(ids)
-    assert not any("\ufffd" in p for p in pieces)  # never a half character
+    assert_streams_to_decode(tok, text)
 
 
 def test_streaming_detokenizer_waits_for_split_characters(tok):

@@ -10,6 +10,7 @@ import pytest
 from phi3mlx.tokenizer import PHI3_CHAT_TEMPLATE, load_tokenizer
 
 from .conftest import write_tokenizer
+from .helpers import assert_streams_to_decode
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -71,12 +72,7 @@ def test_fallback_template_and_generation_config_eos(tmp_path):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_streaming_detokenizer_concatenates_to_decode(tok, text):
-    ids = tok.encode(text)
-    detok = tok.detokenizer()
-    pieces = [detok.add(i) for i in ids]
-    pieces.append(detok.finalize())
-    assert "".join(pieces) == tok.decode(ids)
-    assert not any("\ufffd" in p for p in pieces)  # never a half character
+    assert_streams_to_decode(tok, text)
 
 
 def test_streaming_detokenizer_on_byte_fallback_pieces(tok):
