@@ -15,23 +15,16 @@ from .tokenizer import BaseTokenizer, load_tokenizer
 from .weights import check_weights, read_weights
 
 
-def apply_quantization(model: nn.Module, quant: dict, weights: Optional[dict] = None) -> None:
+def apply_quantization(model: nn.Module, quant: dict, weights: dict) -> None:
     """Swap Linear/Embedding layers for quantized ones as a folder's ``quantization`` block says.
 
-    With ``weights`` given, exactly the layers whose ``.scales`` are present are quantized, which
-    also covers per-layer overrides such as a float ``lm_head``.
+    Exactly the layers whose ``.scales`` are present in ``weights`` are quantized, which also covers
+    per-layer overrides such as a float ``lm_head``.
     """
     group_size, bits = int(quant.get("group_size", 64)), int(quant.get("bits", 4))
 
     def predicate(path, module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        if weights is not None:
-            return f"{path}.scales" in weights
-        override = quant.get(path)
-        if override is False:
-            return False
-        return True
+        return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
     from .quant import use_cpu_prefill_path

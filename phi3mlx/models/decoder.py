@@ -70,7 +70,7 @@ def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
@@ -108,7 +108,7 @@ def swiglu(gate: mx.array, up: mx.array) -> mx.array:
 class MLP(nn.Module):
     """SwiGLU with a fused gate_up projection: [gate | up] along the output axis."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -138,9 +138,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         attn, mlp = ATTENTIONS[cfg.attention], MLPS[cfg.mlp]
-        self.self_attn = attn(cfg) if attn is Attention else attn(cfg, layer_idx)
+        self.self_attn = attn(cfg, layer_idx)
         self.mlp_attr = MLP_ATTRS.get(cfg.mlp, "mlp")
-        setattr(self, self.mlp_attr, mlp(cfg) if mlp is MLP else mlp(cfg, layer_idx))
+        setattr(self, self.mlp_attr, mlp(cfg, layer_idx))
         self.input_layernorm = make_norm(cfg)
         self.post_attention_layernorm = make_norm(cfg)
 
