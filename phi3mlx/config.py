@@ -39,7 +39,11 @@ class RopeConfig:
     kind "default": plain RoPE with ``theta``.
     kind "longrope": inverse frequencies divided by ``short_factor`` while the sequence length
     (largest position + 1) is at most ``original_max_position_embeddings``, by ``long_factor``
-    beyond it; cos/sin multiplied by ``attention_factor``.
+    beyond it; cos/sin multiplied by ``attention_factor`` (by ``long_attention_factor`` in the long
+    regime when that is set: Phi-3-small's and PhiMoE's separate short/long mscales).
+    ``switch_factors`` False keeps the short factors at every length (transformers' PhiMoE, where only
+    the multiplier switches). ``position_scale`` multiplies the positions (Phi-3-small's
+    ``rope_position_scale``).
     """
 
     theta: float = 10000.0
@@ -49,6 +53,14 @@ class RopeConfig:
     long_factor: Optional[list] = None
     original_max_position_embeddings: int = 4096
     attention_factor: float = 1.0
+    long_attention_factor: Optional[float] = None
+    switch_factors: bool = True
+    position_scale: float = 1.0
+
+    def factor_for(self, long: bool) -> float:
+        if long and self.long_attention_factor is not None:
+            return self.long_attention_factor
+        return self.attention_factor
 
     def uses_long(self, seq_len: int) -> bool:
         return self.kind == "longrope" and seq_len > self.original_max_position_embeddings

@@ -21,7 +21,7 @@ def tiny_cfg(**kw):
     return cfg
 
 
-def make_ckpt(tmp_path, cfg, seed=0):
+def make_ckpt(tmp_path, cfg, seed=0, qkv_scale=0.3):
     g = np.random.default_rng(seed)
     H, K, hid = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     D = hid // H
@@ -34,7 +34,7 @@ def make_ckpt(tmp_path, cfg, seed=0):
         w.update({
             p + "input_layernorm.weight": 1 + r(hid, sc=0.1), p + "input_layernorm.bias": r(hid),
             p + "post_attention_layernorm.weight": 1 + r(hid, sc=0.1), p + "post_attention_layernorm.bias": r(hid),
-            p + "self_attn.query_key_value.weight": r((H + 2 * K) * D, hid, sc=0.3),
+            p + "self_attn.query_key_value.weight": r((H + 2 * K) * D, hid, sc=qkv_scale),
             p + "self_attn.query_key_value.bias": r((H + 2 * K) * D),
             p + "self_attn.dense.weight": r(hid, H * D), p + "self_attn.dense.bias": r(hid),
             p + "mlp.up_proj.weight": r(2 * ff, hid, sc=0.3), p + "mlp.up_proj.bias": r(2 * ff),
@@ -67,8 +67,24 @@ def ref_logits(cfg, w, ids):
     lin = lambda x, n: x @ w[n + ".weight"].T + w[n + ".bias"]
     x = w["model.embed_tokens.weight"][torch.tensor(ids)] * cfg["mup_embedding_multiplier"]
     inv = 1.0 / cfg["rope_embedding_base"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    pos = torch.arange(T, dtype=torch.float64)
+    mscale = 1.0
+    rs = cfg.get("rope_scaling")
+    if rs:  # LongRoPE: the factor set and mscale chosen by the whole sequence's length
+        orig = rs["original_max_position_embeddings"]
+        if T > orig:
+            factors = rs["long_factor"]
+            mscale = rs.get("long_mscale", -1)
+            if mscale <= 0:
+                mscale = math.sqrt(1 + math.log(cfg["max_position_embeddings"] / orig) / math.log(orig))
+        else:
+            factors, mscale = rs["short_factor"], rs.get("short_mscale", -1)
+            mscale = mscale if mscale > 0 else 1.0
+        inv = inv / torch.tensor(factors, dtype=torch.float64)
+    else:
+        pos = pos * cfg.get("rope_position_scale", 1.0)
+    ang = pos[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1) * mscale, torch.cat([ang.sin()] * 2, -1) * mscale
     rot = lambda t: t * cos + torch.cat([-t[..., D // 2:], t[..., :D // 2]], -1) * sin
     sparse = allowed(cfg, T)
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
@@ -103,16 +119,29 @@ def test_mask_matches_definition():
         assert (m == full[:, off:off + L, :off + L]).all()
 
 
-@pytest.mark.parametrize("T,kw", [(1100, {}), (203, dict(blocksparse_block_size=8, blocksparse_num_local_blocks=3))])
-def test_parity_and_cache(tmp_path, T, kw):
+@pytest.mark.parametrize("T,kw,chunk", [
+    (1100, dict(vocab_size=4096), None),  # beyond the 1024-token local window, not a multiple of 64
+    (1100, dict(vocab_size=4096), 4 * 128 * 1100),  # the sparse layers attend in 128-query chunks
+    (203, dict(blocksparse_block_size=8, blocksparse_num_local_blocks=3), None),
+    (203, dict(blocksparse_block_size=8, blocksparse_num_local_blocks=3, blocksparse_homo_head_pattern=True), None),
+])
+def test_parity_and_cache(tmp_path, monkeypatch, T, kw, chunk):
+    from phi3mlx.models import phi3small
+    if chunk:
+        monkeypatch.setattr(phi3small, "_CHUNK_ELEMENTS", chunk)
     cfg = tiny_cfg(**kw)
     w = make_ckpt(tmp_path, cfg)
     model, _ = load_model(tmp_path)
-    ids = [int(i) for i in np.random.default_rng(1).integers(0, 100000, T)]
+    V = cfg["vocab_size"]
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, min(V, 100000), T)]
     ref = ref_logits(cfg, w, ids).numpy()
     out = np.array(model(mx.array([ids]))[0])
     err = np.abs(out - ref)[:, :100256].max()
     assert err <= 1e-4, err
+    if V == 100352:  # the never-trained ids are the float32 minimum
+        from phi3mlx.models.phi3small import DUMMY_TOKEN_IDS
+        assert (out[:, DUMMY_TOKEN_IDS] == np.finfo(np.float32).min).all()
+        assert (out[:, [100257, 100261, 100262, 100263, 100266]] > -1e6).all()  # real special tokens stay
     # chunked prefill + decode through the cache
     cache = model.make_cache()
     parts = []
@@ -122,15 +151,124 @@ def test_parity_and_cache(tmp_path, T, kw):
     assert err2 <= 1e-4, err2
 
 
-def test_causality(tmp_path):
-    cfg = tiny_cfg(blocksparse_block_size=8, blocksparse_num_local_blocks=2)
-    make_ckpt(tmp_path, cfg)
+def _longrope(D, orig, mscales=True, seed=3):
+    g = np.random.default_rng(seed)
+    rs = {"type": "su", "original_max_position_embeddings": orig,
+          "short_factor": [float(x) for x in g.uniform(1, 2, D // 2)],
+          "long_factor": [float(x) for x in g.uniform(2, 8, D // 2)]}
+    if mscales:
+        rs.update(short_mscale=1.0, long_mscale=1.1902380714238083)  # Phi-3-small-128k's values
+    return rs
+
+
+@pytest.mark.parametrize("mscales", [True, False])
+@pytest.mark.parametrize("T", [100, 300])  # short regime (<= 128) and long regime
+def test_longrope_short_and_long_regimes(tmp_path, T, mscales):
+    cfg = tiny_cfg(blocksparse_block_size=8, blocksparse_num_local_blocks=3, max_position_embeddings=4096,
+                   rope_scaling=_longrope(64, 128, mscales))
+    w = make_ckpt(tmp_path, cfg)
+    model, mcfg = load_model(tmp_path)
+    assert mcfg.rope.kind == "longrope" and mcfg.rope.original_max_position_embeddings == 128
+    ids = [int(i) for i in np.random.default_rng(4).integers(0, 100000, T)]
+    ref = ref_logits(cfg, w, ids).numpy()
+    out = np.array(model(mx.array([ids]))[0])
+    err = np.abs(out - ref)[:, :100256].max()
+    assert err <= 1e-4, err
+
+
+def test_longrope_greedy_generation_crosses_threshold(tmp_path):
+    """A 120-token prompt and 16 new tokens cross 128: generate rebuilds the cache with the long factors."""
+    from phi3mlx.generate import generate_step
+    cfg = tiny_cfg(blocksparse_block_size=8, blocksparse_num_local_blocks=3, max_position_embeddings=4096,
+                   rope_scaling=_longrope(64, 128))
+    w = make_ckpt(tmp_path, cfg)
+    model, _ = load_model(tmp_path)
+    ids = [int(i) for i in np.random.default_rng(5).integers(0, 100000, 120)]
+    got = [t for t, _ in generate_step(ids, model, max_tokens=16, prefill_step_size=50)]
+    want, seq = [], list(ids)
+    for _ in range(16):
+        nxt = int(ref_logits(cfg, w, seq)[-1, :100256].argmax())
+        want.append(nxt)
+        seq.append(nxt)
+    assert got == want
+
+
+def test_rope_position_scale(tmp_path):
+    cfg = tiny_cfg(blocksparse_block_size=8, blocksparse_num_local_blocks=3, rope_position_scale=0.25)
+    w = make_ckpt(tmp_path, cfg)
+    model, _ = load_model(tmp_path)
+    ids = [int(i) for i in np.random.default_rng(6).integers(0, 100000, 150)]
+    ref = ref_logits(cfg, w, ids).numpy()
+    ref_unscaled = ref_logits(dict(cfg, rope_position_scale=1.0), w, ids).numpy()
+    out = np.array(model(mx.array([ids]))[0])
+    assert np.abs(out - ref)[:, :100256].max() <= 1e-4
+    assert np.abs(out - ref_unscaled)[:, :100256].max() > 1e-2  # the scale matters
+
+
+def test_real_128k_rope_settings_and_problems():
+    from phi3mlx.config import ModelConfig
+    from phi3mlx.errors import Phi3MLXError
+    cfg = json.load(open(REAL))
+    cfg.update(max_position_embeddings=131072, rope_scaling=_longrope(128, 8192))
+    rope = ModelConfig.from_dict(cfg).rope
+    assert rope.kind == "longrope" and rope.original_max_position_embeddings == 8192
+    assert (rope.factor_for(False), rope.factor_for(True)) == (1.0, 1.1902380714238083)
+    assert not rope.uses_long(8192) and rope.uses_long(8193)
+    cfg["rope_scaling"] = _longrope(128, 8192, mscales=False)  # mscale from the lengths, as the reference
+    rope = ModelConfig.from_dict(cfg).rope
+    assert rope.factor_for(False) == 1.0
+    assert rope.factor_for(True) == pytest.approx(math.sqrt(1 + math.log(16) / math.log(8192)))
+    cfg["rope_position_scale"] = 2.0
+    cfg["rope_scaling"]["long_mscale"] = "big"
+    with pytest.raises(Phi3MLXError) as e:
+        ModelConfig.from_dict(cfg)
+    assert "rope_position_scale" in str(e.value) and "long_mscale" in str(e.value)
+
+
+@pytest.mark.parametrize("bits,bound", [(8, 0.9995), (4, 0.97)])  # measured 0.99993 and 0.982
+def test_quantized_kv_cache(tmp_path, bits, bound):
+    """--kv-bits on phi3small: per-head blocksparse masks over quantized keys, close to the float cache
+    (as close as with every layer dense: the masks add no error)."""
+    from phi3mlx.generate import generate_step
+    cfg = tiny_cfg(blocksparse_block_size=8, blocksparse_num_local_blocks=3)
+    make_ckpt(tmp_path, cfg, qkv_scale=0.1)  # 0.3 makes attention so peaky that 4-bit keys flip it
+    model, _ = load_model(tmp_path)
+    ids = [int(i) for i in np.random.default_rng(7).integers(0, 100000, 150)]
+    forced = [int(i) for i in np.random.default_rng(8).integers(0, 100000, 30)]
+
+    def run(cache):
+        out = [np.array(model(mx.array([ids[:77]]), cache=cache)[0]), np.array(model(mx.array([ids[77:]]), cache=cache)[0])]
+        out += [np.array(model(mx.array([[t]]), cache=cache)[0]) for t in forced]
+        return np.concatenate(out)[:, :100256]
+
+    ref, got = run(model.make_cache()), run(model.make_cache(kv_bits=bits))
+    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    assert cos.min() >= bound, cos.min()
+    toks = [t for t, _ in generate_step(ids, model, max_tokens=8, kv_bits=bits)]
+    assert len(toks) == 8
+
+
+CAUSAL_LENGTHS = [1, 2, 63, 64, 65, 127, 129, 511, 1000, 1023, 1024, 1025, 1087, 1100, 1601, 2049, 2100]
+
+
+def test_causality_sweep(tmp_path):
+    """Real block settings (64-token blocks, 16 local blocks, stride 8): changing token t changes no
+    logit at a position < t, one-shot and in chunked prefill, and does change later positions."""
+    make_ckpt(tmp_path, tiny_cfg(vocab_size=2048))  # layer 0 blocksparse, layer 1 dense
     model, _ = load_model(tmp_path)
     rng = np.random.default_rng(2)
-    for T in (1, 9, 64, 131):
-        ids = rng.integers(0, 100000, T)
-        base = np.array(model(mx.array(ids[None].astype(np.int32)))[0])
-        t = T // 2
-        ids2 = ids.copy(); ids2[t] = (ids2[t] + 7) % 100000
-        out = np.array(model(mx.array(ids2[None].astype(np.int32)))[0])
-        assert np.array_equal(base[:t], out[:t])
+    for T in CAUSAL_LENGTHS:
+        ids = rng.integers(0, 2048, T).astype(np.int32)
+        base = np.array(model(mx.array(ids[None]))[0])
+        # the last token, and one just before a block boundary (or a random one for short prompts)
+        for t in sorted({T - 1, (T // 64) * 64 - 1 if T > 64 else int(rng.integers(0, T))}):
+            ids2 = ids.copy()
+            ids2[t] = (ids2[t] + 7) % 2048
+            out = np.array(model(mx.array(ids2[None]))[0])
+            assert np.array_equal(base[:t], out[:t]), (T, t)
+            assert np.abs(base[t:] - out[t:]).max() > 1e-3, (T, t)
+        if T in (1100, 2100):  # chunked prefill (chunks not multiples of 64) equals one shot
+            cache = model.make_cache()
+            bounds = [0, 100, 801, T - 1, T]
+            parts = [np.array(model(mx.array(ids[None, a:b]), cache=cache)[0]) for a, b in zip(bounds, bounds[1:])]
+            assert np.abs(np.concatenate(parts) - base).max() <= 1e-4, T

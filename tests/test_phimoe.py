@@ -232,7 +232,7 @@ def test_folder_layout_is_mlx_lm_s(phimoe_checkpoint):
 def _mlx_lm_comparable(model):
     """mlx-lm's phimoe always uses the long factors and long_mscale: do the same here."""
     for layer in model.layers:
-        layer.self_attn.rope_mode = "by_length"
+        layer.self_attn.rope.switch = True  # the long factors in the long regime ("by_length")
     return lambda ids: model(ids, long_rope=True)
 
 

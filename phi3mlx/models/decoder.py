@@ -25,7 +25,8 @@ from .rope import Rope
 class AttentionMask:
     """What every layer needs to mask one forward pass.
 
-    ``mask`` is None, "causal" or a boolean (L, T - kv_start) array (True = attend);
+    ``mask`` is None, "causal" or a boolean (L, T - kv_start) array (True = attend), or a per-head
+    (H, L, T - kv_start) one;
     ``kv_start`` drops cached keys that no query of this pass can see (sliding window).
     """
 
@@ -53,20 +54,38 @@ def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> 
     """softmax(q k^T * scale + mask) v for float or quantized (tuple) keys and values.
 
     q: (B, H, L, D); k, v: (B, K, T, D) arrays, or (packed, scales, biases) tuples from a
-    quantized KV cache. Keys before ``mask.kv_start`` are outside every query's window: dropped.
+    quantized KV cache. ``mask.mask`` may also be per head, (H, L, T'). Keys before
+    ``mask.kv_start`` are outside every query's window: dropped.
     """
     if isinstance(k, tuple):
         if mask.kv_start:
             k = tuple(t[:, :, mask.kv_start :] for t in k)
             v = tuple(t[:, :, mask.kv_start :] for t in v)
-        from mlx_lm.models.base import quantized_scaled_dot_product_attention
-
-        return quantized_scaled_dot_product_attention(
-            q, k, v, scale=scale, mask=mask.mask, group_size=cache.group_size, bits=cache.bits
-        )
+        return quantized_attention(q, k, v, scale, mask.mask, cache.group_size, cache.bits)
     if mask.kv_start:
         k, v = k[:, :, mask.kv_start :], v[:, :, mask.kv_start :]
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.mask)
+
+
+def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, group_size: int, bits: int) -> mx.array:
+    """Attention over a quantized KV cache; mask None, "causal", (L, T) or per-head (H, L, T)."""
+    B, H, L, D = q.shape
+    K = k[0].shape[1]
+    G = H // K
+    q = (q * scale).reshape(B, K, G, L, D)  # query heads grouped by the KV head they read
+    k = tuple(mx.expand_dims(t, 2) for t in k)  # (B, K, 1, T, ...)
+    v = tuple(mx.expand_dims(t, 2) for t in v)
+    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, K, G, L, T)
+    if mask is not None:
+        T = s.shape[-1]
+        if isinstance(mask, str):
+            mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
+        elif mask.ndim == 3:
+            mask = mask.reshape(K, G, L, T)
+        s = mx.where(mask, s, mx.finfo(s.dtype).min)
+    p = mx.softmax(s, axis=-1, precise=True)
+    o = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
+    return o.reshape(B, H, L, D)
 
 
 class Attention(nn.Module):
@@ -79,7 +98,7 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, op, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
         self.rope = Rope(cfg.rope, cfg.head_dim)
-        self.scale = self.head_dim**-0.5 * self.rope.score_scale()
+        self.scale = (self.head_dim**-0.5 * self.rope.score_scale(False), self.head_dim**-0.5 * self.rope.score_scale(True))
 
     def __call__(self, x, mask: AttentionMask, cache=None, long_rope: bool = False):
         B, L, _ = x.shape
@@ -94,7 +113,7 @@ class Attention(nn.Module):
         k = self.rope(k, offset, long_rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, D)
-        o = attend(q, k, v, self.scale, mask, cache)
+        o = attend(q, k, v, self.scale[long_rope], mask, cache)
         o = o.transpose(0, 2, 1, 3).reshape(B, L, H * D)
         return self.o_proj(o)
 

@@ -8,11 +8,13 @@ mlp.up_proj, mlp.down_proj; the checkpoint's model.final_layernorm is model.norm
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
 from ..config import register_variant
-from .decoder import ATTENTIONS, MLPS, AttentionMask
+from .decoder import ATTENTIONS, MLPS, AttentionMask, attend
 from .rope import Rope
 
 DUMMY_TOKEN_IDS = [100256, 100258, 100259, 100260, 100264, 100265] + list(range(100267, 100352))
@@ -33,8 +35,32 @@ def _finish(cfg: dict, fields: dict, problems: list) -> None:
     fields["embedding_multiplier"] = float(cfg.get("mup_embedding_multiplier", 1.0))
     fields["logit_divisor"] = float(cfg.get("mup_width_multiplier", 1.0))
     fields["tie_word_embeddings"] = True
-    if fields["rope"].kind == "default" and cfg.get("rope_position_scale", 1.0) != 1.0:
-        problems.append("rope_position_scale != 1 is not supported")
+    rope = fields["rope"]
+    ps = cfg.get("rope_position_scale", 1.0)
+    if ps is None:
+        ps = 1.0
+    if not isinstance(ps, (int, float)) or isinstance(ps, bool) or not math.isfinite(ps) or ps <= 0:
+        problems.append(f"'rope_position_scale' must be a positive number, got {ps!r}")
+    elif rope.kind == "longrope" and ps != 1.0:
+        # The reference LongRoPE path never reads it; refuse rather than guess.
+        problems.append(f"'rope_position_scale' {ps} with LongRoPE rope_scaling is not supported (expected 1.0)")
+    else:
+        rope.position_scale = float(ps)
+    if rope.kind == "longrope":
+        # Reference: cos/sin times short_mscale up to the original length (1.0 when absent or <= 0), times
+        # long_mscale beyond it (when absent or <= 0: sqrt(1 + log(max/original) / log(original)),
+        # the attention factor config.py already computed from the lengths).
+        rs = cfg.get("rope_scaling") or {}
+        ms = []
+        for key, fallback in (("short_mscale", 1.0), ("long_mscale", rope.attention_factor)):
+            v = rs.get(key, -1)
+            if v is None:
+                v = -1
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                problems.append(f"'rope_scaling.{key}' must be a number, got {v!r}")
+                v = -1
+            ms.append(float(v) if v > 0 else float(fallback))
+        rope.attention_factor, rope.long_attention_factor = ms
     fields["extra"] = dict(
         gegelu_limit=float(cfg.get("gegelu_limit", 20.0)),
         mup_use_scaling=bool(cfg.get("mup_use_scaling", True)),
@@ -51,10 +77,16 @@ def _finish(cfg: dict, fields: dict, problems: list) -> None:
 register_variant("phi3small", _normalize, _finish)
 
 _MASK_CACHE: dict = {}
+_CACHE_MAX_ELEMENTS = 1 << 24  # masks up to this size are shared by the layers of one pass
+_CHUNK_ELEMENTS = 1 << 26  # a blocksparse layer attends in query chunks whose mask has at most this many
 
 
 def blocksparse_mask(offset: int, length: int, n_heads: int, block: int, local: int, vert: int, homo: bool):
-    """(H, L, T) boolean mask (True = attend) for queries offset..offset+L-1, keys 0..T-1."""
+    """(H, L, T) boolean mask (True = attend) for queries offset..offset+L-1, keys 0..T-1, T = offset + L.
+
+    Straight from the definition: query at p (block p // block), key at j (block j // block), head h:
+    kb <= qb and (qb - kb < local or (kb + h * step + 1) % vert == 0), and j <= p.
+    """
     key = (offset, length, n_heads, block, local, vert, homo)
     m = _MASK_CACHE.get(key)
     if m is not None:
@@ -62,16 +94,21 @@ def blocksparse_mask(offset: int, length: int, n_heads: int, block: int, local: 
     T = offset + length
     qpos = mx.arange(offset, T)
     kpos = mx.arange(0, T)
-    qb = (qpos // block)[:, None]
-    kb = (kpos // block)[None, :]
+    qb = (qpos // block)[:, None]  # (L, 1)
+    kb = (kpos // block)[None, :]  # (1, T)
     step = max(1, vert // n_heads)
     heads = mx.zeros((n_heads,), dtype=mx.int32) if homo else mx.arange(n_heads) * step
-    vert_ok = ((kb[None] + heads[:, None, None] + 1) % vert) == 0
+    vert_ok = ((kb[None] + heads[:, None, None] + 1) % vert) == 0  # (H, 1, T)
     m = (qb >= kb)[None] & (((qb - kb) < local)[None] | vert_ok) & (kpos[None, :] <= qpos[:, None])[None]
-    if len(_MASK_CACHE) > 8:
-        _MASK_CACHE.clear()
-    _MASK_CACHE[key] = m
+    if n_heads * length * T <= _CACHE_MAX_ELEMENTS:
+        if len(_MASK_CACHE) > 8:
+            _MASK_CACHE.clear()
+        _MASK_CACHE[key] = m
     return m
+
+
+def _keys_upto(t, n: int):
+    return tuple(a[:, :, :n] for a in t) if isinstance(t, tuple) else t[:, :, :n]
 
 
 class SmallAttention(nn.Module):
@@ -84,7 +121,7 @@ class SmallAttention(nn.Module):
         self.dense = nn.Linear(self.n_heads * D, cfg.hidden_size, bias=True)
         self.rope = Rope(cfg.rope, D)
         norm = D / e["mup_attn_multiplier"] if e["mup_use_scaling"] else D**0.5
-        self.scale = (1.0 / norm) * self.rope.score_scale()
+        self.scale = ((1.0 / norm) * self.rope.score_scale(False), (1.0 / norm) * self.rope.score_scale(True))
         n = e["dense_every"]
         self.sparse = not (n and (layer_idx + 1) % n == 0)
         self.e = e
@@ -93,22 +130,33 @@ class SmallAttention(nn.Module):
         B, L, _ = x.shape
         H, K, D = self.n_heads, self.n_kv, self.head_dim
         G = H // K
+        # query_key_value output is grouped per KV head: [q x G, k, v] for each of the K heads
         qkv = self.query_key_value(x).reshape(B, L, K, G + 2, D)
-        q = qkv[:, :, :, :G].reshape(B, L, H, D).transpose(0, 2, 1, 3)
-        k = qkv[:, :, :, G].transpose(0, 2, 1, 3)
+        q = qkv[:, :, :, :G].reshape(B, L, H, D).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = qkv[:, :, :, G].transpose(0, 2, 1, 3)  # (B, K, L, D)
         v = qkv[:, :, :, G + 1].transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q = self.rope(q, offset, long_rope)
         k = self.rope(k, offset, long_rope)
         if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        if self.sparse:
-            e = self.e
-            m = blocksparse_mask(offset, L, H, e["block_size"], e["local_blocks"], e["vert_stride"], e["homo_head"])
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=m)
+            k, v = cache.update_and_fetch(k, v)  # (B, K, T, D) or quantized tuples
+        scale = self.scale[long_rope]
+        if not self.sparse:
+            o = attend(q, k, v, scale, mask, cache)
         else:
-            m = "causal" if L > 1 else None
-            o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=m)
+            # Exact blocksparse attention in query chunks: chunk [s, e) sees keys 0..offset+e-1 with an
+            # (H, e - s, offset + e) mask, so no (H, L, T) mask exists at once for long prompts.
+            e = self.e
+            T = offset + L
+            chunk = max(e["block_size"], (_CHUNK_ELEMENTS // (H * T)) // e["block_size"] * e["block_size"])
+            outs = []
+            for s in range(0, L, chunk):
+                end = min(L, s + chunk)
+                m = blocksparse_mask(offset + s, end - s, H, e["block_size"], e["local_blocks"],
+                                     e["vert_stride"], e["homo_head"])
+                kk, vv = (k, v) if end == L else (_keys_upto(k, offset + end), _keys_upto(v, offset + end))
+                outs.append(attend(q[:, :, s:end], kk, vv, scale, AttentionMask(m), cache))
+            o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.dense(o.transpose(0, 2, 1, 3).reshape(B, L, H * D))
 
 

@@ -48,6 +48,7 @@ import mlx.nn as nn
 from ..config import register_variant
 from . import decoder
 from .decoder import ATTENTIONS, MLPS, AttentionMask, attend
+from .rope import Rope
 
 LONGROPE_MODES = ("transformers", "by_length")
 
@@ -111,6 +112,9 @@ def _finish(cfg: dict, fields: dict, problems: list) -> None:
             ms.append(float(v))
         short_m, long_m = ms
     extra["short_mscale"], extra["long_mscale"] = short_m, long_m
+    # The mscales are the rope's short/long attention factors; "transformers" keeps the short factors.
+    rope.attention_factor, rope.long_attention_factor = short_m, long_m
+    rope.switch_factors = mode == "by_length"
     fields["extra"] = extra
 
 
@@ -132,23 +136,8 @@ class PhimoeAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, K * D, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, K * D, bias=bias)
         self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=bias)
-        r = cfg.rope
-        self.dims, self.base, self.longrope = r.dims, r.theta, r.kind == "longrope"
-        self.full = r.dims == D
-        self.rope_mode = ex["longrope_mode"]
-        self.mscale = (ex["short_mscale"], ex["long_mscale"])
-        if self.longrope:
-            periods = r.theta ** (mx.arange(0, r.dims, 2, dtype=mx.float32) / r.dims)
-            self._short = mx.array(r.short_factor, dtype=mx.float32) * periods
-            self._long = mx.array(r.long_factor, dtype=mx.float32) * periods
-
-    def _rope(self, x, offset: int, long: bool, mscale: float):
-        if not self.longrope:
-            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
-        freqs = self._long if (long and self.rope_mode == "by_length") else self._short
-        if not self.full and mscale != 1.0:
-            x = mx.concatenate([x[..., : self.dims] * mscale, x[..., self.dims :]], axis=-1)
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=freqs)
+        self.rope = Rope(cfg.rope, D)
+        self.scale = (D**-0.5 * self.rope.score_scale(False), D**-0.5 * self.rope.score_scale(True))
 
     def __call__(self, x, mask: AttentionMask, cache=None, long_rope: bool = False):
         B, L, _ = x.shape
@@ -157,13 +146,11 @@ class PhimoeAttention(nn.Module):
         k = self.k_proj(x).reshape(B, L, K, D).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, K, D).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        mscale = self.mscale[1 if long_rope else 0] if self.longrope else 1.0
-        q = self._rope(q, offset, long_rope, mscale)
-        k = self._rope(k, offset, long_rope, mscale)
+        q = self.rope(q, offset, long_rope)
+        k = self.rope(k, offset, long_rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        scale = D**-0.5 * (mscale**2 if self.full else 1.0)
-        o = attend(q, k, v, scale, mask, cache)
+        o = attend(q, k, v, self.scale[long_rope], mask, cache)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, H * D))
 
 
