@@ -19,11 +19,11 @@ from phi3mlx.config import ModelConfig, read_config
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.models import build_model
 from phi3mlx.quant import check_quant_args, estimate_memory, quantize_model
-from phi3mlx.tokenizer import has_tokenizer, tokenizer_files
+from phi3mlx.tokenizer import missing_tokenizer, tokenizer_files
 from phi3mlx.weights import atomic_dir, check_output, check_weights, folder_bytes, read_weights, save_weights
 
 from .hub import resolve
-from .maps import hf_to_mlx
+from .maps import hf_to_mlx, mlx_to_folder
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -80,8 +80,9 @@ def convert(
     cfg = ModelConfig.from_dict(raw, source=str(src / "config.json"))
     if cfg.quantization:
         raise Phi3MLXError(f"{src} is already quantized; convert from a float checkpoint")
-    if not has_tokenizer(src):  # fail before the work
-        raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json, tokenizer.model or cl100k_base.tiktoken")
+    problem = missing_tokenizer(src, cfg.model_type)  # fail before the work, as loading the result would
+    if problem:
+        raise Phi3MLXError(problem)
 
     model = build_model(cfg)
     weights = hf_to_mlx(cfg.model_type, read_weights(src), cfg.tie_word_embeddings)
@@ -101,7 +102,7 @@ def convert(
 
     from mlx.utils import tree_flatten
 
-    flat = dict(tree_flatten(model.parameters()))
+    flat = mlx_to_folder(cfg.model_type, dict(tree_flatten(model.parameters())))
     with atomic_dir(out, force=force) as tmp:
         if show_progress:
             with _progress() as prog:
@@ -110,8 +111,8 @@ def convert(
             save_weights(tmp, flat)
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2))
         copy_tokenizer_files(src, tmp)
-        if not has_tokenizer(tmp):
-            raise Phi3MLXError(f"no tokenizer in {src}: expected tokenizer.json, tokenizer.model or cl100k_base.tiktoken")
+        if missing_tokenizer(tmp, cfg.model_type):
+            raise Phi3MLXError(missing_tokenizer(src, cfg.model_type) or f"{src}: the tokenizer files could not be copied")
     size = folder_bytes(out)
     est = estimate_memory(model, cfg, context)
     summary = [

@@ -19,6 +19,9 @@ _DROP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.short_inv_freq", "rotary_em
 
 HF_TO_MLX: Dict[str, Callable[[Weights], Weights]] = {}
 MLX_TO_HF: Dict[str, Callable[[Weights], Weights]] = {}
+# Our parameter names -> the names an MLX folder stores (mlx-lm's, so that mlx-lm reads our folders),
+# where the two differ. Loading maps them back through HF_TO_MLX.
+MLX_TO_FOLDER: Dict[str, Callable[[Weights], Weights]] = {}
 
 
 def hf_to_mlx(model_type: str, weights: Weights, tie_word_embeddings: bool = False) -> Weights:
@@ -34,6 +37,12 @@ def mlx_to_hf(model_type: str, weights: Weights) -> Weights:
     return fn(dict(weights)) if fn else dict(weights)
 
 
+def mlx_to_folder(model_type: str, weights: Weights) -> Weights:
+    """Names for an MLX folder (mlx-lm's layout) from our parameter names."""
+    fn = MLX_TO_FOLDER.get(model_type)
+    return fn(dict(weights)) if fn else dict(weights)
+
+
 def _small_in(w: Weights) -> Weights:
     return {k.replace("model.final_layernorm.", "model.norm."): v for k, v in w.items()}
 
@@ -44,3 +53,4 @@ def _small_out(w: Weights) -> Weights:
 
 HF_TO_MLX["phi3small"] = _small_in
 MLX_TO_HF["phi3small"] = _small_out
+MLX_TO_FOLDER["phi3small"] = _small_out  # mlx-lm's phi3small keeps model.final_layernorm

@@ -16,7 +16,7 @@ from phi3mlx.weights import atomic_dir, check_output, save_weights
 from .hf_to_mlx import DTYPES, _progress, copy_tokenizer_files
 from .maps import mlx_to_hf
 
-_HF_ARCH = {"phi3": "Phi3ForCausalLM", "phimoe": "PhimoeForCausalLM"}
+_HF_ARCH = {"phi3": "Phi3ForCausalLM", "phi3small": "Phi3SmallForCausalLM", "phimoe": "PhimoeForCausalLM"}
 
 
 def dequantize(model: nn.Module) -> nn.Module:

@@ -104,11 +104,12 @@ def _ours(model) -> _Engine:
 def _mlx_lm(path: Path) -> _Engine:
     try:
         import mlx_lm
+        import mlx_lm.utils
         from mlx_lm.generate import generate_step, generation_stream
     except Exception as e:  # not installed or broken install
         raise Phi3MLXError(f"--compare-mlx-lm needs mlx-lm, which cannot be imported ({_first_line(e)})") from None
-    try:
-        model, _tokenizer = mlx_lm.load(str(path))
+    try:  # the model only: the benchmark feeds token ids, and mlx-lm cannot read every tokenizer (tiktoken)
+        model, _config = mlx_lm.utils.load_model(Path(path))
     except Exception as e:
         raise Phi3MLXError(f"mlx-lm cannot load {path} ({_first_line(e)})") from None
 

@@ -57,6 +57,43 @@ def write_phi3_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_bytes((ASSETS / "phi3-tokenizer_config.json").read_bytes())
 
 
+def make_random(out: Path, config: dict, seed: int = 0, tokenizer_from: Path | None = None,
+                force: bool = False) -> Path:
+    """A random-weight float32 folder in Hugging Face layout for any supported config.json dict.
+
+    Linear weights ~ N(0, 0.02), norms at 1, biases 0. The tokenizer files are copied from
+    ``tokenizer_from``, else the bundled Phi-3 tokenizer is written. Used for the built-in model and to
+    benchmark a variant's shape without its weights.
+    """
+    from phi3mlx.convert.maps import mlx_to_hf
+
+    cfg = ModelConfig.from_dict(config)
+    mx.random.seed(seed)
+    model = build_model(cfg)
+    params = {}
+    for k, v in tree_flatten(model.parameters()):
+        if "norm" in k and k.endswith("weight"):
+            params[k] = mx.ones(v.shape)
+        elif k.endswith("bias"):
+            params[k] = mx.zeros(v.shape)
+        else:
+            params[k] = 0.02 * mx.random.normal(v.shape)
+    params = mlx_to_hf(cfg.model_type, params)
+    with atomic_dir(out, force=force) as tmp:
+        save_weights(tmp, params, fmt="pt")
+        (tmp / "config.json").write_text(json.dumps(dict(config, torch_dtype="float32"), indent=2))
+        eos = config.get("eos_token_id", 32000)
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": config.get("bos_token_id", 1),
+                                                                "eos_token_id": eos}))
+        if tokenizer_from is not None:
+            from phi3mlx.convert.hf_to_mlx import copy_tokenizer_files
+
+            copy_tokenizer_files(Path(tokenizer_from), tmp)
+        else:
+            write_phi3_tokenizer(tmp)
+    return out
+
+
 def make_tiny(out: Path, seed: int = 0, config: dict | None = None, force: bool = False) -> Path:
     """Build a random tiny Phi-3 folder (Hugging Face layout, float32) at ``out``."""
     raw = dict(TINY_CONFIG, **(config or {}))

@@ -115,6 +115,22 @@ def has_tokenizer(folder: Path) -> bool:
     return any(n in names for n in ("tokenizer.json", "tokenizer.model")) or any(n.endswith(".tiktoken") for n in names)
 
 
+def missing_tokenizer(folder: Path, model_type: Optional[str] = None) -> Optional[str]:
+    """Why ``load_tokenizer`` would find no vocabulary in ``folder`` for this model_type (a one-line
+    message), else None. Same rules as ``load_tokenizer``: a phi3small folder needs its *.tiktoken file
+    (or a converted tokenizer.json); other folders tokenizer.json, tokenizer.model or a *.tiktoken file."""
+    folder = Path(folder)
+    names = tokenizer_files(folder)
+    tiktoken_file = any(n.endswith(".tiktoken") for n in names)
+    if model_type == "phi3small":
+        if tiktoken_file or "tokenizer.json" in names:
+            return None
+        return f"no {TIKTOKEN_FILE} in {folder} (phi3small folders need their tiktoken file)"
+    if tiktoken_file or "tokenizer.json" in names or "tokenizer.model" in names:
+        return None
+    return f"no tokenizer in {folder}: expected tokenizer.json, tokenizer.model or {TIKTOKEN_FILE}"
+
+
 class StreamingDetokenizer:
     """Turns a growing list of ids into text pieces whose concatenation is ``decode(all ids)``.
 
@@ -498,10 +514,9 @@ def load_tokenizer(path: Path, config: Optional[dict] = None) -> BaseTokenizer:
     has_json, has_model = (path / "tokenizer.json").exists(), (path / "tokenizer.model").exists()
     if bpe_file is not None and (model_type == "phi3small" or not (has_json or has_model)):
         return load_tiktoken_tokenizer(path, config, bpe_file)
-    if model_type == "phi3small" and not has_json:
-        raise Phi3MLXError(f"no {TIKTOKEN_FILE} in {path} (phi3small folders need their tiktoken file)")
-    if not (has_json or has_model):
-        raise Phi3MLXError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
+    problem = missing_tokenizer(path, model_type)
+    if problem:
+        raise Phi3MLXError(problem)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers import AutoTokenizer
 

@@ -70,12 +70,12 @@ def test_bench_bad_numbers(tiny_folder, capsys, flags, needle):
 
 
 def test_bench_mlx_lm_cannot_load(tiny_folder, capsys, monkeypatch):
-    import mlx_lm
+    import mlx_lm.utils
 
     def broken(*a, **k):
         raise ValueError("Model type phi3 not supported.\nmore detail")
 
-    monkeypatch.setattr(mlx_lm, "load", broken)
+    monkeypatch.setattr(mlx_lm.utils, "load_model", broken)
     code, out, err = cli(capsys, "bench", "--model", tiny_folder, "--prompt-tokens", "8", "--gen-tokens", "2",
                          "--repeats", "1", "--compare-mlx-lm")
     assert code == 1

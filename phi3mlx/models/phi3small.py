@@ -78,37 +78,64 @@ register_variant("phi3small", _normalize, _finish)
 
 _MASK_CACHE: dict = {}
 _CACHE_MAX_ELEMENTS = 1 << 24  # masks up to this size are shared by the layers of one pass
-_CHUNK_ELEMENTS = 1 << 26  # a blocksparse layer attends in query chunks whose mask has at most this many
 
 
-def blocksparse_mask(offset: int, length: int, n_heads: int, block: int, local: int, vert: int, homo: bool):
-    """(H, L, T) boolean mask (True = attend) for queries offset..offset+L-1, keys 0..T-1, T = offset + L.
+def _cached(key, build):
+    m = _MASK_CACHE.get(key)
+    if m is None:
+        m = build()
+        if sum(a.size for a in (m if isinstance(m, tuple) else (m,))) <= _CACHE_MAX_ELEMENTS:
+            if len(_MASK_CACHE) > 16:
+                _MASK_CACHE.clear()
+            _MASK_CACHE[key] = m
+    return m
+
+
+def blocksparse_mask(offset: int, length: int, n_heads: int, block: int, local: int, vert: int, homo: bool,
+                     kv_start: int = 0):
+    """(H, L, T - kv_start) boolean mask (True = attend) for queries at offset..offset+L-1 and keys at
+    kv_start..T-1, T = offset + L.
 
     Straight from the definition: query at p (block p // block), key at j (block j // block), head h:
     kb <= qb and (qb - kb < local or (kb + h * step + 1) % vert == 0), and j <= p.
     """
-    key = (offset, length, n_heads, block, local, vert, homo)
-    m = _MASK_CACHE.get(key)
-    if m is not None:
-        return m
-    T = offset + length
-    qpos = mx.arange(offset, T)
-    kpos = mx.arange(0, T)
-    qb = (qpos // block)[:, None]  # (L, 1)
-    kb = (kpos // block)[None, :]  # (1, T)
-    step = max(1, vert // n_heads)
-    heads = mx.zeros((n_heads,), dtype=mx.int32) if homo else mx.arange(n_heads) * step
-    vert_ok = ((kb[None] + heads[:, None, None] + 1) % vert) == 0  # (H, 1, T)
-    m = (qb >= kb)[None] & (((qb - kb) < local)[None] | vert_ok) & (kpos[None, :] <= qpos[:, None])[None]
-    if n_heads * length * T <= _CACHE_MAX_ELEMENTS:
-        if len(_MASK_CACHE) > 8:
-            _MASK_CACHE.clear()
-        _MASK_CACHE[key] = m
-    return m
+
+    def build():
+        T = offset + length
+        qpos = mx.arange(offset, T)
+        kpos = mx.arange(kv_start, T)
+        qb = (qpos // block)[:, None]  # (L, 1)
+        kb = (kpos // block)[None, :]  # (1, T')
+        step = max(1, vert // n_heads)
+        heads = mx.zeros((n_heads,), dtype=mx.int32) if homo else mx.arange(n_heads) * step
+        vert_ok = ((kb[None] + heads[:, None, None] + 1) % vert) == 0  # (H, 1, T')
+        return (qb >= kb)[None] & (((qb - kb) < local)[None] | vert_ok) & (kpos[None, :] <= qpos[:, None])[None]
+
+    return _cached(("mask", offset, length, n_heads, block, local, vert, homo, kv_start), build)
 
 
-def _keys_upto(t, n: int):
-    return tuple(a[:, :, :n] for a in t) if isinstance(t, tuple) else t[:, :, :n]
+def far_keys(n_far_blocks: int, n_heads: int, n_kv: int, block: int, vert: int, homo: bool):
+    """Token indices (K, G, F) of the key blocks head h may see among blocks 0..n_far_blocks-1 when all
+    of them are outside every query's local window: the vertical-stride blocks, kb = r_h (mod vert)
+    with r_h = -(h * step + 1) mod vert; and their validity (H, 1, F) (heads whose residue has one block
+    fewer are padded with block 0, masked out)."""
+
+    def build():
+        step = 0 if homo else max(1, vert // n_heads)
+        r = (-(mx.arange(n_heads) * step + 1)) % vert  # (H,)
+        n = -(-n_far_blocks // vert)  # blocks per head, rounded up
+        blocks = r[:, None] + vert * mx.arange(n)[None]  # (H, n)
+        ok = blocks < n_far_blocks
+        blocks = mx.where(ok, blocks, 0)
+        tok = (blocks[:, :, None] * block + mx.arange(block)).reshape(n_heads, n * block)  # (H, F)
+        valid = mx.repeat(ok, block, axis=1)[:, None, :]  # (H, 1, F)
+        return tok.reshape(n_kv, n_heads // n_kv, -1), valid
+
+    return _cached(("far", n_far_blocks, n_heads, n_kv, block, vert, homo), build)
+
+
+def _map(fn, t):
+    return tuple(fn(a) for a in t) if isinstance(t, tuple) else fn(t)
 
 
 class SmallAttention(nn.Module):
@@ -144,20 +171,53 @@ class SmallAttention(nn.Module):
         if not self.sparse:
             o = attend(q, k, v, scale, mask, cache)
         else:
-            # Exact blocksparse attention in query chunks: chunk [s, e) sees keys 0..offset+e-1 with an
-            # (H, e - s, offset + e) mask, so no (H, L, T) mask exists at once for long prompts.
-            e = self.e
-            T = offset + L
-            chunk = max(e["block_size"], (_CHUNK_ELEMENTS // (H * T)) // e["block_size"] * e["block_size"])
-            outs = []
-            for s in range(0, L, chunk):
-                end = min(L, s + chunk)
-                m = blocksparse_mask(offset + s, end - s, H, e["block_size"], e["local_blocks"],
-                                     e["vert_stride"], e["homo_head"])
-                kk, vv = (k, v) if end == L else (_keys_upto(k, offset + end), _keys_upto(v, offset + end))
-                outs.append(attend(q[:, :, s:end], kk, vv, scale, AttentionMask(m), cache))
-            o = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+            o = self._blocksparse(q, k, v, offset, scale, cache)
         return self.dense(o.transpose(0, 2, 1, 3).reshape(B, L, H * D))
+
+
+    def _blocksparse(self, q, k, v, offset: int, scale: float, cache):
+        """Exact blocksparse attention, in query chunks aligned to ``chunk`` positions.
+
+        For a chunk of queries at p0..p1-1, keys fall in two parts: the near band, from the first key
+        block inside the local window of the chunk's first query block to p1 - 1, masked per head by
+        the definition; and the far part before it, where a head sees exactly its vertical-stride
+        blocks whatever the query: gathered per head, no mask but padding. A chunk therefore attends
+        to at most chunk + (local - 1) * block + T / vert keys rather than T.
+        """
+        e = self.e
+        bs, local, vert, homo = e["block_size"], e["local_blocks"], e["vert_stride"], e["homo_head"]
+        H, K = self.n_heads, self.n_kv
+        G = H // K
+        L = q.shape[2]
+        T = offset + L
+        if T <= local * bs:  # every key is in every query's local window: one masked pass
+            m = blocksparse_mask(offset, L, H, bs, local, vert, homo)
+            return attend(q, k, v, scale, AttentionMask(m), cache)
+        chunk = bs * max(1, local // 4)
+        outs = []
+        s = offset
+        while s < T:
+            end = min(T, (s // chunk + 1) * chunk)
+            qs = q[:, :, s - offset : end - offset]
+            n0 = max(0, s // bs - local + 1) * bs  # first key of the near band
+            near = blocksparse_mask(s, end - s, H, bs, local, vert, homo, kv_start=n0)  # (H, l, end - n0)
+            kk, vv = _map(lambda a: a[:, :, :end], k), _map(lambda a: a[:, :, :end], v)
+            if n0 == 0:
+                outs.append(attend(qs, kk, vv, scale, AttentionMask(near), cache))
+            else:
+                idx, valid = far_keys(n0 // bs, H, K, bs, vert, homo)  # (K, G, F), (H, 1, F)
+                F = idx.shape[-1]
+
+                def heads_keys(a):  # (B, K, T, d) -> (B, H, F + end - n0, d): far blocks, then the band
+                    far = mx.take_along_axis(a[:, :, None], idx[None, :, :, :, None], axis=3)
+                    band = mx.repeat(a[:, :, n0:end], G, axis=1) if G > 1 else a[:, :, n0:end]
+                    return mx.concatenate([far.reshape(a.shape[0], H, F, a.shape[-1]), band], axis=2)
+
+                kk, vv = _map(heads_keys, k), _map(heads_keys, v)
+                m = mx.concatenate([mx.broadcast_to(valid, (H, end - s, F)), near], axis=-1)
+                outs.append(attend(qs, kk, vv, scale, AttentionMask(m), cache))
+            s = end
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 class GegeluMLP(nn.Module):
