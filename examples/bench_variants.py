@@ -33,7 +33,7 @@ def small_config(width: int, layers: int) -> dict:
         "blocksparse_block_size": 64, "blocksparse_num_local_blocks": 16, "blocksparse_vert_stride": 8,
         "blocksparse_homo_head_pattern": False, "dense_attention_every_n_layers": 2,
         "gegelu_limit": 20.0, "hidden_act": "gegelu", "layer_norm_epsilon": 1e-5,
-        "max_position_embeddings": 8192, "mup_attn_multiplier": 1.0, "mup_embedding_multiplier": 10.0,
+        "max_position_embeddings": 16384, "mup_attn_multiplier": 1.0, "mup_embedding_multiplier": 10.0,
         "mup_use_scaling": True, "mup_width_multiplier": 8.0, "rope_embedding_base": 1000000,
         "rope_position_scale": 1.0, "bos_token_id": 100257, "eos_token_id": 100257,
     }
@@ -61,20 +61,24 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=cache_dir() / "bench", help="where the folders are built")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-mlx-lm", action="store_true", help="measure phi3mlx alone")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights' dtype (float32 suits CPUs; bfloat16 is what GPUs and Macs run)")
+    p.add_argument("--small-prompts", default="2048,4096", help="Phi-3-small prompt lengths, comma-separated")
+    p.add_argument("--moe-prompts", default="512", help="Phi-3.5-MoE prompt lengths, comma-separated")
     a = p.parse_args()
     if a.width % 128:
         p.error(f"--width must be a multiple of 128, got {a.width}")
     runs = []
     if a.which in ("small", "all"):
-        folder = a.out / f"phi3small-w{a.width}-l{a.layers}"
+        folder = a.out / f"phi3small-w{a.width}-l{a.layers}-{a.dtype}"
         if not (folder / "config.json").exists():
-            make_random(folder, small_config(a.width, a.layers), force=True)
-        runs += [(folder, 2048, 16), (folder, 4096, 16)]
+            make_random(folder, small_config(a.width, a.layers), force=True, dtype=a.dtype)
+        runs += [(folder, int(n), 16) for n in a.small_prompts.split(",")]
     if a.which in ("moe", "all"):
-        folder = a.out / f"phimoe-w{a.width}-l{a.layers}"
+        folder = a.out / f"phimoe-w{a.width}-l{a.layers}-{a.dtype}"
         if not (folder / "config.json").exists():
-            make_random(folder, moe_config(a.width, a.layers), force=True)
-        runs += [(folder, 512, 32)]
+            make_random(folder, moe_config(a.width, a.layers), force=True, dtype=a.dtype)
+        runs += [(folder, int(n), 32) for n in a.moe_prompts.split(",")]
     for folder, prompt, gen in runs:
         cmd = [sys.executable, "-m", "phi3mlx", "bench", "--model", str(folder), "--prompt-tokens", str(prompt),
                "--gen-tokens", str(gen), "--repeats", str(a.repeats)]

@@ -50,7 +50,31 @@ def check_kv_quant(head_dim: int, bits: int, group_size: Optional[int]) -> int:
         problems.append(f"kv_group_size must be 32, 64 or 128 and divide the head size {head_dim}, got {group_size}")
     if problems:
         raise Phi3MLXError.many(problems)
+    if not _kv_quant_supported(head_dim, bits, group_size):
+        raise Phi3MLXError(
+            f"--kv-bits {bits} with group size {group_size} (head size {head_dim}) is not implemented by MLX on "
+            f"{mx.default_device()}; use a float KV cache here" + (" or another --kv-group-size" if head_dim % 64 == 0 else ""))
     return group_size
+
+
+_KV_PROBED: dict = {}
+
+
+def _kv_quant_supported(head_dim: int, bits: int, group_size: int) -> bool:
+    """Whether this device's quantized_matmul handles attention over such a cache (MLX's CUDA backend,
+    for one, lacks group size 32), tried once on a tiny input."""
+    key = (str(mx.default_device()), head_dim, bits, group_size)
+    if key not in _KV_PROBED:
+        from .models.decoder import quantized_attention
+
+        try:  # the real call: 4 query heads sharing 1 quantized KV head, 3 queries, 3 keys, causal
+            k = mx.quantize(mx.ones((1, 1, 3, head_dim)), group_size=group_size, bits=bits)
+            o = quantized_attention(mx.ones((1, 4, 3, head_dim)), k, k, 1.0, "causal", group_size, bits)
+            mx.eval(o)
+            _KV_PROBED[key] = True
+        except (RuntimeError, ValueError):
+            _KV_PROBED[key] = False
+    return _KV_PROBED[key]
 
 
 def _check_prompt(prompt_ids: Sequence[int], model) -> None:

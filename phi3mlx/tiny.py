@@ -58,8 +58,8 @@ def write_phi3_tokenizer(folder: Path) -> None:
 
 
 def make_random(out: Path, config: dict, seed: int = 0, tokenizer_from: Path | None = None,
-                force: bool = False) -> Path:
-    """A random-weight float32 folder in Hugging Face layout for any supported config.json dict.
+                force: bool = False, dtype: str = "float32") -> Path:
+    """A random-weight folder in Hugging Face layout for any supported config.json dict.
 
     Linear weights ~ N(0, 0.02), norms at 1, biases 0. The tokenizer files are copied from
     ``tokenizer_from``, else the bundled Phi-3 tokenizer is written. Used for the built-in model and to
@@ -78,10 +78,12 @@ def make_random(out: Path, config: dict, seed: int = 0, tokenizer_from: Path | N
             params[k] = mx.zeros(v.shape)
         else:
             params[k] = 0.02 * mx.random.normal(v.shape)
+        params[k] = params[k].astype(getattr(mx, dtype))
+        mx.eval(params[k])
     params = mlx_to_hf(cfg.model_type, params)
     with atomic_dir(out, force=force) as tmp:
         save_weights(tmp, params, fmt="pt")
-        (tmp / "config.json").write_text(json.dumps(dict(config, torch_dtype="float32"), indent=2))
+        (tmp / "config.json").write_text(json.dumps(dict(config, torch_dtype=dtype), indent=2))
         eos = config.get("eos_token_id", 32000)
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": config.get("bos_token_id", 1),
                                                                 "eos_token_id": eos}))

@@ -13,6 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
+# Parity is checked in full float32: GPUs with reduced-precision float32 matmuls (Apple M5, NVIDIA via
+# MLX's CUDA backend) would otherwise be off by ~1e-3. Set before MLX runs anything.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,13 @@ import torch
 
 from phi3mlx.loader import load_model
 
-REAL = "/work/shared/reference/configs/Phi-3-small-8k-instruct.json"
+from .conftest import reference_config
+
+REAL = "Phi-3-small-8k-instruct"  # in the reference configs; the tests skip where they are absent
 
 
 def tiny_cfg(**kw):
-    cfg = json.load(open(REAL))
+    cfg = reference_config(REAL)
     cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                ff_intermediate_size=512, torch_dtype="float32")
     cfg.update(kw)
@@ -205,7 +207,7 @@ def test_rope_position_scale(tmp_path):
 def test_real_128k_rope_settings_and_problems():
     from phi3mlx.config import ModelConfig
     from phi3mlx.errors import Phi3MLXError
-    cfg = json.load(open(REAL))
+    cfg = reference_config(REAL)
     cfg.update(max_position_embeddings=131072, rope_scaling=_longrope(128, 8192))
     rope = ModelConfig.from_dict(cfg).rope
     assert rope.kind == "longrope" and rope.original_max_position_embeddings == 8192

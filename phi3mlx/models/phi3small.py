@@ -190,7 +190,9 @@ class SmallAttention(nn.Module):
         G = H // K
         L = q.shape[2]
         T = offset + L
-        if T <= local * bs:  # every key is in every query's local window: one masked pass
+        if T <= local * bs or L <= 8:
+            # every key is in every query's local window, or a few queries (decoding): one masked pass over
+            # all keys (the mask, (H, L, T), is built once per step and shared by the layers)
             m = blocksparse_mask(offset, L, H, bs, local, vert, homo)
             return attend(q, k, v, scale, AttentionMask(m), cache)
         chunk = bs * max(1, local // 4)
