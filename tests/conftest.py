@@ -23,6 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("PHI3MLX_REFERENCE", ROOT.parent / "shared" / "reference"))
 CONFIGS = REFERENCE / "configs"
 PHI3_TOKENIZER = REFERENCE / "tokenizers" / "phi-3-mini"
+PHI3_SMALL_BPE = REFERENCE / "tokenizers" / "phi-3-small" / "cl100k_base.tiktoken"
+
+
+def phi3_small_tokenizer_config() -> dict:
+    """tokenizer_config.json as in microsoft/Phi-3-small-8k-instruct (auto_map kept: it must be ignored)."""
+    from phi3mlx.tokenizer import PHI3_SMALL_CHAT_TEMPLATE
+
+    return {
+        "auto_map": {"AutoTokenizer": ["tokenization_phi3_small.Phi3SmallTokenizer", None]},
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": PHI3_SMALL_CHAT_TEMPLATE,
+        "model_max_length": 8192,
+        "tokenizer_class": "Phi3SmallTokenizer",
+    }
 
 # Width/depth used for every tiny checkpoint: 4 heads x 96 = 384, 2 layers.
 TINY = dict(hidden_size=384, num_attention_heads=4, intermediate_size=512, num_hidden_layers=2)

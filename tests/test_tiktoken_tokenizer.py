@@ -14,7 +14,7 @@ import pytest
 
 from phi3mlx.errors import Phi3MLXError
 
-from .conftest import REFERENCE
+from .conftest import PHI3_SMALL_BPE, phi3_small_tokenizer_config
 from .helpers import assert_streams_to_decode
 
 tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is needed for the Phi-3-small tokenizer")
@@ -29,7 +29,7 @@ from phi3mlx.tokenizer import (  # noqa: E402
     read_tiktoken_bpe,
 )
 
-BPE = REFERENCE / "tokenizers" / "phi-3-small" / "cl100k_base.tiktoken"
+BPE = PHI3_SMALL_BPE
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 
 ENGLISH = "Hello world! How are you today?\n  leading spaces and\ttabs\n\n"
@@ -37,15 +37,7 @@ MULTILINGUAL = "Größe, naïve café — déjà vu; 東京は日本の首都で
 EMOJI = "Emoji: 🤖🚀👩‍👩‍👧‍👦 and flags 🇫🇷🇯🇵, math ∑∫√ and code `x += 1`"
 TEXTS = [ENGLISH, MULTILINGUAL, EMOJI, "<|user|>\nHi<|end|>\n<|assistant|>\n"]
 
-TOKENIZER_CONFIG = {  # as in microsoft/Phi-3-small-8k-instruct (auto_map kept: we must ignore it)
-    "auto_map": {"AutoTokenizer": ["tokenization_phi3_small.Phi3SmallTokenizer", None]},
-    "bos_token": "<|endoftext|>",
-    "eos_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
-    "chat_template": PHI3_SMALL_CHAT_TEMPLATE,
-    "model_max_length": 8192,
-    "tokenizer_class": "Phi3SmallTokenizer",
-}
+TOKENIZER_CONFIG = phi3_small_tokenizer_config()
 
 
 def _need_bpe():

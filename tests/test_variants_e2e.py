@@ -30,24 +30,16 @@ pytest.importorskip("tiktoken", reason="tiktoken is needed for the Phi-3-small t
 from phi3mlx import generate, load, stream_generate  # noqa: E402
 from phi3mlx.cli import main  # noqa: E402
 from phi3mlx.generate import generate_step  # noqa: E402
-from phi3mlx.tokenizer import PHI3_SMALL_CHAT_TEMPLATE, TiktokenTokenizer  # noqa: E402
+from phi3mlx.tokenizer import TiktokenTokenizer  # noqa: E402
 
-from .conftest import REFERENCE  # noqa: E402
+from .conftest import PHI3_SMALL_BPE, phi3_small_tokenizer_config  # noqa: E402
 from .test_phi3small import make_ckpt, tiny_cfg  # noqa: E402
 from .test_phimoe import phimoe_checkpoint  # noqa: E402,F401  (module-scoped fixture, used below)
 
-BPE = REFERENCE / "tokenizers" / "phi-3-small" / "cl100k_base.tiktoken"
+BPE = PHI3_SMALL_BPE
 SMALL_KW = dict(hidden_size=128, blocksparse_block_size=32, blocksparse_num_local_blocks=2,
                 blocksparse_vert_stride=4)
-TOKENIZER_CONFIG = {  # as in microsoft/Phi-3-small-8k-instruct (its remote tokenizer class is never used)
-    "auto_map": {"AutoTokenizer": ["tokenization_phi3_small.Phi3SmallTokenizer", None]},
-    "bos_token": "<|endoftext|>",
-    "eos_token": "<|endoftext|>",
-    "pad_token": "<|endoftext|>",
-    "chat_template": PHI3_SMALL_CHAT_TEMPLATE,
-    "model_max_length": 8192,
-    "tokenizer_class": "Phi3SmallTokenizer",
-}
+TOKENIZER_CONFIG = phi3_small_tokenizer_config()
 GENERATION_CONFIG = {"bos_token_id": 100257, "eos_token_id": [100257, 100266]}
 N_REAL = 100256  # ordinary cl100k tokens; the rest of the 100352 ids are specials or masked dummies
 IDS = [int(i) for i in np.random.default_rng(0).integers(0, N_REAL, 90)]  # crosses 64: sparse blocks
