@@ -16,6 +16,7 @@ the 1024-token local window of its blocksparse layers.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,17 @@ from pathlib import Path
 from phi3mlx.tiny import cache_dir, make_random
 
 
+def kv_heads(heads: int) -> int:
+    """The real models' 4 query heads per KV head, or the nearest grouping that divides ``heads``."""
+    return max(d for d in range(1, max(1, heads // 4) + 1) if heads % d == 0)
+
+
 def small_config(width: int, layers: int) -> dict:
     """Phi-3-small-8k: head size 128, 4 query heads per KV head, GEGLU 3.5x, blocksparse 64/16/8."""
     heads = width // 128
     return {
         "architectures": ["Phi3SmallForCausalLM"], "model_type": "phi3small",
-        "hidden_size": width, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4),
+        "hidden_size": width, "num_attention_heads": heads, "num_key_value_heads": kv_heads(heads),
         "ff_intermediate_size": width * 7 // 2, "num_hidden_layers": layers, "vocab_size": 100352,
         "blocksparse_block_size": 64, "blocksparse_num_local_blocks": 16, "blocksparse_vert_stride": 8,
         "blocksparse_homo_head_pattern": False, "dense_attention_every_n_layers": 2,
@@ -44,13 +50,21 @@ def moe_config(width: int, layers: int) -> dict:
     heads = width // 128
     return {
         "architectures": ["PhimoeForCausalLM"], "model_type": "phimoe",
-        "hidden_size": width, "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4),
+        "hidden_size": width, "num_attention_heads": heads, "num_key_value_heads": kv_heads(heads),
         "intermediate_size": width * 25 // 16, "num_hidden_layers": layers, "vocab_size": 32064,
         "num_local_experts": 16, "num_experts_per_tok": 2, "router_jitter_noise": 0.01,
         "input_jitter_noise": 0.01, "attention_bias": True, "lm_head_bias": True, "hidden_act": "silu",
         "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 10000.0, "rope_scaling": None,
         "sliding_window": None, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
     }
+
+
+def _build(folder: Path, config: dict, dtype: str) -> None:
+    """Build the folder unless it exists with this very config (an older, different one is rebuilt)."""
+    old = folder / "config.json"
+    if old.exists() and json.loads(old.read_text()) == dict(config, torch_dtype=dtype):
+        return
+    make_random(folder, config, force=True, dtype=dtype)
 
 
 def main() -> None:
@@ -66,26 +80,33 @@ def main() -> None:
     p.add_argument("--small-prompts", default="2048,4096", help="Phi-3-small prompt lengths, comma-separated")
     p.add_argument("--moe-prompts", default="512", help="Phi-3.5-MoE prompt lengths, comma-separated")
     a = p.parse_args()
-    if a.width % 128:
-        p.error(f"--width must be a multiple of 128, got {a.width}")
+    if a.width <= 0 or a.width % 128:
+        p.error(f"--width must be a positive multiple of 128, got {a.width}")
+    if a.layers <= 0:
+        p.error(f"--layers must be positive, got {a.layers}")
+    try:
+        small_prompts = [int(n) for n in a.small_prompts.split(",")]
+        moe_prompts = [int(n) for n in a.moe_prompts.split(",")]
+    except ValueError:
+        p.error("--small-prompts and --moe-prompts take comma-separated token counts, e.g. 2048,4096")
     runs = []
     if a.which in ("small", "all"):
         folder = a.out / f"phi3small-w{a.width}-l{a.layers}-{a.dtype}"
-        if not (folder / "config.json").exists():
-            make_random(folder, small_config(a.width, a.layers), force=True, dtype=a.dtype)
-        runs += [(folder, int(n), 16) for n in a.small_prompts.split(",")]
+        _build(folder, small_config(a.width, a.layers), a.dtype)
+        runs += [(folder, n, 16) for n in small_prompts]
     if a.which in ("moe", "all"):
         folder = a.out / f"phimoe-w{a.width}-l{a.layers}-{a.dtype}"
-        if not (folder / "config.json").exists():
-            make_random(folder, moe_config(a.width, a.layers), force=True, dtype=a.dtype)
-        runs += [(folder, int(n), 32) for n in a.moe_prompts.split(",")]
+        _build(folder, moe_config(a.width, a.layers), a.dtype)
+        runs += [(folder, n, 32) for n in moe_prompts]
+    failed = 0
     for folder, prompt, gen in runs:
         cmd = [sys.executable, "-m", "phi3mlx", "bench", "--model", str(folder), "--prompt-tokens", str(prompt),
                "--gen-tokens", str(gen), "--repeats", str(a.repeats)]
         if not a.no_mlx_lm:
             cmd.append("--compare-mlx-lm")
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=False)
+        failed += subprocess.run(cmd, check=False).returncode != 0
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

@@ -62,18 +62,26 @@ _KV_PROBED: dict = {}
 
 def _kv_quant_supported(head_dim: int, bits: int, group_size: int) -> bool:
     """Whether this device's quantized_matmul handles attention over such a cache (MLX's CUDA backend,
-    for one, lacks group size 32), tried once on a tiny input."""
+    for one, lacks some group sizes): tried once per setting on tiny inputs, for decoding (1 query) and
+    prefill (3 queries), in the float types models run in. Only "not implemented" answers count."""
     key = (str(mx.default_device()), head_dim, bits, group_size)
     if key not in _KV_PROBED:
         from .models.decoder import quantized_attention
 
-        try:  # the real call: 4 query heads sharing 1 quantized KV head, 3 queries, 3 keys, causal
-            k = mx.quantize(mx.ones((1, 1, 3, head_dim)), group_size=group_size, bits=bits)
-            o = quantized_attention(mx.ones((1, 4, 3, head_dim)), k, k, 1.0, "causal", group_size, bits)
-            mx.eval(o)
-            _KV_PROBED[key] = True
-        except (RuntimeError, ValueError):
-            _KV_PROBED[key] = False
+        ok = True
+        for dtype in (mx.float32, mx.bfloat16, mx.float16):
+            for L in (1, 3):  # 4 query heads sharing 1 quantized KV head, L queries, 3 keys, causal
+                k = mx.quantize(mx.ones((1, 1, 3, head_dim), dtype=dtype), group_size=group_size, bits=bits)
+                try:
+                    mx.eval(quantized_attention(mx.ones((1, 4, L, head_dim), dtype=dtype), k, k, 1.0,
+                                                "causal" if L > 1 else None, group_size, bits))
+                except (RuntimeError, ValueError) as e:
+                    msg = str(e).lower()
+                    if "no implementation" in msg or "not supported" in msg or "not implemented" in msg:
+                        ok = False
+                    else:
+                        raise
+        _KV_PROBED[key] = ok
     return _KV_PROBED[key]
 
 

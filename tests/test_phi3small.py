@@ -1,5 +1,6 @@
 """Phi-3-small: tiny f32 checkpoint vs an independent torch reference (dense attention + explicit mask)."""
 
+import itertools
 import json
 import math
 
@@ -271,3 +272,61 @@ def test_causality_sweep(tmp_path):
             bounds = [0, 100, 801, T - 1, T]
             parts = [np.array(model(mx.array(ids[None, a:b]), cache=cache)[0]) for a, b in zip(bounds, bounds[1:])]
             assert np.abs(np.concatenate(parts) - base).max() <= 1e-4, T
+
+
+def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None):
+    """The mask SmallAttention._blocksparse really applies, read off its output: with zero queries every
+    allowed key gets the same weight, and value j = one-hot(j) makes row (h, i) = allowed[h, i] / count."""
+    from types import SimpleNamespace
+
+    from phi3mlx.models.phi3small import SmallAttention
+
+    T = offset + L
+    D = -(-T // 64) * 64  # one value dimension per key, padded to the quantization group
+    q = mx.zeros((1, H, L, D))
+    eye = mx.concatenate([mx.eye(T), mx.zeros((T, D - T))], axis=1)
+    kv = mx.broadcast_to(eye[None, None], (1, K, T, D))
+    cache = None
+    if bits:
+        kv = tuple(mx.quantize(kv, group_size=64, bits=bits))
+        cache = SimpleNamespace(group_size=64, bits=bits)
+    me = SimpleNamespace(n_heads=H, n_kv=K, e=dict(block_size=bs, local_blocks=local, vert_stride=vert, homo_head=homo))
+    o = SmallAttention._blocksparse(me, q, kv, kv, offset, 1.0, cache)
+    return np.array(o[0, :, :, :T]) > 1e-3
+
+
+def test_effective_mask_equals_definition_over_a_grid():
+    """The chunked path (near band masked, far vertical blocks gathered per head), the decode path and the
+    short path, for block sizes, local windows, strides (dividing the heads or not, above and below their
+    number), GQA groups of 1 to 3, the homo-head pattern, any offset, float and 8-bit quantized keys."""
+    checked = 0
+    for bs, local, vert, (H, K), homo in itertools.product(
+            [4, 8], [1, 2, 5], [1, 3, 8, 16], [(1, 1), (4, 2), (6, 2), (3, 3)], [False, True]):
+        T = 6 * bs * local + 13
+        cfg = dict(num_attention_heads=H, blocksparse_block_size=bs, blocksparse_num_local_blocks=local,
+                   blocksparse_vert_stride=vert, blocksparse_homo_head_pattern=homo)
+        full = allowed(cfg, T).numpy()
+        for offset, L in [(0, T), (7, T - 7), (T - 9, 9), (bs * local + 3, T - bs * local - 3), (T - 1, 1)]:
+            got = _effective_mask(H, K, bs, local, vert, homo, offset, L)
+            assert (got == full[:, offset:T, :T]).all(), (bs, local, vert, H, K, homo, offset, L)
+            checked += 1
+        if bs == 8 and vert in (3, 8):
+            got = _effective_mask(H, K, bs, local, vert, homo, T - 40, 40, bits=8)
+            assert (got == full[:, T - 40:T, :T]).all(), ("q8", bs, local, vert, H, K, homo)
+    assert checked == 2 * 3 * 4 * 4 * 2 * 5
+
+
+def test_blocksparse_and_mup_settings_are_checked():
+    from phi3mlx.config import ModelConfig
+    from phi3mlx.errors import Phi3MLXError
+    cfg = tiny_cfg(blocksparse_num_local_blocks=0, blocksparse_vert_stride=0, blocksparse_block_size=2.5,
+                   mup_width_multiplier=-8, gegelu_limit="big")
+    with pytest.raises(Phi3MLXError) as e:
+        ModelConfig.from_dict(cfg)
+    msg = str(e.value)
+    for key in ("blocksparse_num_local_blocks", "blocksparse_vert_stride", "blocksparse_block_size",
+                "mup_width_multiplier", "gegelu_limit"):
+        assert key in msg, key
+    # as the reference: a null or non-positive embedding multiplier / width divisor is not applied
+    ok = ModelConfig.from_dict(tiny_cfg(mup_embedding_multiplier=None, mup_width_multiplier=0))
+    assert ok.embedding_multiplier == 1.0 and ok.logit_divisor == 1.0

@@ -57,7 +57,7 @@ def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> 
     quantized KV cache. ``mask.mask`` may also be per head, (H, L, T'). Keys before
     ``mask.kv_start`` are outside every query's window: dropped.
     """
-    if isinstance(k, tuple):
+    if not isinstance(k, mx.array):  # (packed, scales, biases): a tuple, or a list from a restored cache
         if mask.kv_start:
             k = tuple(t[:, :, mask.kv_start :] for t in k)
             v = tuple(t[:, :, mask.kv_start :] for t in v)

@@ -28,18 +28,32 @@ def _normalize(cfg: dict) -> dict:
     return cfg
 
 
+def _number(cfg: dict, key: str, default, problems: list, *, integer: bool = False, minimum=None):
+    """cfg[key] (default when absent or null) checked to be a finite number >= minimum."""
+    v = cfg.get(key)
+    if v is None:
+        return default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
+    if isinstance(v, bool) or not ok or (minimum is not None and v < minimum):
+        kind = "an integer" if integer else "a number"
+        problems.append(f"'{key}' must be {kind}" + (f" >= {minimum}" if minimum is not None else "") + f", got {v!r}")
+        return default
+    return v
+
+
 def _finish(cfg: dict, fields: dict, problems: list) -> None:
     fields["norm"] = "layer"
     fields["attention"] = "phi3small"
     fields["mlp"] = "gegelu"
-    fields["embedding_multiplier"] = float(cfg.get("mup_embedding_multiplier", 1.0))
-    fields["logit_divisor"] = float(cfg.get("mup_width_multiplier", 1.0))
+    # muP: as the reference, a missing or non-positive embedding multiplier / width divisor is not applied
+    emb = _number(cfg, "mup_embedding_multiplier", 1.0, problems)
+    width = _number(cfg, "mup_width_multiplier", 1.0, problems, minimum=0)
+    fields["embedding_multiplier"] = float(emb) if emb > 0 else 1.0
+    fields["logit_divisor"] = float(width) if width > 0 else 1.0
     fields["tie_word_embeddings"] = True
     rope = fields["rope"]
-    ps = cfg.get("rope_position_scale", 1.0)
-    if ps is None:
-        ps = 1.0
-    if not isinstance(ps, (int, float)) or isinstance(ps, bool) or not math.isfinite(ps) or ps <= 0:
+    ps = _number(cfg, "rope_position_scale", 1.0, problems)
+    if ps <= 0:
         problems.append(f"'rope_position_scale' must be a positive number, got {ps!r}")
     elif rope.kind == "longrope" and ps != 1.0:
         # The reference LongRoPE path never reads it; refuse rather than guess.
@@ -50,25 +64,26 @@ def _finish(cfg: dict, fields: dict, problems: list) -> None:
         # Reference: cos/sin times short_mscale up to the original length (1.0 when absent or <= 0), times
         # long_mscale beyond it (when absent or <= 0: sqrt(1 + log(max/original) / log(original)),
         # the attention factor config.py already computed from the lengths).
-        rs = cfg.get("rope_scaling") or {}
+        rs_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+        rs = cfg.get(rs_key) or {}
         ms = []
         for key, fallback in (("short_mscale", 1.0), ("long_mscale", rope.attention_factor)):
             v = rs.get(key, -1)
             if v is None:
                 v = -1
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                problems.append(f"'rope_scaling.{key}' must be a number, got {v!r}")
+                problems.append(f"'{rs_key}.{key}' must be a number, got {v!r}")
                 v = -1
             ms.append(float(v) if v > 0 else float(fallback))
         rope.attention_factor, rope.long_attention_factor = ms
     fields["extra"] = dict(
-        gegelu_limit=float(cfg.get("gegelu_limit", 20.0)),
+        gegelu_limit=float(_number(cfg, "gegelu_limit", 20.0, problems, minimum=0)),
         mup_use_scaling=bool(cfg.get("mup_use_scaling", True)),
-        mup_attn_multiplier=float(cfg.get("mup_attn_multiplier", 1.0)),
-        dense_every=int(cfg.get("dense_attention_every_n_layers", 2) or 0),
-        block_size=int(cfg.get("blocksparse_block_size", 64)),
-        local_blocks=int(cfg.get("blocksparse_num_local_blocks", 16)),
-        vert_stride=int(cfg.get("blocksparse_vert_stride", 8)),
+        mup_attn_multiplier=float(_number(cfg, "mup_attn_multiplier", 1.0, problems, minimum=1e-30)),
+        dense_every=int(_number(cfg, "dense_attention_every_n_layers", 2, problems, integer=True, minimum=0)),
+        block_size=_number(cfg, "blocksparse_block_size", 64, problems, integer=True, minimum=1),
+        local_blocks=_number(cfg, "blocksparse_num_local_blocks", 16, problems, integer=True, minimum=1),
+        vert_stride=_number(cfg, "blocksparse_vert_stride", 8, problems, integer=True, minimum=1),
         homo_head=bool(cfg.get("blocksparse_homo_head_pattern", False)),
         dummy_token_ids=[i for i in DUMMY_TOKEN_IDS if i < fields["vocab_size"]],
     )
@@ -76,19 +91,29 @@ def _finish(cfg: dict, fields: dict, problems: list) -> None:
 
 register_variant("phi3small", _normalize, _finish)
 
-_MASK_CACHE: dict = {}
-_CACHE_MAX_ELEMENTS = 1 << 24  # masks up to this size are shared by the layers of one pass
+_MASK_CACHE: dict = {}  # key -> (value, elements); oldest first
+_CACHE_ELEMENTS = 1 << 27  # masks and indices kept for the layers of a pass (and the next), ~128 MB
 
 
 def _cached(key, build):
-    m = _MASK_CACHE.get(key)
-    if m is None:
-        m = build()
-        if sum(a.size for a in (m if isinstance(m, tuple) else (m,))) <= _CACHE_MAX_ELEMENTS:
-            if len(_MASK_CACHE) > 16:
-                _MASK_CACHE.clear()
-            _MASK_CACHE[key] = m
+    """Masks and gather indices are the same for every sparse layer of a pass: build them once."""
+    hit = _MASK_CACHE.get(key)
+    if hit is not None:
+        return hit[0]
+    m = build()
+    n = sum(a.size for a in (m if isinstance(m, tuple) else (m,)))
+    if n <= _CACHE_ELEMENTS // 4:
+        while _MASK_CACHE and sum(e for _, e in _MASK_CACHE.values()) + n > _CACHE_ELEMENTS:
+            _MASK_CACHE.pop(next(iter(_MASK_CACHE)))
+        _MASK_CACHE[key] = (m, n)
     return m
+
+
+def head_offsets(n_heads: int, vert: int, homo: bool) -> mx.array:
+    """h * step per head, step = max(1, vert // n_heads); 0 for every head with the homo-head pattern."""
+    if homo:
+        return mx.zeros((n_heads,), dtype=mx.int32)
+    return mx.arange(n_heads) * max(1, vert // n_heads)
 
 
 def blocksparse_mask(offset: int, length: int, n_heads: int, block: int, local: int, vert: int, homo: bool,
@@ -106,8 +131,7 @@ def blocksparse_mask(offset: int, length: int, n_heads: int, block: int, local: 
         kpos = mx.arange(kv_start, T)
         qb = (qpos // block)[:, None]  # (L, 1)
         kb = (kpos // block)[None, :]  # (1, T')
-        step = max(1, vert // n_heads)
-        heads = mx.zeros((n_heads,), dtype=mx.int32) if homo else mx.arange(n_heads) * step
+        heads = head_offsets(n_heads, vert, homo)
         vert_ok = ((kb[None] + heads[:, None, None] + 1) % vert) == 0  # (H, 1, T')
         return (qb >= kb)[None] & (((qb - kb) < local)[None] | vert_ok) & (kpos[None, :] <= qpos[:, None])[None]
 
@@ -121,8 +145,7 @@ def far_keys(n_far_blocks: int, n_heads: int, n_kv: int, block: int, vert: int, 
     fewer are padded with block 0, masked out)."""
 
     def build():
-        step = 0 if homo else max(1, vert // n_heads)
-        r = (-(mx.arange(n_heads) * step + 1)) % vert  # (H,)
+        r = (-(head_offsets(n_heads, vert, homo) + 1)) % vert  # (H,)
         n = -(-n_far_blocks // vert)  # blocks per head, rounded up
         blocks = r[:, None] + vert * mx.arange(n)[None]  # (H, n)
         ok = blocks < n_far_blocks
@@ -135,7 +158,8 @@ def far_keys(n_far_blocks: int, n_heads: int, n_kv: int, block: int, vert: int, 
 
 
 def _map(fn, t):
-    return tuple(fn(a) for a in t) if isinstance(t, tuple) else fn(t)
+    """fn on keys/values, or on each part (packed, scales, biases) of quantized ones."""
+    return fn(t) if isinstance(t, mx.array) else tuple(fn(a) for a in t)
 
 
 class SmallAttention(nn.Module):
@@ -182,7 +206,7 @@ class SmallAttention(nn.Module):
         block inside the local window of the chunk's first query block to p1 - 1, masked per head by
         the definition; and the far part before it, where a head sees exactly its vertical-stride
         blocks whatever the query: gathered per head, no mask but padding. A chunk therefore attends
-        to at most chunk + (local - 1) * block + T / vert keys rather than T.
+        to at most chunk + (local - 1) * block + ceil(far blocks / vert) * block keys rather than T.
         """
         e = self.e
         bs, local, vert, homo = e["block_size"], e["local_blocks"], e["vert_stride"], e["homo_head"]
@@ -190,9 +214,9 @@ class SmallAttention(nn.Module):
         G = H // K
         L = q.shape[2]
         T = offset + L
-        if T <= local * bs or L <= 8:
-            # every key is in every query's local window, or a few queries (decoding): one masked pass over
-            # all keys (the mask, (H, L, T), is built once per step and shared by the layers)
+        if T <= local * bs:  # every key is inside every query's local window: plain causal attention
+            return attend(q, k, v, scale, AttentionMask("causal" if L > 1 else None), cache)
+        if L <= 8:  # a few queries (decoding): one masked pass over all keys, the (H, L, T) mask shared by layers
             m = blocksparse_mask(offset, L, H, bs, local, vert, homo)
             return attend(q, k, v, scale, AttentionMask(m), cache)
         chunk = bs * max(1, local // 4)
@@ -203,8 +227,8 @@ class SmallAttention(nn.Module):
             qs = q[:, :, s - offset : end - offset]
             n0 = max(0, s // bs - local + 1) * bs  # first key of the near band
             near = blocksparse_mask(s, end - s, H, bs, local, vert, homo, kv_start=n0)  # (H, l, end - n0)
-            kk, vv = _map(lambda a: a[:, :, :end], k), _map(lambda a: a[:, :, :end], v)
             if n0 == 0:
+                kk, vv = _map(lambda a: a[:, :, :end], k), _map(lambda a: a[:, :, :end], v)
                 outs.append(attend(qs, kk, vv, scale, AttentionMask(near), cache))
             else:
                 idx, valid = far_keys(n0 // bs, H, K, bs, vert, homo)  # (K, G, F), (H, 1, F)
