@@ -53,9 +53,12 @@ def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, Bas
     """Load a model and its tokenizer from a local folder or a Hugging Face Hub id."""
     from phi3mlx.convert.hub import resolve
 
-    if adapter_path is not None:
-        raise Phi3MLXError("adapters are not supported yet (fine-tuning is not part of this release)")
     path = resolve(path_or_hub_id)
     model, cfg = load_model(path)
     tokenizer = load_tokenizer(path, cfg.raw)
+    if adapter_path is not None:  # unfused: the adapters run beside the frozen base layers
+        from phi3mlx.finetune.lora import load_adapters
+
+        load_adapters(model, adapter_path)
+        model.eval()
     return model, tokenizer

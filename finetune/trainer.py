@@ -1,0 +1,256 @@
+"""One trainer for LoRA/DoRA/full fine-tuning, DPO and pretraining: the loss and the batches are arguments.
+
+``train(model, loss_fn, batches, args, out_dir, ...)`` runs ``args.iters`` optimizer steps. Each step
+takes ``args.grad_accum`` micro-batches from ``batches``; ``loss_fn(model, batch)`` returns
+``(loss, ntokens)`` or ``(loss, ntokens, metrics)`` with ``loss`` the mean over the batch's ``ntokens``
+tokens. The accumulated update equals one step on the union of the micro-batches: gradients and
+losses are weighted by their token counts and divided by the total.
+
+Learning rate: linear warmup over ``args.warmup`` steps, then cosine decay to
+``args.learning_rate * args.min_lr_ratio`` at ``args.iters``. AdamW (``args.weight_decay``).
+
+Checkpoints (every ``args.save_every`` steps, at the end, and on Ctrl-C) hold the trained arrays,
+the optimizer state, the step and the number of micro-batches consumed, written to a temporary
+folder and renamed. ``resume=True`` restores them and skips the consumed batches, and the random
+state is reseeded per step (``args.seed + step``: dropout, MoE routing), so a resumed run reproduces
+an uninterrupted one. A loss that becomes NaN or infinite stops training with the last good
+checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from phi3mlx.errors import Phi3MLXError
+
+from . import lora
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class TrainArgs:
+    iters: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    warmup: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    val_every: int = 50
+    val_batches: int = 25  # -1: the whole validation set
+    save_every: int = 100
+    report_every: int = 10
+    grad_checkpoint: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        problems = []
+        for name in ("iters", "batch_size", "grad_accum", "val_every", "save_every", "report_every"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            problems.append(f"--lr must be a positive number, got {self.learning_rate}")
+        if self.warmup < 0 or self.warmup > self.iters:
+            problems.append(f"--warmup must be between 0 and --iters ({self.iters}), got {self.warmup}")
+        if not (0.0 <= self.min_lr_ratio <= 1.0):
+            problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if problems:
+            raise Phi3MLXError.many(problems)
+
+
+def lr_schedule(args: TrainArgs) -> Callable:
+    peak, floor = args.learning_rate, args.learning_rate * args.min_lr_ratio
+    decay = optim.cosine_decay(peak, max(1, args.iters - args.warmup), floor)
+    if args.warmup <= 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(peak / args.warmup, peak, args.warmup - 1), decay],
+                                [args.warmup])
+
+
+def grad_checkpoint(model) -> None:
+    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
+    cls = type(model.model.layers[0])
+    if getattr(cls, "_checkpointed", False):
+        return
+    fn = cls.__call__
+
+    def checkpointed(self, x, *args, **kwargs):
+        def inner(params, x):  # only arrays cross mx.checkpoint; masks, caches and flags are closed over
+            self.update(params)
+            return fn(self, x, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), x)
+
+    cls.__call__ = checkpointed
+    cls._checkpointed = True
+
+
+def _unpack(out):
+    loss, ntok = out[0], out[1]
+    metrics = out[2] if len(out) > 2 else {}
+    return loss, ntok, metrics
+
+
+def evaluate(model, loss_fn, batches: Iterator, limit: int = -1) -> dict:
+    """Token-weighted mean loss (and metrics) over ``limit`` batches (-1: all), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, ntok, sums, n = 0.0, 0, {}, 0
+    for batch in batches:
+        if 0 <= limit <= n:
+            break
+        loss, t, metrics = _unpack(loss_fn(model, batch))
+        mx.eval(loss, t, metrics)
+        t = int(t)
+        total += float(loss) * t
+        ntok += t
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * t
+        n += 1
+    model.train(was_training)
+    if ntok == 0:
+        return {"loss": float("nan")}
+    return {"loss": total / ntok, **{k: v / ntok for k, v in sums.items()}}
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, adapter_config: dict, state: dict) -> None:
+    """out_dir/checkpoint: adapters, optimizer state and trainer state; replaced atomically."""
+    out_dir = Path(out_dir)
+    tmp = out_dir / (CHECKPOINT + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    lora.save_adapters(tmp, model, adapter_config)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    final = out_dir / CHECKPOINT
+    old = out_dir / (CHECKPOINT + ".old")
+    if final.exists():
+        final.replace(old)
+    tmp.replace(final)
+    if old.exists():
+        shutil.rmtree(old)
+    # the adapters a user loads (adapters.safetensors + adapter_config.json at the top)
+    lora.save_adapters(out_dir, model, adapter_config)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
+    ck = Path(out_dir) / CHECKPOINT
+    if not (ck / "trainer_state.json").exists():
+        raise Phi3MLXError(f"nothing to resume in {out_dir}: no {CHECKPOINT}/trainer_state.json")
+    weights = mx.load(str(ck / lora.ADAPTER_FILE))
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return json.loads((ck / "trainer_state.json").read_text())
+
+
+def train(
+    model,
+    loss_fn: Callable,
+    batches: Iterator,
+    args: TrainArgs,
+    out_dir: Path,
+    adapter_config: dict,
+    *,
+    val_batches: Optional[Callable[[], Iterator]] = None,
+    resume: bool = False,
+    report: Optional[Callable[[dict], None]] = None,
+    optimizer: Optional[optim.Optimizer] = None,
+) -> list[dict]:
+    """Train; return the reports (step, loss, val_loss, lr, tokens_per_sec, peak_gb, metrics...).
+
+    ``optimizer`` defaults to AdamW with the warmup + cosine schedule of ``args``."""
+    args.check()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if optimizer is None:
+        optimizer = optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
+    step, consumed, history = 0, 0, []
+    if resume:
+        state = load_checkpoint(out_dir, model, optimizer)
+        step, consumed, history = state["step"], state["consumed"], state["history"]
+        for _ in range(consumed):
+            next(batches)
+    if args.grad_checkpoint:
+        grad_checkpoint(model)
+    model.train()
+    loss_and_grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b))
+
+    def state_now():
+        return {"step": step, "consumed": consumed, "history": history, "args": asdict(args)}
+
+    window_tokens, window_loss, window_t0 = 0, 0.0, time.perf_counter()
+    window_metrics: dict = {}
+    mx.reset_peak_memory()
+    try:
+        while step < args.iters:
+            mx.random.seed(args.seed + step)
+            grads, total_loss, total_tok, metric_sums = None, 0.0, 0, {}
+            for _ in range(args.grad_accum):
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise Phi3MLXError("the training data ran out; use more data or fewer --iters") from None
+                consumed += 1
+                out, g = loss_and_grad(model, batch)
+                loss, ntok, metrics = _unpack(out)
+                ntok_f = ntok.astype(mx.float32)
+                g = tree_map(lambda x: x * ntok_f, g)
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                total_loss = total_loss + loss * ntok_f
+                total_tok = total_tok + ntok
+                for k, v in metrics.items():
+                    metric_sums[k] = metric_sums.get(k, 0.0) + v * ntok_f
+            denom = total_tok.astype(mx.float32)
+            grads = tree_map(lambda x: x / denom, grads)
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, total_loss, total_tok, metric_sums)
+            step_loss = float(total_loss / denom)
+            if not math.isfinite(step_loss):
+                where = out_dir / CHECKPOINT
+                kept = f"the last good checkpoint is {where}" if where.exists() else "no checkpoint was saved yet"
+                raise Phi3MLXError(f"the loss became {step_loss} at step {step + 1}; stopped, {kept} "
+                                   "(try a lower --lr)")
+            step += 1
+            n = int(total_tok)
+            window_tokens += n
+            window_loss += step_loss * n
+            for k, v in metric_sums.items():
+                window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
+            rec = None
+            if step % args.report_every == 0 or step == args.iters:
+                dt = time.perf_counter() - window_t0
+                rec = {"step": step, "loss": window_loss / max(1, window_tokens),
+                       "lr": float(optimizer.learning_rate), "tokens_per_sec": window_tokens / max(dt, 1e-9),
+                       "peak_gb": mx.get_peak_memory() / 1e9,
+                       **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
+                window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
+            if val_batches is not None and (step % args.val_every == 0 or step == args.iters):
+                val = evaluate(model, loss_fn, val_batches(), args.val_batches)
+                rec = rec or {"step": step}
+                rec.update({f"val_{k}": v for k, v in val.items()})
+                window_t0 = time.perf_counter()
+            if rec is not None:
+                history.append(rec)
+                if report:
+                    report(rec)
+            if step % args.save_every == 0 or step == args.iters:
+                save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
+    except KeyboardInterrupt:
+        save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
+        raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
+    return history

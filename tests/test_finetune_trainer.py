@@ -1,0 +1,181 @@
+"""The trainer: gradient accumulation equals a bigger batch, resume reproduces, training learns, NaN stops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+from mlx.utils import tree_flatten  # noqa: E402
+
+from phi3mlx import load  # noqa: E402
+from phi3mlx.errors import Phi3MLXError  # noqa: E402
+from phi3mlx.finetune import lora  # noqa: E402
+from phi3mlx.finetune.losses import sft_loss  # noqa: E402
+from phi3mlx.finetune.trainer import TrainArgs, train  # noqa: E402
+from phi3mlx.tiny import make_random, make_tiny  # noqa: E402
+
+MOE = {"model_type": "phimoe", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+       "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 32064, "num_local_experts": 4,
+       "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True, "max_position_embeddings": 1024,
+       "rope_scaling": None, "sliding_window": None}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    return {"phi3": make_tiny(d / "phi3", config={"hidden_size": 192, "num_attention_heads": 2,
+                                                    "num_key_value_heads": 1}),
+            "phimoe": make_random(d / "phimoe", MOE)}
+
+
+TOKENS = np.random.default_rng(99).choice(np.arange(1000, 30000), 40, replace=False).astype(np.int32)
+NEXT = {int(a): int(b) for a, b in zip(TOKENS, np.roll(TOKENS, -7))}  # a fixed successor for 40 tokens
+
+
+def task(n, seed, length=24):
+    """A learnable task: sequences over 40 tokens where each token has one fixed successor."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in rng.choice(TOKENS, n):
+        seq = [int(s)]
+        for _ in range(length):
+            seq.append(NEXT[seq[-1]])
+        out.append(np.array(seq, np.int32))
+    return out
+
+
+def batches(seqs, batch_size, loop=True, mask_from=0):
+    while True:
+        for i in range(0, len(seqs) - batch_size + 1, batch_size):
+            x = np.stack(seqs[i:i + batch_size])
+            m = np.ones((batch_size, x.shape[1] - 1), np.float32)
+            m[:, :mask_from] = 0
+            yield mx.array(x[:, :-1]), mx.array(x[:, 1:]), mx.array(m)
+        if not loop:
+            return
+
+
+def trained(folder, tmp, **kw):
+    model, _ = load(folder)
+    mx.random.seed(0)
+    cfg = lora.apply_adapters(model, {"rank": 4, "alpha": 8.0})
+    return model, cfg
+
+
+def ragged(seqs, batch_size):
+    """Micro-batches with different numbers of trained tokens (masks of varying length)."""
+    for i in range(0, len(seqs), batch_size):
+        x = np.stack(seqs[i:i + batch_size])
+        m = np.ones((len(x), x.shape[1] - 1), np.float32)
+        m[:, : 3 + 4 * (i // batch_size)] = 0
+        yield mx.array(x[:, :-1]), mx.array(x[:, 1:]), mx.array(m)
+
+
+def test_grad_accumulation_equals_one_bigger_batch(folders, tmp_path):
+    """4 micro-batches of 2 (with different token counts) give the same update as one batch of 8."""
+    import mlx.optimizers as optim
+
+    seqs = task(8, 0)
+    big = list(ragged(seqs, 2))
+    big = [(mx.concatenate([b[0] for b in big]), mx.concatenate([b[1] for b in big]),
+            mx.concatenate([b[2] for b in big]))]
+    a, cfg = trained(folders["phi3"], tmp_path)
+    train(a, sft_loss, iter(list(ragged(seqs, 2)) * 2), TrainArgs(iters=2, batch_size=2, grad_accum=4,
+          save_every=100, report_every=1), tmp_path / "a", cfg, optimizer=optim.SGD(learning_rate=0.5))
+    b, cfg = trained(folders["phi3"], tmp_path)
+    train(b, sft_loss, iter(big * 2), TrainArgs(iters=2, batch_size=8, grad_accum=1, save_every=100,
+          report_every=1), tmp_path / "b", cfg, optimizer=optim.SGD(learning_rate=0.5))
+    pa, pb = dict(tree_flatten(a.trainable_parameters())), dict(tree_flatten(b.trainable_parameters()))
+    assert max(float(mx.abs(pa[k] - pb[k]).max()) for k in pa) <= 1e-5
+    moved = max(float(mx.abs(pa[k]).max()) for k in pa if k.endswith("lora_b"))
+    assert moved > 1e-3  # and the update was not nothing
+    # an unweighted mean of the micro-batch losses would differ: the check can fail
+    c, cfg = trained(folders["phi3"], tmp_path)
+    train(c, lambda m, bt: (sft_loss(m, bt)[0], mx.array(1)), iter(list(ragged(seqs, 2)) * 2),
+          TrainArgs(iters=2, batch_size=2, grad_accum=4, save_every=100, report_every=1), tmp_path / "c", cfg,
+          optimizer=optim.SGD(learning_rate=0.5))
+    pc = dict(tree_flatten(c.trainable_parameters()))
+    assert max(float(mx.abs(pc[k] - pb[k]).max()) for k in pc) > 1e-4
+
+
+def test_resume_reproduces_an_uninterrupted_run(folders, tmp_path):
+    seqs = task(12, 1)
+    args = dict(batch_size=2, grad_accum=2, learning_rate=5e-3, warmup=2, save_every=3, report_every=1, seed=7)
+    full, cfg = trained(folders["phi3"], tmp_path)
+    whole = train(full, sft_loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / "whole", cfg)
+    part, cfg = trained(folders["phi3"], tmp_path)
+    train(part, sft_loss, batches(seqs, 2), TrainArgs(iters=3, **args), tmp_path / "part", cfg)
+    state = json.loads((tmp_path / "part" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["consumed"] == 6
+    again, cfg = trained(folders["phi3"], tmp_path)  # a fresh process would start from the base too
+    rest = train(again, sft_loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / "part", cfg, resume=True)
+    assert [r["step"] for r in rest] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose([r["loss"] for r in rest], [r["loss"] for r in whole], atol=1e-5, rtol=0)
+    pw, pr = dict(tree_flatten(full.trainable_parameters())), dict(tree_flatten(again.trainable_parameters()))
+    assert max(float(mx.abs(pw[k] - pr[k]).max()) for k in pw) <= 1e-5
+
+
+def accuracy(model, seqs):
+    model.eval()
+    right = total = 0
+    for x, y, _ in batches(seqs, 4, loop=False):
+        p = np.array(mx.argmax(model(x), axis=-1))
+        right += int((p == np.array(y)).sum())
+        total += p.size
+    return right / total
+
+
+@pytest.mark.parametrize("kind", ["phi3", "phimoe"])
+def test_training_lowers_validation_loss(folders, tmp_path, kind):
+    """LoRA learns the successor task on held-out sequences: loss near ln(vocab) drops by > 1.5 nats (the
+    random tiny model's final norm caps its logits near 4, so the floor is about 6.5) and next-token
+    accuracy goes from 0 to at least 90%."""
+    from phi3mlx.finetune.trainer import evaluate
+
+    train_set, val_set = task(48, 2), task(8, 3)
+    base, _ = load(folders[kind])
+    before = evaluate(base, sft_loss, batches(val_set, 4, loop=False))["loss"]
+    assert accuracy(base, val_set) < 0.05
+    model, cfg = trained(folders[kind], tmp_path)
+    hist = train(model, sft_loss, batches(train_set, 4), TrainArgs(iters=60, batch_size=4, learning_rate=1e-3,
+                 warmup=4, val_every=60, save_every=60, report_every=10), tmp_path / kind, cfg,
+                 val_batches=lambda: batches(val_set, 4, loop=False))
+    after = hist[-1]["val_loss"]
+    print(f"{kind}: validation loss {before:.2f} -> {after:.2f}, accuracy -> {accuracy(model, val_set):.2f}")
+    assert before - after > 1.5, (before, after)  # measured 2.9 (phi3) and 2.0 (phimoe)
+    assert accuracy(model, val_set) >= 0.9
+    assert (tmp_path / kind / lora.ADAPTER_FILE).exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folders, tmp_path):
+    seqs = task(8, 4)
+    model, cfg = trained(folders["phi3"], tmp_path)
+    calls = {"n": 0}
+
+    def loss(m, b):
+        calls["n"] += 1
+        l, n = sft_loss(m, b)
+        return (l * float("nan") if calls["n"] > 3 else l), n
+
+    with pytest.raises(Phi3MLXError, match=r"the loss became nan at step 4; stopped, the last good checkpoint is"):
+        train(model, loss, batches(seqs, 2), TrainArgs(iters=10, batch_size=2, save_every=2, report_every=1),
+              tmp_path / "n", cfg)
+    state = json.loads((tmp_path / "n" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    w = mx.load(str(tmp_path / "n" / lora.ADAPTER_FILE))
+    assert all(bool(mx.isfinite(v).all()) for v in w.values())
+
+
+def test_bad_training_arguments(folders, tmp_path):
+    model, cfg = trained(folders["phi3"], tmp_path)
+    with pytest.raises(Phi3MLXError) as e:
+        train(model, sft_loss, batches(task(4, 5), 2), TrainArgs(iters=0, batch_size=-1, learning_rate=0.0),
+              tmp_path / "x", cfg)
+    assert "--iters" in str(e.value) and "--batch-size" in str(e.value) and "--lr" in str(e.value)
+    with pytest.raises(Phi3MLXError, match="nothing to resume"):
+        train(model, sft_loss, batches(task(4, 5), 2), TrainArgs(iters=2, batch_size=2), tmp_path / "y", cfg,
+              resume=True)
