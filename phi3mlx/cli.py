@@ -1,4 +1,4 @@
-"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench.
+"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse.
 
 User mistakes (``Phi3MLXError``) are printed as one line ``phi3mlx: error: ...`` with exit code 1;
 argparse reports unknown flags with exit code 2.
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate")
     p.add_argument("--seed", type=int, default=0, help="seed for the random prompt")
+    from phi3mlx.finetune.cli import add_parsers
+
+    add_parsers(sub, _Formatter)
     return parser
 
 
@@ -174,8 +177,26 @@ def _cmd_bench(a):
     bench_main(a)
 
 
+def _cmd_lora(a):
+    from phi3mlx.finetune.cli import run_training
+
+    run_training(a)
+
+
+def _cmd_dpo(a):
+    from phi3mlx.finetune.cli import run_training
+
+    run_training(a, dpo=True)
+
+
+def _cmd_fuse(a):
+    from phi3mlx.finetune.cli import run_fuse
+
+    run_fuse(a)
+
+
 COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat,
-            "bench": _cmd_bench}
+            "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse}
 
 
 def check_args(a) -> None:
@@ -204,8 +225,10 @@ def check_args(a) -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    args = build_parser().parse_args(argv)
+    from phi3mlx.finetune.cli import apply_yaml
+
     try:
+        args = apply_yaml(build_parser(), argv)
         check_args(args)
         COMMANDS[args.command](args)
     except Phi3MLXError as e:

@@ -1,0 +1,283 @@
+"""``phi3mlx lora``, ``phi3mlx dpo`` and ``phi3mlx fuse``.
+
+Any flag can also come from a YAML file given with ``--config`` (keys as the flags' long names,
+with ``-`` or ``_``); flags given on the command line win. Unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from phi3mlx.errors import Phi3MLXError
+
+TRAIN_HELP = """\
+Data: a folder with train.jsonl (and valid.jsonl, test.jsonl) or one .jsonl file. One JSON object a line:
+  {"text": ...}                         the whole text is trained
+  {"prompt": ..., "completion": ...}    rendered as a user/assistant exchange (--mask-prompt: loss on the completion only)
+  {"messages": [{"role": ..., "content": ...}, ...]}   rendered with the model's chat template, loss on assistant turns
+QLoRA: give a quantized (4-bit) model folder; the packed weights stay frozen.
+Adapters are written to --adapter-path as adapters.safetensors + adapter_config.json; a resumable
+checkpoint (adapters, optimizer state, step) is kept in --adapter-path/checkpoint. Ctrl-C saves it.
+"""
+
+DPO_HELP = """\
+Data: {"prompt", "chosen", "rejected"} (strings or message lists) or
+{"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output": [...]}.
+The reference log-probabilities come from the base model with the adapters switched off (no second
+copy in memory), or from --reference-model.
+"""
+
+
+def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
+    p.add_argument("--config", default=None, help="YAML file with any of these flags (flags on the command line win)")
+    p.add_argument("--model", default="phi3mlx:tiny", help="model folder or hub id (a quantized folder gives QLoRA)")
+    p.add_argument("--data", default=None, help="folder with train.jsonl/valid.jsonl, or one .jsonl file (required)")
+    p.add_argument("--adapter-path", default="adapters", help="where the adapters and checkpoints are written")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    p.add_argument("--targets", default=None,
+                   help="comma-separated projection names to adapt (default: every attention and MLP projection, "
+                   "MoE experts included)")
+    p.add_argument("--num-layers", type=int, default=-1, help="adapt only the last N layers (-1: all)")
+    p.add_argument("--dora", action="store_true", help="DoRA instead of LoRA")
+    p.add_argument("--full", action="store_true", help="full fine-tuning of the target layers instead of adapters")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--iters", type=int, default=None, help="optimizer steps (default 1000 unless --epochs)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the training data (instead of --iters)")
+    p.add_argument("--lr", type=float, default=1e-4 if not dpo else 1e-5, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine decays to lr x this")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--max-seq-length", type=int, default=2048, help="longer examples are truncated (one warning)")
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    p.add_argument("--val-every", type=int, default=100, help="validate every N steps (and at the end)")
+    p.add_argument("--val-batches", type=int, default=25, help="validation batches (-1: all)")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--report-every", type=int, default=10, help="print training loss every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --adapter-path/checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, dropout and initialisation")
+    if dpo:
+        p.add_argument("--beta", type=float, default=0.1, help="DPO beta (strength of the KL anchor)")
+        p.add_argument("--loss", choices=["sigmoid", "ipo", "hinge"], default="sigmoid", help="preference loss")
+        p.add_argument("--reference-model", default=None, help="reference model folder (default: the base, adapters off)")
+    else:
+        p.add_argument("--mask-prompt", action="store_true", help="prompt/completion data: loss on the completion only")
+        p.add_argument("--pack", action="store_true", help="text data: pack examples into --max-seq-length windows")
+
+
+def add_parsers(sub, formatter) -> None:
+    p = sub.add_parser("lora", help="fine-tune with LoRA, QLoRA, DoRA or full fine-tuning", formatter_class=formatter,
+                       description="Fine-tune a model on your data.", epilog=TRAIN_HELP)
+    _train_args(p)
+    p = sub.add_parser("dpo", help="preference-tune with DPO (sigmoid, IPO or hinge loss)", formatter_class=formatter,
+                       description="Direct preference optimisation with adapters.", epilog=DPO_HELP)
+    _train_args(p, dpo=True)
+    p = sub.add_parser("fuse", help="merge adapters into the model and save it", formatter_class=formatter,
+                       description="Write a model folder with the adapters merged into its weights.")
+    p.add_argument("--model", required=True, help="the base model folder or hub id")
+    p.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors + adapter_config.json")
+    p.add_argument("--save-path", required=True, help="the new model folder")
+    p.add_argument("--dequantize", action="store_true", help="write float weights even if the base is quantized")
+    p.add_argument("--export-hf", action="store_true", help="write a Hugging Face checkpoint instead of an MLX folder")
+    p.add_argument("--force", action="store_true", help="replace an existing --save-path")
+
+
+def apply_yaml(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse ``argv``; when it names --config, the YAML values become defaults and argv is parsed again."""
+    args = parser.parse_args(argv)
+    if not getattr(args, "config", None):
+        return args
+    import yaml
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise Phi3MLXError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise Phi3MLXError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise Phi3MLXError(f"{path} must hold a mapping of flag names to values")
+    target = parser  # the subcommand's own parser holds its flags
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None) in action.choices:
+            target = action.choices[args.command]
+    known = {a.dest for a in target._actions}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
+    if unknown:
+        raise Phi3MLXError(f"{path}: unknown keys {', '.join(unknown)}")
+    target.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _progress_report(total: int):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
+    task = prog.add_task("train", total=total, info="")
+    last = {}
+
+    def report(rec: dict) -> None:
+        last.update({k: v for k, v in rec.items() if v is not None})
+        info = [f"loss {last['loss']:.3f}" if "loss" in last else "",
+                f"val {last['val_loss']:.3f}" if "val_loss" in last else "",
+                f"lr {last['lr']:.2e}" if "lr" in last else "",
+                f"{last['tokens_per_sec']:.0f} tok/s" if "tokens_per_sec" in last else "",
+                f"peak {last['peak_gb']:.2f} GB" if "peak_gb" in last else ""]
+        for k in ("val_accuracy", "val_reward_margin"):
+            if k in last:
+                info.append(f"{k[4:]} {last[k]:.3f}")
+        prog.update(task, completed=rec["step"], info="  ".join(i for i in info if i))
+        if "val_loss" in rec:
+            prog.console.print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}"
+                               + "".join(f", {k[4:]} {v:.4f}" for k, v in rec.items()
+                                         if k.startswith("val_") and k != "val_loss"))
+
+    return prog, report
+
+
+def _check(a, dpo: bool) -> None:
+    problems = []
+    if not a.data:
+        problems.append("--data is required (a folder with train.jsonl or a .jsonl file)")
+    if a.dora and a.full:
+        problems.append("--dora and --full exclude each other")
+    if a.iters is not None and a.epochs is not None:
+        problems.append("give --iters or --epochs, not both")
+    if a.epochs is not None and not a.epochs > 0:
+        problems.append(f"--epochs must be positive, got {a.epochs}")
+    if a.max_seq_length < 2:
+        problems.append(f"--max-seq-length must be at least 2, got {a.max_seq_length}")
+    if dpo and not (a.beta > 0 and math.isfinite(a.beta)):
+        problems.append(f"--beta must be a positive number, got {a.beta}")
+    if problems:
+        raise Phi3MLXError.many(problems)
+
+
+def run_training(a, dpo: bool = False) -> list[dict]:
+    """The body of ``phi3mlx lora`` / ``phi3mlx dpo``."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from phi3mlx.loader import load
+
+    from . import data as D
+    from . import lora
+    from .losses import make_dpo_loss, sft_loss
+    from .trainer import TrainArgs, train
+
+    _check(a, dpo)
+    tune = "full" if a.full else "dora" if a.dora else "lora"
+    rows = D.load_split(a.data, "train")
+    fmt = D.detect_format(rows, a.data)
+    want = D.PREFERENCE_FORMATS if dpo else D.SFT_FORMATS
+    if fmt not in want:
+        cmd = "phi3mlx lora" if dpo else "phi3mlx dpo"
+        raise Phi3MLXError(f"{a.data} holds {fmt} data, which {'DPO' if dpo else 'phi3mlx lora'} cannot train on "
+                           f"(use {cmd})")
+    val_rows = D.load_split(a.data, "valid", required=False)
+    if val_rows:
+        vfmt = D.detect_format(val_rows, a.data)
+        if vfmt != fmt:
+            raise Phi3MLXError(f"valid.jsonl holds {vfmt} data but train.jsonl holds {fmt}")
+    mx.random.seed(a.seed)
+    model, tok = load(a.model)
+    if dpo:
+        train_ex = [D.encode_preference(r, fmt, tok) for r in rows]
+        val_ex = [D.encode_preference(r, fmt, tok) for r in val_rows]
+    else:
+        train_ex = [D.encode_sft(r, fmt, tok, a.mask_prompt) for r in rows]
+        val_ex = [D.encode_sft(r, fmt, tok, a.mask_prompt) for r in val_rows]
+    warning = D.truncation_warning(train_ex, a.max_seq_length)
+    if warning:
+        print(f"phi3mlx: warning: {warning}", file=sys.stderr)
+    steps_per_epoch = max(1, math.ceil(len(train_ex) / (a.batch_size * a.grad_accum)))
+    iters = a.iters if a.iters is not None else (
+        max(1, math.ceil(a.epochs * steps_per_epoch)) if a.epochs is not None else 1000)
+    cfg = lora.apply_adapters(model, {"fine_tune_type": tune, "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout,
+                                      "targets": a.targets, "num_layers": a.num_layers})
+    cfg["base_model"] = str(a.model)
+    if dpo:
+        reference = None
+        if a.reference_model:
+            reference, _ = load(a.reference_model)
+            reference.freeze()
+        loss_fn = make_dpo_loss(a.beta, a.loss, reference)
+        batches = D.iterate_preference_batches(train_ex, a.batch_size, a.max_seq_length, seed=a.seed, loop=True)
+        val = (lambda: D.iterate_preference_batches(val_ex, a.batch_size, a.max_seq_length, shuffle=False)) \
+            if val_ex else None
+    else:
+        loss_fn = sft_loss
+        batches = D.iterate_batches(train_ex, a.batch_size, a.max_seq_length, seed=a.seed, loop=True, pack=a.pack)
+        val = (lambda: D.iterate_batches(val_ex, a.batch_size, a.max_seq_length, shuffle=False, pack=a.pack)) \
+            if val_ex else None
+    args = TrainArgs(iters=iters, batch_size=a.batch_size, grad_accum=a.grad_accum, learning_rate=a.lr,
+                     warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
+                     val_every=a.val_every, val_batches=a.val_batches, save_every=a.save_every,
+                     report_every=a.report_every, grad_checkpoint=a.grad_checkpoint, seed=a.seed)
+    info = D.summarize(train_ex)
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    print(f"{tune}{' (DPO, ' + a.loss + ')' if dpo else ''}: {len(train_ex)} training examples "
+          f"({info['tokens']} tokens), {len(val_ex)} validation; {iters} steps of {a.batch_size} x {a.grad_accum}; "
+          f"{n_train / 1e6:.3f}M trainable parameters", file=sys.stderr)
+    prog, report = _progress_report(iters)
+    with prog:
+        history = train(model, loss_fn, batches, args, Path(a.adapter_path), cfg, val_batches=val,
+                        resume=a.resume, report=report)
+    print(f"adapters saved to {a.adapter_path}", file=sys.stderr)
+    return history
+
+
+def run_fuse(a) -> Path:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from phi3mlx.convert.hf_to_mlx import copy_tokenizer_files
+    from phi3mlx.convert.hub import resolve
+    from phi3mlx.convert.maps import mlx_to_folder
+    from phi3mlx.loader import load_model
+    from phi3mlx.weights import atomic_dir, check_output, save_weights
+
+    from . import lora
+
+    out = Path(a.save_path)
+    check_output(out, a.force)
+    src = resolve(a.model)
+    model, cfg = load_model(src)
+    lora.load_adapters(model, a.adapter_path)
+    lora.fuse(model, dequantize=a.dequantize or a.export_hf)
+    raw = dict(cfg.raw)
+    if a.dequantize or a.export_hf:
+        raw.pop("quantization", None)
+        raw.pop("quantization_config", None)
+    weights = mlx_to_folder(cfg.model_type, dict(tree_flatten(model.parameters())))
+    mx.eval(list(weights.values()))
+    if a.export_hf:
+        import tempfile
+
+        from phi3mlx.convert.mlx_to_hf import export_hf
+
+        with tempfile.TemporaryDirectory() as d:
+            tmp = Path(d) / "fused"
+            tmp.mkdir()
+            save_weights(tmp, weights)
+            (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+            copy_tokenizer_files(src, tmp)
+            export_hf(str(tmp), str(out), force=a.force, show_progress=False)
+    else:
+        with atomic_dir(out, force=a.force) as tmp:
+            save_weights(tmp, weights)
+            (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+            copy_tokenizer_files(src, tmp)
+    print(f"wrote {out} (adapters from {a.adapter_path} merged{', Hugging Face layout' if a.export_hf else ''})",
+          file=sys.stderr)
+    return out
