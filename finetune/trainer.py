@@ -9,6 +9,11 @@ losses are weighted by their token counts and divided by the total.
 Learning rate: linear warmup over ``args.warmup`` steps, then cosine decay to
 ``args.learning_rate * args.min_lr_ratio`` at ``args.iters``. AdamW (``args.weight_decay``).
 
+Data parallel: launched as several processes (``mlx.launch -n N ...``, or across Macs), each process
+takes its 1/N share of every micro-batch (the batch size must divide evenly), and gradients, losses
+and token counts are summed over the processes before the update, so N processes train exactly as one
+process with the same global batch. Only the first process writes checkpoints and reports.
+
 Checkpoints (every ``args.save_every`` steps, at the end, and on Ctrl-C) hold the trained arrays,
 the optimizer state, the step and the number of micro-batches consumed, written to a temporary
 folder and renamed. ``resume=True`` restores them and skips the consumed batches, and the random
@@ -97,6 +102,19 @@ def grad_checkpoint(model) -> None:
     cls._checkpointed = True
 
 
+def _shard(batch, rank: int, world: int):
+    """This process's rows of a micro-batch (arrays, tuples or dicts of them, batch axis first)."""
+    def cut(x):
+        n = x.shape[0]
+        if n % world:
+            raise Phi3MLXError(f"a batch of {n} cannot be split over {world} processes; use a --batch-size "
+                               f"divisible by {world}")
+        k = n // world
+        return x[rank * k:(rank + 1) * k]
+
+    return tree_map(cut, batch)
+
+
 def _unpack(out):
     loss, ntok = out[0], out[1]
     metrics = out[2] if len(out) > 2 else {}
@@ -175,8 +193,14 @@ def train(
 
     ``optimizer`` defaults to AdamW with the warmup + cosine schedule of ``args``."""
     args.check()
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    if world > 1 and args.batch_size % world:
+        raise Phi3MLXError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if rank != 0:
+        report = None
     if optimizer is None:
         optimizer = optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
     step, consumed, history = 0, 0, []
@@ -206,6 +230,8 @@ def train(
                 except StopIteration:
                     raise Phi3MLXError("the training data ran out; use more data or fewer --iters") from None
                 consumed += 1
+                if world > 1:
+                    batch = _shard(batch, rank, world)
                 out, g = loss_and_grad(model, batch)
                 loss, ntok, metrics = _unpack(out)
                 ntok_f = ntok.astype(mx.float32)
@@ -215,6 +241,11 @@ def train(
                 total_tok = total_tok + ntok
                 for k, v in metrics.items():
                     metric_sums[k] = metric_sums.get(k, 0.0) + v * ntok_f
+            if world > 1:  # sums over the processes: the update of one process holding the global batch
+                grads = tree_map(lambda x: mx.distributed.all_sum(x, group=group), grads)
+                total_loss = mx.distributed.all_sum(total_loss, group=group)
+                total_tok = mx.distributed.all_sum(total_tok, group=group)
+                metric_sums = {k: mx.distributed.all_sum(v, group=group) for k, v in metric_sums.items()}
             denom = total_tok.astype(mx.float32)
             grads = tree_map(lambda x: x / denom, grads)
             optimizer.update(model, grads)
@@ -248,9 +279,10 @@ def train(
                 history.append(rec)
                 if report:
                     report(rec)
-            if step % args.save_every == 0 or step == args.iters:
+            if rank == 0 and (step % args.save_every == 0 or step == args.iters):
                 save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
     except KeyboardInterrupt:
-        save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
+        if rank == 0:
+            save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
     return history

@@ -1,0 +1,80 @@
+"""Data-parallel training: 2 processes (mlx.launch) give the losses and weights of 1 process, same global batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mlx.core")
+
+from phi3mlx.tiny import make_tiny  # noqa: E402
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from phi3mlx import load
+    from phi3mlx.finetune import lora
+    from phi3mlx.finetune.losses import sft_loss
+    from phi3mlx.finetune.trainer import TrainArgs, train
+
+    folder, out = sys.argv[1], sys.argv[2]
+    model, _ = load(folder)
+    mx.random.seed(0)
+    cfg = lora.apply_adapters(model, {"rank": 4, "alpha": 8.0})
+    rng = np.random.default_rng(0)
+
+    def batches():
+        while True:
+            x = rng.integers(5, 30000, (4, 17)).astype(np.int32)
+            m = (rng.random((4, 16)) < 0.8).astype(np.float32)  # uneven token counts per row
+            yield mx.array(x[:, :-1]), mx.array(x[:, 1:]), mx.array(m)
+
+    # SGD: the update is the gradient itself, so any difference in the summed gradients would show; Adam
+    # divides by sqrt(v) and magnifies float rounding of near-zero gradients (losses then agree to ~6e-5)
+    import mlx.optimizers as optim
+    seen = {"rows": 0}
+
+    def loss(m, b):  # counts the rows this process trains on
+        seen["rows"] += b[0].shape[0]
+        return sft_loss(m, b)
+
+    hist = train(model, loss, batches(), TrainArgs(iters=4, batch_size=4, grad_accum=2, report_every=1,
+                 save_every=100), out + "/ad", cfg, optimizer=optim.SGD(learning_rate=0.5))
+    rank = mx.distributed.init().rank()
+    json.dump(seen, open(out + f"/rows{rank}.json", "w"))
+    if rank == 0:
+        params = {k: np.array(v).tolist() for k, v in tree_flatten(model.trainable_parameters()) if "layers.1." in k}
+        json.dump({"loss": [h["loss"] for h in hist], "params": params}, open(out + "/result.json", "w"))
+""")
+
+
+def test_two_processes_train_like_one(tmp_path):
+    launch = Path(sys.executable).with_name("mlx.launch")
+    if not launch.exists() and not shutil.which("mlx.launch"):
+        pytest.skip("mlx.launch not found next to the interpreter")
+    folder = make_tiny(tmp_path / "m", config={"hidden_size": 192, "num_attention_heads": 2, "num_key_value_heads": 1})
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one")], check=True, timeout=300)
+    r = subprocess.run([str(launch if launch.exists() else "mlx.launch"), "-n", "2", sys.executable, str(script),
+                        str(folder), str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "result.json").read_text())
+    two = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert len(one["loss"]) == 4
+    rows = lambda d, r: json.loads((tmp_path / d / f"rows{r}.json").read_text())["rows"]  # noqa: E731
+    assert rows("one", 0) == 4 * 2 * 4 and rows("two", 0) == rows("two", 1) == 4 * 2 * 4 // 2  # each takes half
+    assert np.allclose(one["loss"], two["loss"], atol=1e-5, rtol=0), (one["loss"], two["loss"])
+    for k, v in one["params"].items():
+        assert np.abs(np.array(v) - np.array(two["params"][k])).max() <= 1e-5, k
