@@ -98,8 +98,16 @@ def grad_checkpoint(model) -> None:
 
         return mx.checkpoint(inner)(self.trainable_parameters(), x)
 
+    cls._plain_call = fn
     cls.__call__ = checkpointed
     cls._checkpointed = True
+
+
+def undo_grad_checkpoint(model) -> None:
+    cls = type(model.model.layers[0])
+    if getattr(cls, "_checkpointed", False):
+        cls.__call__ = cls._plain_call
+        del cls._checkpointed
 
 
 def _shard(batch, rank: int, world: int):
@@ -285,4 +293,7 @@ def train(
         if rank == 0:
             save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
+    finally:
+        if args.grad_checkpoint:
+            undo_grad_checkpoint(model)
     return history

@@ -112,6 +112,9 @@ def test_qlora_on_a_quantized_model(folders, tmp_path):
     requant = np.array(model(IDS))
     cos = (requant * adapted).sum(-1) / (np.linalg.norm(requant, axis=-1) * np.linalg.norm(adapted, axis=-1))
     assert cos.min() > 0.95
+    d, _ = load(q)  # DoRA on packed weights: dequantized on the fly, also an exact no-op at the start
+    lora.apply_adapters(d, {"fine_tune_type": "dora", "rank": 4, "alpha": 8.0})
+    assert np.abs(np.array(d(IDS)) - base).max() <= 1e-5
     m2, _ = load(q)
     lora.apply_adapters(m2, {"rank": 4, "alpha": 8.0})
     m2.update(trained)

@@ -179,3 +179,51 @@ def test_bad_training_arguments(folders, tmp_path):
     with pytest.raises(Phi3MLXError, match="nothing to resume"):
         train(model, sft_loss, batches(task(4, 5), 2), TrainArgs(iters=2, batch_size=2), tmp_path / "y", cfg,
               resume=True)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(folders, tmp_path):
+    seqs = task(8, 6)
+    model, cfg = trained(folders["phi3"], tmp_path)
+    calls = {"n": 0}
+
+    def loss(m, b):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 4 (1 micro-batch a step)
+            raise KeyboardInterrupt
+        return sft_loss(m, b)
+
+    with pytest.raises(Phi3MLXError, match=r"interrupted at step 3; saved a checkpoint in .*--resume"):
+        train(model, loss, batches(seqs, 2), TrainArgs(iters=10, batch_size=2, save_every=100, report_every=1),
+              tmp_path / "i", cfg)
+    state = json.loads((tmp_path / "i" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and (tmp_path / "i" / lora.ADAPTER_FILE).exists()
+    again, cfg = trained(folders["phi3"], tmp_path)
+    hist = train(again, sft_loss, batches(seqs, 2), TrainArgs(iters=5, batch_size=2, save_every=100, report_every=1),
+                 tmp_path / "i", cfg, resume=True)
+    assert [h["step"] for h in hist][-2:] == [4, 5]
+
+
+def test_grad_checkpoint_gives_the_same_gradients(folders):
+    import mlx.nn as nn
+
+    from phi3mlx.finetune.trainer import grad_checkpoint, undo_grad_checkpoint
+
+    seqs = task(4, 7)
+    batch = next(batches(seqs, 4))
+    grads = []
+    for ckpt in (False, True):
+        model, _ = trained(folders["phi3"], None)
+        model.update(tree_map_add(model.trainable_parameters()))
+        if ckpt:
+            grad_checkpoint(model)
+        _, g = nn.value_and_grad(model, lambda m, b: sft_loss(m, b)[0])(model, batch)
+        grads.append(dict(tree_flatten(g)))
+    undo_grad_checkpoint(model)  # the patch is per class: restore it for the other tests
+    assert max(float(mx.abs(grads[0][k] - grads[1][k]).max()) for k in grads[0]) <= 1e-6
+    assert max(float(mx.abs(v).max()) for v in grads[0].values()) > 1e-4
+
+
+def tree_map_add(params):
+    from mlx.utils import tree_map
+    mx.random.seed(1)
+    return tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), params)
