@@ -29,6 +29,7 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -59,6 +60,7 @@ class TrainArgs:
     report_every: int = 10
     grad_checkpoint: bool = False
     seed: int = 0
+    compile: bool = True  # trace each micro-batch's loss and gradient once per shape (mx.compile)
 
     def check(self) -> None:
         problems = []
@@ -220,7 +222,20 @@ def train(
     if args.grad_checkpoint:
         grad_checkpoint(model)
     model.train()
-    loss_and_grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b))
+    value_and_grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b))
+    if args.compile:
+        # the model's arrays and the random state are the compiled function's implicit inputs and outputs;
+        # a loss with Python side effects (counters, prints) needs compile=False
+        state = [model.state, mx.random.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def compiled(batch):
+            return value_and_grad(model, batch)
+
+        def loss_and_grad(_model, batch):
+            return compiled(batch)
+    else:
+        loss_and_grad = value_and_grad
 
     def state_now():
         return {"step": step, "consumed": consumed, "history": history, "args": asdict(args)}

@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent("""
         return sft_loss(m, b)
 
     hist = train(model, loss, batches(), TrainArgs(iters=4, batch_size=4, grad_accum=2, report_every=1,
-                 save_every=100), out + "/ad", cfg, optimizer=optim.SGD(learning_rate=0.5))
+                 save_every=100, compile=False), out + "/ad", cfg, optimizer=optim.SGD(learning_rate=0.5))
     rank = mx.distributed.init().rank()
     json.dump(seen, open(out + f"/rows{rank}.json", "w"))
     if rank == 0:
