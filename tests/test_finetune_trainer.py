@@ -18,10 +18,7 @@ from phi3mlx.finetune.losses import sft_loss  # noqa: E402
 from phi3mlx.finetune.trainer import TrainArgs, train  # noqa: E402
 from phi3mlx.tiny import make_random, make_tiny  # noqa: E402
 
-MOE = {"model_type": "phimoe", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-       "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 32064, "num_local_experts": 4,
-       "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True, "max_position_embeddings": 1024,
-       "rope_scaling": None, "sliding_window": None}
+from .test_finetune_lora import MOE  # noqa: E402  (the same tiny phimoe shape)
 
 
 @pytest.fixture(scope="module")
