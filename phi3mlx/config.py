@@ -225,19 +225,22 @@ class ModelConfig:
         return cls.from_dict(read_config(path), source=str(Path(path) / "config.json"))
 
 
-def _opt_number(cfg: dict, key: str, default, problems: list, integer: bool = False, positive: bool = True,
-                where: str = ""):
-    """``cfg[key]`` as an int/float, ``default`` when absent or null; a wrong value adds a problem."""
+def _opt_number(cfg: dict, key: str, default, problems: list, integer: bool = False,
+                positive: Optional[bool] = True, where: str = ""):
+    """``cfg[key]`` as an int/float, ``default`` when absent or null; a wrong value adds a problem.
+
+    ``positive``: True needs > 0, False needs >= 0, None takes any finite number."""
     v = cfg.get(key)
     if v is None:
         return default
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if ok and integer and not (isinstance(v, int) or float(v).is_integer()):
         ok = False
-    if ok and (v <= 0 if positive else v < 0):
+    if ok and positive is not None and (v <= 0 if positive else v < 0):
         ok = False
     if not ok:
-        what = ("positive " if positive else "non-negative ") + ("integer" if integer else "number")
+        sign = "" if positive is None else "positive " if positive else "non-negative "
+        what = sign + ("integer" if integer else "number")
         problems.append(f"'{where}{key}' must be a {what}, got {v!r}")
         return default
     return int(v) if integer else float(v)

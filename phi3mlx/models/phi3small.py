@@ -13,7 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import register_variant
+from ..config import _opt_number, register_variant
 from .decoder import ATTENTIONS, MLPS, AttentionMask, attend
 from .rope import Rope
 
@@ -28,34 +28,19 @@ def _normalize(cfg: dict) -> dict:
     return cfg
 
 
-def _number(cfg: dict, key: str, default, problems: list, *, integer: bool = False, minimum=None):
-    """cfg[key] (default when absent or null) checked to be a finite number >= minimum."""
-    v = cfg.get(key)
-    if v is None:
-        return default
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float)) and math.isfinite(v)
-    if isinstance(v, bool) or not ok or (minimum is not None and v < minimum):
-        kind = "an integer" if integer else "a number"
-        problems.append(f"'{key}' must be {kind}" + (f" >= {minimum}" if minimum is not None else "") + f", got {v!r}")
-        return default
-    return v
-
-
 def _finish(cfg: dict, fields: dict, problems: list) -> None:
     fields["norm"] = "layer"
     fields["attention"] = "phi3small"
     fields["mlp"] = "gegelu"
     # muP: as the reference, a missing or non-positive embedding multiplier / width divisor is not applied
-    emb = _number(cfg, "mup_embedding_multiplier", 1.0, problems)
-    width = _number(cfg, "mup_width_multiplier", 1.0, problems, minimum=0)
+    emb = _opt_number(cfg, "mup_embedding_multiplier", 1.0, problems, positive=None)
+    width = _opt_number(cfg, "mup_width_multiplier", 1.0, problems, positive=False)
     fields["embedding_multiplier"] = float(emb) if emb > 0 else 1.0
     fields["logit_divisor"] = float(width) if width > 0 else 1.0
     fields["tie_word_embeddings"] = True
     rope = fields["rope"]
-    ps = _number(cfg, "rope_position_scale", 1.0, problems)
-    if ps <= 0:
-        problems.append(f"'rope_position_scale' must be a positive number, got {ps!r}")
-    elif rope.kind == "longrope" and ps != 1.0:
+    ps = _opt_number(cfg, "rope_position_scale", 1.0, problems)
+    if rope.kind == "longrope" and ps != 1.0:
         # The reference LongRoPE path never reads it; refuse rather than guess.
         problems.append(f"'rope_position_scale' {ps} with LongRoPE rope_scaling is not supported (expected 1.0)")
     else:
@@ -77,13 +62,13 @@ def _finish(cfg: dict, fields: dict, problems: list) -> None:
             ms.append(float(v) if v > 0 else float(fallback))
         rope.attention_factor, rope.long_attention_factor = ms
     fields["extra"] = dict(
-        gegelu_limit=float(_number(cfg, "gegelu_limit", 20.0, problems, minimum=0)),
+        gegelu_limit=float(_opt_number(cfg, "gegelu_limit", 20.0, problems, positive=False)),
         mup_use_scaling=bool(cfg.get("mup_use_scaling", True)),
-        mup_attn_multiplier=float(_number(cfg, "mup_attn_multiplier", 1.0, problems, minimum=1e-30)),
-        dense_every=int(_number(cfg, "dense_attention_every_n_layers", 2, problems, integer=True, minimum=0)),
-        block_size=_number(cfg, "blocksparse_block_size", 64, problems, integer=True, minimum=1),
-        local_blocks=_number(cfg, "blocksparse_num_local_blocks", 16, problems, integer=True, minimum=1),
-        vert_stride=_number(cfg, "blocksparse_vert_stride", 8, problems, integer=True, minimum=1),
+        mup_attn_multiplier=float(_opt_number(cfg, "mup_attn_multiplier", 1.0, problems)),
+        dense_every=_opt_number(cfg, "dense_attention_every_n_layers", 2, problems, integer=True, positive=False),
+        block_size=_opt_number(cfg, "blocksparse_block_size", 64, problems, integer=True),
+        local_blocks=_opt_number(cfg, "blocksparse_num_local_blocks", 16, problems, integer=True),
+        vert_stride=_opt_number(cfg, "blocksparse_vert_stride", 8, problems, integer=True),
         homo_head=bool(cfg.get("blocksparse_homo_head_pattern", False)),
         dummy_token_ids=[i for i in DUMMY_TOKEN_IDS if i < fields["vocab_size"]],
     )
