@@ -8,22 +8,22 @@ to a temporary folder and renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from phi3mlx.config import ModelConfig, read_config
+from phi3mlx.config import read_config
 from phi3mlx.errors import Phi3MLXError
-from phi3mlx.models import build_model
+from phi3mlx.hub import resolve
+from phi3mlx.models import build_model, parse_config
+from phi3mlx.models.maps import hf_to_mlx, mlx_to_folder
 from phi3mlx.quant import check_quant_args, estimate_memory, quantize_model
-from phi3mlx.tokenizer import missing_tokenizer, tokenizer_files
+from phi3mlx.tokenizer import copy_tokenizer_files, missing_tokenizer
 from phi3mlx.weights import atomic_dir, check_output, check_weights, folder_bytes, read_weights, save_weights
-
-from .hub import resolve
-from .maps import hf_to_mlx, mlx_to_folder
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
@@ -39,19 +39,8 @@ class ConvertResult:
 
 
 def _progress():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), transient=True)
-
-
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer files (TOKENIZER_FILES and *.tiktoken) so the new folder works offline."""
-    copied = []
-    for name in tokenizer_files(src):
-        shutil.copy2(Path(src) / name, Path(dst) / name)
-        copied.append(name)
-    return copied
 
 
 def convert(
@@ -77,7 +66,7 @@ def convert(
     check_output(out, force)  # fail before any download
     src = resolve(hf_path)
     raw = read_config(src)
-    cfg = ModelConfig.from_dict(raw, source=str(src / "config.json"))
+    cfg = parse_config(raw, source=str(src / "config.json"))
     if cfg.quantization:
         raise Phi3MLXError(f"{src} is already quantized; convert from a float checkpoint")
     problem = missing_tokenizer(src, cfg.model_type)  # fail before the work, as loading the result would
@@ -99,8 +88,6 @@ def convert(
         new_cfg["quantization"] = quantize_model(model, q_bits, q_group_size, keep_float)
         new_cfg["quantization_config"] = new_cfg["quantization"]  # the key mlx-lm also writes
     new_cfg["torch_dtype"] = str(target).split(".")[-1]
-
-    from mlx.utils import tree_flatten
 
     flat = mlx_to_folder(cfg.model_type, dict(tree_flatten(model.parameters())))
     with atomic_dir(out, force=force) as tmp:

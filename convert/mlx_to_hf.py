@@ -13,8 +13,10 @@ from phi3mlx.errors import Phi3MLXError
 from phi3mlx.loader import load_model
 from phi3mlx.weights import atomic_dir, check_output, save_weights
 
-from .hf_to_mlx import DTYPES, _progress, copy_tokenizer_files
-from .maps import mlx_to_hf
+from phi3mlx.models.maps import mlx_to_hf
+from phi3mlx.tokenizer import copy_tokenizer_files
+
+from .hf_to_mlx import DTYPES, _progress
 
 _HF_ARCH = {"phi3": "Phi3ForCausalLM", "phi3small": "Phi3SmallForCausalLM", "phimoe": "PhimoeForCausalLM"}
 

@@ -242,8 +242,8 @@ def run_fuse(a) -> Path:
     from mlx.utils import tree_flatten
 
     from phi3mlx.convert.hf_to_mlx import copy_tokenizer_files
-    from phi3mlx.convert.hub import resolve
-    from phi3mlx.convert.maps import mlx_to_folder
+    from phi3mlx.hub import resolve
+    from phi3mlx.models.maps import mlx_to_folder
     from phi3mlx.loader import load_model
     from phi3mlx.weights import atomic_dir, check_output, save_weights
 

@@ -95,7 +95,7 @@ def _ours(model) -> _Engine:
     from .generate import generate_step
 
     def stream(ids: List[int], n: int) -> Iterator[int]:
-        for tok, _ in generate_step(ids, model, max_tokens=n, temperature=0.0):
+        for tok, _ in generate_step(ids, model, max_tokens=n):
             yield tok
 
     return _Engine(OURS, model, stream)
@@ -206,9 +206,9 @@ def run_bench(
     (ours / mlx-lm; None without ``compare_mlx_lm``), ``tokens_agree`` (leading greedy tokens the two
     engines agree on) and ``warnings``.
     """
-    from phi3mlx.convert.hub import resolve
+    from phi3mlx.hub import resolve
 
-    from .config import ModelConfig, read_config
+    from .models import read_model_config
     from .loader import load
     from .quant import estimate_memory
     from .weights import folder_bytes
@@ -218,7 +218,7 @@ def run_bench(
     if context is not None and context <= 0:
         raise Phi3MLXError(f"--context must be a positive number, got {context}")
     path = resolve(model_path)
-    cfg = ModelConfig.from_dict(read_config(path), source=str(Path(path) / "config.json"))
+    cfg = read_model_config(path)
     check_bench_args(prompt_tokens, gen_tokens, repeats, cfg.context_length)
     warnings = []
     total = prompt_tokens + gen_tokens

@@ -308,16 +308,16 @@ def run_train_bench(model_path, settings: Optional[TrainBenchArgs] = None, compa
     mlx-lm without checkpointing; None without ``compare_mlx_lm``), ``ratio_tps_gc`` / ``ratio_peak_gc``
     (the same with it), ``gc_peak_ratio`` (ours with / without checkpointing) and ``warnings``.
     """
-    from phi3mlx.convert.hub import resolve
+    from phi3mlx.hub import resolve
 
-    from .config import ModelConfig, read_config
+    from .models import read_model_config
     from .tiny import TINY_ID
 
     s = settings or TrainBenchArgs()
     s.check()
     say = progress or (lambda msg: None)
     path = resolve(model_path)
-    cfg = ModelConfig.from_dict(read_config(path), source=str(Path(path) / "config.json"))
+    cfg = read_model_config(path)
     warnings = []
     if str(model_path) == TINY_ID:
         warnings.append(f"{TINY_ID} is a 2-layer toy: its numbers say little about real training; pass --model FOLDER")

@@ -1,7 +1,8 @@
 """``phi3mlx chat``: a multi-turn chat in the terminal.
 
 Every turn renders the whole conversation (system message, earlier user and assistant turns, the
-new user message) through the model's chat template and streams the answer as it is generated.
+new user message) through the model's chat template and streams the answer as it is generated. The
+KV cache is kept between turns, so a turn processes only its new tokens, not the whole history.
 
 Commands, typed at the prompt:
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .errors import Phi3MLXError
-from .generate import stream_generate
+from .generate import GenerationResponse, make_sampler, stream_generate
 
 HELP = """commands:
   /help          this list
@@ -55,18 +56,31 @@ class Reply:
 
 
 class Chat:
-    """The conversation state: system message and alternating user/assistant messages."""
+    """The conversation state: system message, alternating user/assistant messages and the KV cache.
 
-    def __init__(self, model, tokenizer, system: Optional[str] = None, max_tokens: int = 512, **gen_kwargs):
+    The cache is kept across turns: a new turn renders the whole conversation through the chat
+    template, keeps the cached tokens it starts with (everything up to the last answer, normally) and
+    processes only the rest (template suffix + the new user message). /reset and /system clear it.
+    """
+
+    def __init__(self, model, tokenizer, system: Optional[str] = None, max_tokens: int = 512,
+                 kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None, **gen_kwargs):
         self.model, self.tokenizer = model, tokenizer
         self.system = system or None
         self.history: list[dict] = []
         self.max_tokens = max_tokens
+        self.cache = model.make_cache(kv_bits, kv_group_size)
         self.gen_kwargs = gen_kwargs
+        if "sampler" not in gen_kwargs:  # one sampler for the whole chat: a seed gives one stream, not a repeat per turn
+            self.gen_kwargs["sampler"] = make_sampler(*(gen_kwargs.pop(k, d) for k, d in
+                                                       (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0),
+                                                        ("min_p", 0.0), ("seed", None))))
+        self.last: Optional[GenerationResponse] = None  # the last answer's final stats
 
     def reset(self, system: Optional[str] = ...) -> None:
-        """Clear the history; with ``system`` given, also replace the system message."""
+        """Clear the history and the cache; with ``system`` given, also replace the system message."""
         self.history = []
+        self.cache.reset()
         if system is not ...:
             self.system = system or None
 
@@ -86,14 +100,18 @@ class Chat:
         max_tokens = min(self.max_tokens, ctx - len(ids))
         reply, last = Reply(""), None
         try:
-            for last in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens, **self.gen_kwargs):
+            for last in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens, cache=self.cache,
+                                        **self.gen_kwargs):
                 reply.text += last.text
                 if last.text:
                     write(last.text)
         except KeyboardInterrupt:
             reply.interrupted = True
-        if last is not None and last.finish_reason == "length":
-            reply.context_full = len(ids) + last.generation_tokens >= ctx
+            self.cache.repair()  # a pass may have stopped half way through the layers
+        if last is not None:
+            reply.context_full = last.finish_reason == "context" or (
+                last.finish_reason == "length" and len(ids) + last.generation_tokens >= ctx)
+        self.last = last
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply.text}]
         return reply
 
@@ -185,8 +203,6 @@ def run(chat: Chat, ui) -> None:
 
 def main(args) -> None:
     """Entry point for ``phi3mlx chat`` (``args`` from phi3mlx.cli)."""
-    import mlx.core as mx
-
     from .cli import sampling_kwargs
     from .loader import load
 
@@ -194,9 +210,6 @@ def main(args) -> None:
         raise Phi3MLXError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     model, tokenizer = load(args.model, adapter_path=args.adapter_path)
     kwargs = sampling_kwargs(args)
-    seed = kwargs.pop("seed")
-    if seed is not None:  # seed once, so that turns do not repeat the same random stream
-        mx.random.seed(seed)
     chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens, **kwargs)
     if not sys.stdin.isatty():
         return run(chat, PlainUI())

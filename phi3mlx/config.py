@@ -11,23 +11,9 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from .errors import Phi3MLXError
-
-SUPPORTED_MODEL_TYPES = ["phi3"]
-
-# model_type -> (normalize, finish). ``normalize(cfg) -> cfg`` renames a variant's own keys to the
-# common ones before validation; ``finish(cfg, fields, problems)`` sets variant parts in ``fields``
-# (the ModelConfig keyword arguments) and appends what is wrong to ``problems``. Variants register
-# themselves from their model module (see phi3mlx/models/__init__.py).
-VARIANTS: dict = {}
-
-
-def register_variant(model_type: str, normalize=None, finish=None) -> None:
-    VARIANTS[model_type] = (normalize, finish)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        SUPPORTED_MODEL_TYPES.append(model_type)
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -66,6 +52,31 @@ class RopeConfig:
         return self.kind == "longrope" and seq_len > self.original_max_position_embeddings
 
 
+class Section:
+    """A variant's own config fields: a dataclass per model_type (see phi3mlx/models/__init__.py).
+
+    ``normalize(cfg)`` renames the variant's keys to the common ones before the common fields are
+    read; ``parse(cfg, fields, problems)`` reads the variant's fields from ``cfg``, may set common
+    fields in ``fields`` (the ModelConfig keyword arguments: norm, muP scalings, rope mscales) and
+    appends every problem it finds to ``problems``.
+    """
+
+    act: ClassVar[str] = "silu"  # the hidden_act the variant implements
+
+    @staticmethod
+    def normalize(cfg: dict) -> dict:
+        return cfg
+
+    @classmethod
+    def parse(cls, cfg: dict, fields: dict, problems: list) -> "Section":
+        return cls()
+
+
+@dataclass
+class Phi3Section(Section):
+    """phi3 (mini, medium, 3.5-mini): no fields beyond the common ones."""
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -83,45 +94,46 @@ class ModelConfig:
     hidden_act: str = "silu"
     rope: RopeConfig = field(default_factory=RopeConfig)
     quantization: Optional[dict] = None
-    # swappable parts (registries in phi3mlx/models/decoder.py) and model-level scalings
     norm: str = "rms"  # "rms" | "layer"
-    attention: str = "phi3"
-    mlp: str = "swiglu"
+    # muP (Phi-3-small, and models pretrained with muP): h = embed * multiplier; attention scores
+    # times attn_scale (None: head_dim ** -0.5); logits / logit_divisor.
     embedding_multiplier: float = 1.0
+    attn_scale: Optional[float] = None
     logit_divisor: float = 1.0
-    extra: dict = field(default_factory=dict)  # variant-specific parameters
+    section: Section = field(default_factory=Phi3Section)  # the variant's own typed fields
     raw: dict = field(default_factory=dict, repr=False)
 
     @property
     def context_length(self) -> int:
         return self.max_position_embeddings
 
+    @property
+    def attention_scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
     @classmethod
-    def from_dict(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, cfg: dict, sections: Mapping[str, type], source: str = "config.json") -> "ModelConfig":
+        """Parse a config.json dict; ``sections`` maps each supported model_type to its Section class."""
         if not isinstance(cfg, dict):
             raise Phi3MLXError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
         try:
-            return cls._from_dict(cfg, source)
+            return cls._from_dict(cfg, sections, source)
         except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, OverflowError) as e:
             # A value of a type the checks below did not foresee: still one line, naming the file.
             raise Phi3MLXError(f"{source}: invalid value in config ({type(e).__name__}: {e})") from None
 
     @classmethod
-    def _from_dict(cls, cfg: dict, source: str) -> "ModelConfig":
-        import phi3mlx.models  # noqa: F401  (variants register themselves on import)
-
+    def _from_dict(cls, cfg: dict, sections: Mapping[str, type], source: str) -> "ModelConfig":
         problems = []
         raw = cfg
         mt = cfg.get("model_type")
+        supported = ", ".join(sections)
         if mt is None:
-            raise Phi3MLXError(f"{source}: no 'model_type' key (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise Phi3MLXError(
-                f"{source}: unsupported model_type '{mt}' (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        normalize, finish = VARIANTS.get(mt, (None, None))
-        if normalize is not None:
-            cfg = normalize(dict(cfg))
+            raise Phi3MLXError(f"{source}: no 'model_type' key (supported: {supported})")
+        if mt not in sections:
+            raise Phi3MLXError(f"{source}: unsupported model_type '{mt}' (supported: {supported})")
+        section_cls = sections[mt]
+        cfg = section_cls.normalize(dict(cfg))
         missing = [k for k in _REQUIRED if k not in cfg]
         if missing:
             problems.append("missing key(s) " + ", ".join(repr(k) for k in missing))
@@ -133,25 +145,24 @@ class ModelConfig:
 
         n_heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
-        n_kv = _opt_number(cfg, "num_key_value_heads", n_heads, problems, integer=True)
-        head_dim = _opt_number(cfg, "head_dim", hidden // n_heads, problems, integer=True)
+        n_kv = opt_number(cfg, "num_key_value_heads", n_heads, problems, integer=True)
+        head_dim = opt_number(cfg, "head_dim", hidden // n_heads, problems, integer=True)
         if cfg.get("head_dim") is None and hidden % n_heads:
             problems.append(f"hidden_size {hidden} is not divisible by num_attention_heads {n_heads}")
         if n_heads % n_kv:
             problems.append(f"num_attention_heads {n_heads} is not divisible by num_key_value_heads {n_kv}")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu" and finish is None:
-            problems.append(f"hidden_act {act!r} is not supported for phi3 (expected 'silu')")
-
-        partial = _opt_number(cfg, "partial_rotary_factor", 1.0, problems)
+        act = cfg.get("hidden_act", section_cls.act)
+        if act != section_cls.act:
+            problems.append(f"hidden_act {act!r} is not supported for {mt} (expected {section_cls.act!r})")
+        partial = opt_number(cfg, "partial_rotary_factor", 1.0, problems)
         if partial > 1.0:
             problems.append(f"'partial_rotary_factor' must be at most 1, got {partial}")
         dims = int(head_dim * partial)
-        max_pos = _opt_number(cfg, "max_position_embeddings", 4096, problems, integer=True)
-        orig = _opt_number(cfg, "original_max_position_embeddings", max_pos, problems, integer=True)
-        rms_eps = _opt_number(cfg, "rms_norm_eps", 1e-5, problems)
-        sw = _opt_number(cfg, "sliding_window", 0, problems, integer=True, positive=False)
-        theta = _opt_number(cfg, "rope_theta", 10000.0, problems)
+        max_pos = opt_number(cfg, "max_position_embeddings", 4096, problems, integer=True)
+        orig = opt_number(cfg, "original_max_position_embeddings", max_pos, problems, integer=True)
+        rms_eps = opt_number(cfg, "rms_norm_eps", 1e-5, problems)
+        sw = opt_number(cfg, "sliding_window", 0, problems, integer=True, positive=False)
+        theta = opt_number(cfg, "rope_theta", 10000.0, problems)
         quant = cfg.get("quantization")
         if quant is not None:
             if not isinstance(quant, dict):
@@ -160,7 +171,7 @@ class ModelConfig:
             else:
                 for k in ("bits", "group_size"):
                     if k in quant:
-                        _opt_number(quant, k, 0, problems, integer=True, where="quantization.")
+                        opt_number(quant, k, 0, problems, integer=True, where="quantization.")
         rope = RopeConfig(theta=theta, dims=dims, original_max_position_embeddings=orig)
         rs_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
         rs = cfg.get(rs_key)
@@ -170,10 +181,10 @@ class ModelConfig:
         if rs:
             rtype = rs.get("type", rs.get("rope_type"))
             if "rope_theta" in rs:
-                rope.theta = _opt_number(rs, "rope_theta", rope.theta, problems, where=f"{rs_key}.")
+                rope.theta = opt_number(rs, "rope_theta", rope.theta, problems, where=f"{rs_key}.")
             if rtype in ("longrope", "su"):
                 rope.kind = "longrope"
-                orig = _opt_number(rs, "original_max_position_embeddings", orig, problems, integer=True,
+                orig = opt_number(rs, "original_max_position_embeddings", orig, problems, integer=True,
                                    where=f"{rs_key}.")
                 rope.original_max_position_embeddings = orig
                 for name in ("short_factor", "long_factor"):
@@ -184,17 +195,15 @@ class ModelConfig:
                         problems.append(f"{rs_key}.{name} has {len(f)} values, expected {dims // 2} (rotary dims / 2)")
                     else:
                         setattr(rope, name, [float(x) for x in f])
-                af = _opt_number(rs, "attention_factor", None, problems, where=f"{rs_key}.")
+                af = opt_number(rs, "attention_factor", None, problems, where=f"{rs_key}.")
                 if af is None:
-                    factor = _opt_number(rs, "factor", max_pos / orig, problems, where=f"{rs_key}.")
+                    factor = opt_number(rs, "factor", max_pos / orig, problems, where=f"{rs_key}.")
                     af = 1.0 if factor <= 1.0 or orig <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig))
                 rope.attention_factor = float(af)
             elif rtype in (None, "default") and not any(k in rs for k in ("short_factor", "long_factor", "factor")):
                 pass
             else:
                 problems.append(f"unsupported {rs_key} type {rtype!r} (supported: longrope, su)")
-        if problems:
-            raise Phi3MLXError.many(problems, f"{source}: ")
 
         fields = dict(
             model_type=mt,
@@ -214,18 +223,17 @@ class ModelConfig:
             quantization=quant,
             raw=dict(raw),
         )
-        if finish is not None:
-            finish(cfg, fields, problems)
-            if problems:
-                raise Phi3MLXError.many(problems, f"{source}: ")
+        fields["section"] = section_cls.parse(cfg, fields, problems)
+        if problems:
+            raise Phi3MLXError.many(problems, f"{source}: ")
         return cls(**fields)
 
     @classmethod
-    def from_path(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(read_config(path), source=str(Path(path) / "config.json"))
+    def from_path(cls, path: str | Path, sections: Mapping[str, type]) -> "ModelConfig":
+        return cls.from_dict(read_config(path), sections, source=str(Path(path) / "config.json"))
 
 
-def _opt_number(cfg: dict, key: str, default, problems: list, integer: bool = False,
+def opt_number(cfg: dict, key: str, default, problems: list, integer: bool = False,
                 positive: Optional[bool] = True, where: str = ""):
     """``cfg[key]`` as an int/float, ``default`` when absent or null; a wrong value adds a problem.
 

@@ -9,8 +9,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig, read_config
-from .errors import Phi3MLXError
-from .models import Model, build_model
+from .hub import resolve
+from .models import Model, build_model, parse_config
+from .models.maps import hf_to_mlx
+from .quant import use_cpu_prefill_path
 from .tokenizer import BaseTokenizer, load_tokenizer
 from .weights import check_weights, read_weights
 
@@ -27,16 +29,12 @@ def apply_quantization(model: nn.Module, quant: dict, weights: dict) -> None:
         return hasattr(module, "to_quantized") and f"{path}.scales" in weights
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    from .quant import use_cpu_prefill_path
-
     use_cpu_prefill_path(model)
 
 
 def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:
-    from phi3mlx.convert.maps import hf_to_mlx
-
     raw = read_config(path)
-    cfg = ModelConfig.from_dict(raw, source=str(Path(path) / "config.json"))
+    cfg = parse_config(raw, source=str(Path(path) / "config.json"))
     model = build_model(cfg)
     weights = hf_to_mlx(cfg.model_type, read_weights(Path(path)), cfg.tie_word_embeddings)
     if cfg.quantization or any(k.endswith(".scales") for k in weights):
@@ -51,8 +49,6 @@ def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:
 
 def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, BaseTokenizer]:
     """Load a model and its tokenizer from a local folder or a Hugging Face Hub id."""
-    from phi3mlx.convert.hub import resolve
-
     path = resolve(path_or_hub_id)
     model, cfg = load_model(path)
     tokenizer = load_tokenizer(path, cfg.raw)

@@ -15,8 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .config import ModelConfig
-from .models import build_model
+from .models import build_model, parse_config
+from .models.maps import mlx_to_hf
+from .tokenizer import copy_tokenizer_files
 from .weights import atomic_dir, save_weights
 
 TINY_ID = "phi3mlx:tiny"
@@ -65,9 +66,7 @@ def make_random(out: Path, config: dict, seed: int = 0, tokenizer_from: Path | N
     ``tokenizer_from``, else the bundled Phi-3 tokenizer is written. Used for the built-in model and to
     benchmark a variant's shape without its weights.
     """
-    from phi3mlx.convert.maps import mlx_to_hf
-
-    cfg = ModelConfig.from_dict(config)
+    cfg = parse_config(config)
     mx.random.seed(seed)
     model = build_model(cfg)
     params = {}
@@ -88,8 +87,6 @@ def make_random(out: Path, config: dict, seed: int = 0, tokenizer_from: Path | N
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": config.get("bos_token_id", 1),
                                                                 "eos_token_id": eos}))
         if tokenizer_from is not None:
-            from phi3mlx.convert.hf_to_mlx import copy_tokenizer_files
-
             copy_tokenizer_files(Path(tokenizer_from), tmp)
         else:
             write_phi3_tokenizer(tmp)
@@ -99,7 +96,7 @@ def make_random(out: Path, config: dict, seed: int = 0, tokenizer_from: Path | N
 def make_tiny(out: Path, seed: int = 0, config: dict | None = None, force: bool = False) -> Path:
     """Build a random tiny Phi-3 folder (Hugging Face layout, float32) at ``out``."""
     raw = dict(TINY_CONFIG, **(config or {}))
-    cfg = ModelConfig.from_dict(raw)
+    cfg = parse_config(raw)
     mx.random.seed(seed)
     model = build_model(cfg)
     # Small random init, like transformers' initializer_range 0.02, norms at 1.

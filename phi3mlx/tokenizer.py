@@ -109,6 +109,15 @@ def tokenizer_files(folder: Path) -> list[str]:
     return names
 
 
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files (TOKENIZER_FILES and *.tiktoken) so the new folder works offline."""
+    copied = []
+    for name in tokenizer_files(src):
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+        copied.append(name)
+    return copied
+
+
 def has_tokenizer(folder: Path) -> bool:
     """Whether ``folder`` holds a vocabulary file we can load (tokenizer.json/.model or *.tiktoken)."""
     names = tokenizer_files(folder)

@@ -9,7 +9,7 @@ mx = pytest.importorskip("mlx.core")
 
 from phi3mlx import generate, load, stream_generate  # noqa: E402
 from phi3mlx.cli import main  # noqa: E402
-from phi3mlx.generate import generate_step  # noqa: E402
+from phi3mlx.generate import generate_step, make_logits_processors, make_sampler  # noqa: E402
 
 PROMPT = [32010, 15043, 727, 32007, 32001]
 
@@ -76,8 +76,9 @@ def test_generate_returns_text_and_respects_max_tokens(loaded):
 def test_sampling_seed_and_filters(loaded):
     model, _ = loaded
 
-    def run(**kw):
-        return [t for t, _ in generate_step(PROMPT, model, max_tokens=12, **kw)]
+    def run(repetition_penalty=None, **kw):
+        return [t for t, _ in generate_step(PROMPT, model, max_tokens=12, sampler=make_sampler(**kw),
+                                            logits_processors=make_logits_processors(repetition_penalty))]
 
     greedy = run()
     a = run(temperature=1.0, seed=7)
@@ -118,8 +119,10 @@ def test_help_documents_every_flag_with_defaults(capsys):
     assert "(default: 0.0)" in out and "(default: phi3mlx:tiny)" in out
 
 
-def test_prefilled_cache_cannot_cross_longrope_threshold(tmp_path):
-    from phi3mlx.errors import Phi3MLXError
+def test_prefilled_cache_crosses_longrope_threshold_by_reencoding(tmp_path):
+    """A cache holding a short-factor prefix is re-encoded with the long factors when a generation
+    continuing it crosses original_max_position_embeddings: the tokens equal a fresh run over the
+    whole sequence and the argmax of full forward passes."""
     from phi3mlx.tiny import make_tiny
 
     rope = {"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [4.0] * 48}
@@ -128,9 +131,12 @@ def test_prefilled_cache_cannot_cross_longrope_threshold(tmp_path):
     model, _ = load(folder)
     cache = model.make_cache()
     model(mx.array([PROMPT * 4]), cache=cache)  # 20 tokens, short factors
-    with pytest.raises(Phi3MLXError, match="LongRoPE"):
-        next(generate_step(PROMPT, model, max_tokens=20, cache=cache))
-    # continuing below the threshold is fine and equals a fresh run over the whole sequence
-    cont = [t for t, _ in generate_step(PROMPT, model, max_tokens=3, cache=cache)]
-    fresh = [t for t, _ in generate_step(PROMPT * 5, model, max_tokens=3)]
+    assert cache.long_rope is False
+    cont = [t for t, _ in generate_step(PROMPT, model, max_tokens=20, cache=cache)]  # 25 + 20 > 32
+    assert cache.long_rope is True and cache.token_ids == PROMPT * 5 + cont[:-1]
+    fresh = [t for t, _ in generate_step(PROMPT * 5, model, max_tokens=20)]
     assert cont == fresh
+    seq = PROMPT * 5
+    for t in cont:  # every token is the argmax of a full forward pass over the sequence so far
+        assert int(mx.argmax(model(mx.array([seq]))[0, -1])) == t
+        seq = seq + [t]

@@ -206,22 +206,22 @@ def test_rope_position_scale(tmp_path):
 
 
 def test_real_128k_rope_settings_and_problems():
-    from phi3mlx.config import ModelConfig
+    from phi3mlx.models import parse_config
     from phi3mlx.errors import Phi3MLXError
     cfg = reference_config(REAL)
     cfg.update(max_position_embeddings=131072, rope_scaling=_longrope(128, 8192))
-    rope = ModelConfig.from_dict(cfg).rope
+    rope = parse_config(cfg).rope
     assert rope.kind == "longrope" and rope.original_max_position_embeddings == 8192
     assert (rope.factor_for(False), rope.factor_for(True)) == (1.0, 1.1902380714238083)
     assert not rope.uses_long(8192) and rope.uses_long(8193)
     cfg["rope_scaling"] = _longrope(128, 8192, mscales=False)  # mscale from the lengths, as the reference
-    rope = ModelConfig.from_dict(cfg).rope
+    rope = parse_config(cfg).rope
     assert rope.factor_for(False) == 1.0
     assert rope.factor_for(True) == pytest.approx(math.sqrt(1 + math.log(16) / math.log(8192)))
     cfg["rope_position_scale"] = 2.0
     cfg["rope_scaling"]["long_mscale"] = "big"
     with pytest.raises(Phi3MLXError) as e:
-        ModelConfig.from_dict(cfg)
+        parse_config(cfg)
     assert "rope_position_scale" in str(e.value) and "long_mscale" in str(e.value)
 
 
@@ -244,7 +244,7 @@ def test_quantized_kv_cache(tmp_path, bits, bound):
     ref, got = run(model.make_cache()), run(model.make_cache(kv_bits=bits))
     cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
     assert cos.min() >= bound, cos.min()
-    toks = [t for t, _ in generate_step(ids, model, max_tokens=8, kv_bits=bits)]
+    toks = [t for t, _ in generate_step(ids, model, max_tokens=8, cache=model.make_cache(kv_bits=bits))]
     assert len(toks) == 8
 
 
@@ -275,11 +275,11 @@ def test_causality_sweep(tmp_path):
 
 
 def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None):
-    """The mask SmallAttention._blocksparse really applies, read off its output: with zero queries every
+    """The mask Blocksparse._blocksparse really applies, read off its output: with zero queries every
     allowed key gets the same weight, and value j = one-hot(j) makes row (h, i) = allowed[h, i] / count."""
     from types import SimpleNamespace
 
-    from phi3mlx.models.phi3small import SmallAttention
+    from phi3mlx.models.phi3small import Blocksparse, Phi3SmallSection
 
     T = offset + L
     D = -(-T // 64) * 64  # one value dimension per key, padded to the quantization group
@@ -290,8 +290,8 @@ def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None):
     if bits:
         kv = tuple(mx.quantize(kv, group_size=64, bits=bits))
         cache = SimpleNamespace(group_size=64, bits=bits)
-    me = SimpleNamespace(n_heads=H, n_kv=K, e=dict(block_size=bs, local_blocks=local, vert_stride=vert, homo_head=homo))
-    o = SmallAttention._blocksparse(me, q, kv, kv, offset, 1.0, cache)
+    me = Blocksparse(Phi3SmallSection(block_size=bs, local_blocks=local, vert_stride=vert, homo_head=homo), H, K)
+    o = me._blocksparse(q, kv, kv, offset, 1.0, cache)
     return np.array(o[0, :, :, :T]) > 1e-3
 
 
@@ -317,16 +317,16 @@ def test_effective_mask_equals_definition_over_a_grid():
 
 
 def test_blocksparse_and_mup_settings_are_checked():
-    from phi3mlx.config import ModelConfig
+    from phi3mlx.models import parse_config
     from phi3mlx.errors import Phi3MLXError
     cfg = tiny_cfg(blocksparse_num_local_blocks=0, blocksparse_vert_stride=0, blocksparse_block_size=2.5,
                    mup_width_multiplier=-8, gegelu_limit="big")
     with pytest.raises(Phi3MLXError) as e:
-        ModelConfig.from_dict(cfg)
+        parse_config(cfg)
     msg = str(e.value)
     for key in ("blocksparse_num_local_blocks", "blocksparse_vert_stride", "blocksparse_block_size",
                 "mup_width_multiplier", "gegelu_limit"):
         assert key in msg, key
     # as the reference: a null or non-positive embedding multiplier / width divisor is not applied
-    ok = ModelConfig.from_dict(tiny_cfg(mup_embedding_multiplier=None, mup_width_multiplier=0))
+    ok = parse_config(tiny_cfg(mup_embedding_multiplier=None, mup_width_multiplier=0))
     assert ok.embedding_multiplier == 1.0 and ok.logit_divisor == 1.0

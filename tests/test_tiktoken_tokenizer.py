@@ -197,7 +197,7 @@ def test_bad_tiktoken_file_is_a_clear_error(tmp_path):
 
 
 def test_save_and_copy_tokenizer_files(tok, folder, tmp_path):
-    from phi3mlx.convert.hf_to_mlx import copy_tokenizer_files
+    from phi3mlx.tokenizer import copy_tokenizer_files
 
     src = tmp_path / "src"
     shutil.copytree(folder, src)

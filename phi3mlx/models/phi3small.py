@@ -9,72 +9,83 @@ mlp.up_proj, mlp.down_proj; the checkpoint's model.final_layernorm is model.norm
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..config import _opt_number, register_variant
-from .decoder import ATTENTIONS, MLPS, AttentionMask, attend
-from .rope import Rope
+from ..config import ModelConfig, Section, opt_number
+from .attention import AttentionMask, Pass, attend
 
 DUMMY_TOKEN_IDS = [100256, 100258, 100259, 100260, 100264, 100265] + list(range(100267, 100352))
 
 
-def _normalize(cfg: dict) -> dict:
-    for old, new in (("ff_intermediate_size", "intermediate_size"), ("layer_norm_epsilon", "rms_norm_eps"),
-                     ("rope_embedding_base", "rope_theta")):
-        if old in cfg and new not in cfg:
-            cfg[new] = cfg[old]
-    return cfg
+@dataclass
+class Phi3SmallSection(Section):
+    """Phi-3-small's own config fields, validated when read."""
 
+    act = "gegelu"
+    gegelu_limit: float = 20.0
+    dense_every: int = 2  # dense_attention_every_n_layers (0: every layer blocksparse)
+    block_size: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    homo_head: bool = False
+    dummy_token_ids: tuple = ()  # never-trained ids: never sampled
 
-def _finish(cfg: dict, fields: dict, problems: list) -> None:
-    fields["norm"] = "layer"
-    fields["attention"] = "phi3small"
-    fields["mlp"] = "gegelu"
-    # muP: as the reference, a missing or non-positive embedding multiplier / width divisor is not applied
-    emb = _opt_number(cfg, "mup_embedding_multiplier", 1.0, problems, positive=None)
-    width = _opt_number(cfg, "mup_width_multiplier", 1.0, problems, positive=False)
-    fields["embedding_multiplier"] = float(emb) if emb > 0 else 1.0
-    fields["logit_divisor"] = float(width) if width > 0 else 1.0
-    fields["tie_word_embeddings"] = True
-    rope = fields["rope"]
-    ps = _opt_number(cfg, "rope_position_scale", 1.0, problems)
-    if rope.kind == "longrope" and ps != 1.0:
-        # The reference LongRoPE path never reads it; refuse rather than guess.
-        problems.append(f"'rope_position_scale' {ps} with LongRoPE rope_scaling is not supported (expected 1.0)")
-    else:
-        rope.position_scale = float(ps)
-    if rope.kind == "longrope":
-        # Reference: cos/sin times short_mscale up to the original length (1.0 when absent or <= 0), times
-        # long_mscale beyond it (when absent or <= 0: sqrt(1 + log(max/original) / log(original)),
-        # the attention factor config.py already computed from the lengths).
-        rs_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
-        rs = cfg.get(rs_key) or {}
-        ms = []
-        for key, fallback in (("short_mscale", 1.0), ("long_mscale", rope.attention_factor)):
-            v = rs.get(key, -1)
-            if v is None:
-                v = -1
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                problems.append(f"'{rs_key}.{key}' must be a number, got {v!r}")
-                v = -1
-            ms.append(float(v) if v > 0 else float(fallback))
-        rope.attention_factor, rope.long_attention_factor = ms
-    fields["extra"] = dict(
-        gegelu_limit=float(_opt_number(cfg, "gegelu_limit", 20.0, problems, positive=False)),
-        mup_use_scaling=bool(cfg.get("mup_use_scaling", True)),
-        mup_attn_multiplier=float(_opt_number(cfg, "mup_attn_multiplier", 1.0, problems)),
-        dense_every=_opt_number(cfg, "dense_attention_every_n_layers", 2, problems, integer=True, positive=False),
-        block_size=_opt_number(cfg, "blocksparse_block_size", 64, problems, integer=True),
-        local_blocks=_opt_number(cfg, "blocksparse_num_local_blocks", 16, problems, integer=True),
-        vert_stride=_opt_number(cfg, "blocksparse_vert_stride", 8, problems, integer=True),
-        homo_head=bool(cfg.get("blocksparse_homo_head_pattern", False)),
-        dummy_token_ids=[i for i in DUMMY_TOKEN_IDS if i < fields["vocab_size"]],
-    )
+    @staticmethod
+    def normalize(cfg: dict) -> dict:
+        for old, new in (("ff_intermediate_size", "intermediate_size"), ("layer_norm_epsilon", "rms_norm_eps"),
+                         ("rope_embedding_base", "rope_theta")):
+            if old in cfg and new not in cfg:
+                cfg[new] = cfg[old]
+        return cfg
 
+    @classmethod
+    def parse(cls, cfg: dict, fields: dict, problems: list) -> "Phi3SmallSection":
+        fields["norm"] = "layer"
+        fields["tie_word_embeddings"] = True
+        # muP: as the reference, a missing or non-positive embedding multiplier / width divisor is not applied
+        emb = opt_number(cfg, "mup_embedding_multiplier", 1.0, problems, positive=None)
+        width = opt_number(cfg, "mup_width_multiplier", 1.0, problems, positive=False)
+        fields["embedding_multiplier"] = float(emb) if emb > 0 else 1.0
+        fields["logit_divisor"] = float(width) if width > 0 else 1.0
+        D = fields["head_dim"]
+        attn_mult = opt_number(cfg, "mup_attn_multiplier", 1.0, problems)
+        fields["attn_scale"] = attn_mult / D if bool(cfg.get("mup_use_scaling", True)) else D**-0.5
+        rope = fields["rope"]
+        ps = opt_number(cfg, "rope_position_scale", 1.0, problems)
+        if rope.kind == "longrope" and ps != 1.0:
+            # The reference LongRoPE path never reads it; refuse rather than guess.
+            problems.append(f"'rope_position_scale' {ps} with LongRoPE rope_scaling is not supported (expected 1.0)")
+        else:
+            rope.position_scale = float(ps)
+        if rope.kind == "longrope":
+            # Reference: cos/sin times short_mscale up to the original length (1.0 when absent or <= 0), times
+            # long_mscale beyond it (when absent or <= 0: sqrt(1 + log(max/original) / log(original)),
+            # the attention factor config.py already computed from the lengths).
+            rs_key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+            rs = cfg.get(rs_key) or {}
+            ms = []
+            for key, fallback in (("short_mscale", 1.0), ("long_mscale", rope.attention_factor)):
+                v = rs.get(key, -1)
+                if v is None:
+                    v = -1
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    problems.append(f"'{rs_key}.{key}' must be a number, got {v!r}")
+                    v = -1
+                ms.append(float(v) if v > 0 else float(fallback))
+            rope.attention_factor, rope.long_attention_factor = ms
+        return cls(
+            gegelu_limit=float(opt_number(cfg, "gegelu_limit", 20.0, problems, positive=False)),
+            dense_every=opt_number(cfg, "dense_attention_every_n_layers", 2, problems, integer=True, positive=False),
+            block_size=opt_number(cfg, "blocksparse_block_size", 64, problems, integer=True),
+            local_blocks=opt_number(cfg, "blocksparse_num_local_blocks", 16, problems, integer=True),
+            vert_stride=opt_number(cfg, "blocksparse_vert_stride", 8, problems, integer=True),
+            homo_head=bool(cfg.get("blocksparse_homo_head_pattern", False)),
+            dummy_token_ids=tuple(i for i in DUMMY_TOKEN_IDS if i < fields["vocab_size"]),
+        )
 
-register_variant("phi3small", _normalize, _finish)
 
 _MASK_CACHE: dict = {}  # key -> (value, elements); oldest first
 _CACHE_ELEMENTS = 1 << 27  # masks and indices kept for the layers of a pass (and the next), ~128 MB
@@ -147,42 +158,58 @@ def _map(fn, t):
     return fn(t) if isinstance(t, mx.array) else tuple(fn(a) for a in t)
 
 
-class SmallAttention(nn.Module):
-    def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
-        e = cfg.extra
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D = self.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * D, bias=True)
-        self.dense = nn.Linear(self.n_heads * D, cfg.hidden_size, bias=True)
-        self.rope = Rope(cfg.rope, D)
-        norm = D / e["mup_attn_multiplier"] if e["mup_use_scaling"] else D**0.5
-        self.scale = ((1.0 / norm) * self.rope.score_scale(False), (1.0 / norm) * self.rope.score_scale(True))
-        n = e["dense_every"]
-        self.sparse = not (n and (layer_idx + 1) % n == 0)
-        self.e = e
+class GroupedQKV:
+    """Phi-3-small: ``query_key_value`` (biased) grouped per KV head, [q x G, k, v] for each of the K
+    heads, and the biased output projection ``dense``."""
 
-    def __call__(self, x, mask: AttentionMask, cache=None, long_rope: bool = False):
+    @staticmethod
+    def build(attn: nn.Module, cfg: ModelConfig) -> None:
+        H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        attn.query_key_value = nn.Linear(cfg.hidden_size, (H + 2 * K) * D, bias=True)
+        attn.dense = nn.Linear(H * D, cfg.hidden_size, bias=True)
+
+    @staticmethod
+    def qkv(attn: nn.Module, x: mx.array):
         B, L, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv, self.head_dim
+        H, K, D = attn.n_heads, attn.n_kv, attn.head_dim
         G = H // K
-        # query_key_value output is grouped per KV head: [q x G, k, v] for each of the K heads
-        qkv = self.query_key_value(x).reshape(B, L, K, G + 2, D)
+        qkv = attn.query_key_value(x).reshape(B, L, K, G + 2, D)
         q = qkv[:, :, :, :G].reshape(B, L, H, D).transpose(0, 2, 1, 3)  # (B, H, L, D)
         k = qkv[:, :, :, G].transpose(0, 2, 1, 3)  # (B, K, L, D)
         v = qkv[:, :, :, G + 1].transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset, long_rope)
-        k = self.rope(k, offset, long_rope)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)  # (B, K, T, D) or quantized tuples
-        scale = self.scale[long_rope]
-        if not self.sparse:
-            o = attend(q, k, v, scale, mask, cache)
-        else:
-            o = self._blocksparse(q, k, v, offset, scale, cache)
-        return self.dense(o.transpose(0, 2, 1, 3).reshape(B, L, H * D))
+        return q, k, v
 
+    @staticmethod
+    def out(attn: nn.Module, o: mx.array) -> mx.array:
+        return attn.dense(o)
+
+
+def blocksparse_layer(cfg: ModelConfig, layer_idx: int):
+    """The mask maker: blocksparse attention on layers where (layer_idx + 1) % dense_every != 0."""
+    n = cfg.section.dense_every
+    if n and (layer_idx + 1) % n == 0:
+        return None
+    return Blocksparse(cfg.section, cfg.num_attention_heads, cfg.num_key_value_heads)
+
+
+def mask_dummy_ids(cfg: ModelConfig, logits: mx.array) -> mx.array:
+    """Never-trained ids can never be sampled."""
+    dummy = cfg.section.dummy_token_ids
+    if not dummy:
+        return logits
+    logits = logits.astype(mx.float32)
+    logits[..., mx.array(dummy)] = mx.finfo(mx.float32).min
+    return logits
+
+
+class Blocksparse:
+    """Exact blocksparse attention for one layer, called as (q, k, v, scale, pass, cache) -> o."""
+
+    def __init__(self, sec: Phi3SmallSection, n_heads: int, n_kv: int):
+        self.sec, self.n_heads, self.n_kv = sec, n_heads, n_kv
+
+    def __call__(self, q, k, v, scale: float, p: Pass, cache=None):
+        return self._blocksparse(q, k, v, p.offset, scale, cache)
 
     def _blocksparse(self, q, k, v, offset: int, scale: float, cache):
         """Exact blocksparse attention, in query chunks aligned to ``chunk`` positions.
@@ -193,8 +220,8 @@ class SmallAttention(nn.Module):
         blocks whatever the query: gathered per head, no mask but padding. A chunk therefore attends
         to at most chunk + (local - 1) * block + ceil(far blocks / vert) * block keys rather than T.
         """
-        e = self.e
-        bs, local, vert, homo = e["block_size"], e["local_blocks"], e["vert_stride"], e["homo_head"]
+        e = self.sec
+        bs, local, vert, homo = e.block_size, e.local_blocks, e.vert_stride, e.homo_head
         H, K = self.n_heads, self.n_kv
         G = H // K
         L = q.shape[2]
@@ -234,7 +261,7 @@ class SmallAttention(nn.Module):
 class GegeluMLP(nn.Module):
     def __init__(self, cfg, layer_idx: int = 0):
         super().__init__()
-        self.limit = cfg.extra["gegelu_limit"]
+        self.limit = cfg.section.gegelu_limit
         self.up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=True)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
@@ -247,6 +274,3 @@ class GegeluMLP(nn.Module):
         out = a_gelu * mx.sigmoid(1.702 * a_gelu) * (a_linear + 1)
         return self.down_proj(out)
 
-
-ATTENTIONS["phi3small"] = SmallAttention
-MLPS["gegelu"] = GegeluMLP

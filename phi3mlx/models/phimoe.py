@@ -23,7 +23,7 @@ Routing (SparseMixer, https://huggingface.co/papers/2409.12136), as transformers
   input by U(1 - eps, 1 + eps) once in training mode, as the original implementation and transformers
   4.x do (transformers 5.x applies it twice, in the block and again in-place in the router).
 
-LongRoPE: two behaviours, chosen by the config key ``phimoe_longrope`` (kept in ``extra``):
+LongRoPE: two behaviours, chosen by the config key ``phimoe_longrope`` (``PhimoeSection.longrope_mode``):
 
 * ``"transformers"`` (default): as transformers 5.x ``PhimoeRotaryEmbedding``: the *short* factors at
   every length; only the cos/sin multiplier switches, ``short_mscale`` while the sequence (largest
@@ -40,118 +40,117 @@ into the attention scale as mscale**2 (the whole head is rotated).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchGLU
 
-from ..config import register_variant
-from . import decoder
-from .decoder import ATTENTIONS, MLPS, AttentionMask, attend
-from .rope import Rope
+from ..config import ModelConfig, Section
 
 LONGROPE_MODES = ("transformers", "by_length")
-
-# The decoder-layer attribute holding the MoE block: mlx-lm's name where the decoder lets a variant
-# choose it (``decoder.MLP_ATTRS``), else the decoder's fixed "mlp".
-if hasattr(decoder, "MLP_ATTRS"):
-    decoder.MLP_ATTRS["phimoe"] = "block_sparse_moe"
-    MOE_ATTR = "block_sparse_moe"
-else:  # pragma: no cover - depends on the decoder version
-    MOE_ATTR = "mlp"
+MOE_ATTR = "block_sparse_moe"  # the decoder-layer attribute holding the MoE block (mlx-lm's and the Hub's name)
 
 
 # ----------------------------------------------------------------------------------------- config
 
 
-def _finish(cfg: dict, fields: dict, problems: list) -> None:
-    fields["norm"] = "layer"
-    fields["attention"] = "phimoe"
-    fields["mlp"] = "phimoe"
-    if fields["hidden_act"] != "silu":
-        problems.append(f"hidden_act {fields['hidden_act']!r} is not supported for phimoe (expected 'silu')")
-    extra = {}
-    for key, default in (("num_local_experts", 16), ("num_experts_per_tok", 2)):
-        v = cfg.get(key, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            problems.append(f"'{key}' must be a positive integer, got {v!r}")
-            v = default
-        extra[key] = v
-    if extra["num_experts_per_tok"] > extra["num_local_experts"]:
-        problems.append(
-            f"num_experts_per_tok ({extra['num_experts_per_tok']}) is larger than "
-            f"num_local_experts ({extra['num_local_experts']})"
-        )
-    for key, default in (("router_jitter_noise", 0.01), ("input_jitter_noise", 0.0)):
-        v = cfg.get(key, default)
-        if v is None:
-            v = default
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            problems.append(f"'{key}' must be a non-negative number, got {v!r}")
-            v = default
-        extra[key] = float(v)
-    extra["attention_bias"] = bool(cfg.get("attention_bias", False))
-    extra["lm_head_bias"] = bool(cfg.get("lm_head_bias", False))
-    mode = cfg.get("phimoe_longrope", "transformers")
-    if mode not in LONGROPE_MODES:
-        problems.append(f"'phimoe_longrope' must be one of {', '.join(LONGROPE_MODES)}, got {mode!r}")
-        mode = "transformers"
-    extra["longrope_mode"] = mode
-    rope = fields["rope"]
-    short_m = long_m = 1.0
-    if rope.kind == "longrope":
-        rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        ms = []
-        for key in ("short_mscale", "long_mscale"):
-            v = rs.get(key)
+@dataclass
+class PhimoeSection(Section):
+    """Phi-3.5-MoE's own config fields, validated when read."""
+
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 2
+    router_jitter_noise: float = 0.01
+    input_jitter_noise: float = 0.0
+    attention_bias: bool = False
+    lm_head_bias: bool = False
+    longrope_mode: str = "transformers"
+    short_mscale: float = 1.0
+    long_mscale: float = 1.0
+
+    @classmethod
+    def parse(cls, cfg: dict, fields: dict, problems: list) -> "PhimoeSection":
+        fields["norm"] = "layer"
+        out = {}
+        for key, default in (("num_local_experts", 16), ("num_experts_per_tok", 2)):
+            v = cfg.get(key, default)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                problems.append(f"'{key}' must be a positive integer, got {v!r}")
+                v = default
+            out[key] = v
+        if out["num_experts_per_tok"] > out["num_local_experts"]:
+            problems.append(
+                f"num_experts_per_tok ({out['num_experts_per_tok']}) is larger than "
+                f"num_local_experts ({out['num_local_experts']})"
+            )
+        for key, default in (("router_jitter_noise", 0.01), ("input_jitter_noise", 0.0)):
+            v = cfg.get(key, default)
             if v is None:
-                v = rope.attention_factor  # what transformers' longrope init computes
-            elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                problems.append(f"'rope_scaling.{key}' must be a positive number, got {v!r}")
-                v = 1.0
-            ms.append(float(v))
-        short_m, long_m = ms
-    extra["short_mscale"], extra["long_mscale"] = short_m, long_m
-    # The mscales are the rope's short/long attention factors; "transformers" keeps the short factors.
-    rope.attention_factor, rope.long_attention_factor = short_m, long_m
-    rope.switch_factors = mode == "by_length"
-    fields["extra"] = extra
+                v = default
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                problems.append(f"'{key}' must be a non-negative number, got {v!r}")
+                v = default
+            out[key] = float(v)
+        out["attention_bias"] = bool(cfg.get("attention_bias", False))
+        out["lm_head_bias"] = bool(cfg.get("lm_head_bias", False))
+        mode = cfg.get("phimoe_longrope", "transformers")
+        if mode not in LONGROPE_MODES:
+            problems.append(f"'phimoe_longrope' must be one of {', '.join(LONGROPE_MODES)}, got {mode!r}")
+            mode = "transformers"
+        out["longrope_mode"] = mode
+        rope = fields["rope"]
+        short_m = long_m = 1.0
+        if rope.kind == "longrope":
+            rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+            ms = []
+            for key in ("short_mscale", "long_mscale"):
+                v = rs.get(key)
+                if v is None:
+                    v = rope.attention_factor  # what transformers' longrope init computes
+                elif not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                    problems.append(f"'rope_scaling.{key}' must be a positive number, got {v!r}")
+                    v = 1.0
+                ms.append(float(v))
+            short_m, long_m = ms
+        out["short_mscale"], out["long_mscale"] = short_m, long_m
+        # The mscales are the rope's short/long attention factors; "transformers" keeps the short factors.
+        rope.attention_factor, rope.long_attention_factor = short_m, long_m
+        rope.switch_factors = mode == "by_length"
+        return cls(**out)
 
 
-register_variant("phimoe", None, _finish)
+def head_bias(cfg: ModelConfig) -> bool:
+    return cfg.section.lm_head_bias
 
 
 # -------------------------------------------------------------------------------------- attention
 
 
-class PhimoeAttention(nn.Module):
-    """Separate q/k/v/o projections (biased when ``attention_bias``) and PhiMoE's LongRoPE."""
+class SeparateQKV:
+    """Separate ``q_proj``/``k_proj``/``v_proj``/``o_proj``, biased when ``attention_bias``."""
 
-    def __init__(self, cfg, layer_idx: int = 0):
-        super().__init__()
-        ex = cfg.extra
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        H, K, D, bias = self.n_heads, self.n_kv, self.head_dim, ex["attention_bias"]
-        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, K * D, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, K * D, bias=bias)
-        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=bias)
-        self.rope = Rope(cfg.rope, D)
-        self.scale = (D**-0.5 * self.rope.score_scale(False), D**-0.5 * self.rope.score_scale(True))
+    @staticmethod
+    def build(attn: nn.Module, cfg: ModelConfig) -> None:
+        H, K, D, bias = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.section.attention_bias
+        attn.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=bias)
+        attn.k_proj = nn.Linear(cfg.hidden_size, K * D, bias=bias)
+        attn.v_proj = nn.Linear(cfg.hidden_size, K * D, bias=bias)
+        attn.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=bias)
 
-    def __call__(self, x, mask: AttentionMask, cache=None, long_rope: bool = False):
+    @staticmethod
+    def qkv(attn: nn.Module, x: mx.array):
         B, L, _ = x.shape
-        H, K, D = self.n_heads, self.n_kv, self.head_dim
-        q = self.q_proj(x).reshape(B, L, H, D).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, K, D).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, K, D).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset, long_rope)
-        k = self.rope(k, offset, long_rope)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        o = attend(q, k, v, self.scale[long_rope], mask, cache)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, H * D))
+        H, K, D = attn.n_heads, attn.n_kv, attn.head_dim
+        q = attn.q_proj(x).reshape(B, L, H, D).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = attn.k_proj(x).reshape(B, L, K, D).transpose(0, 2, 1, 3)  # (B, K, L, D)
+        v = attn.v_proj(x).reshape(B, L, K, D).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    @staticmethod
+    def out(attn: nn.Module, o: mx.array) -> mx.array:
+        return attn.o_proj(o)
 
 
 # -------------------------------------------------------------------------------------- sparsemixer
@@ -229,13 +228,11 @@ def sparsemixer(
 class PhimoeSparseMoe(nn.Module):
     """Router ``gate`` and stacked SwiGLU experts ``switch_mlp`` (mlx-lm's names)."""
 
-    def __init__(self, cfg, layer_idx: int = 0):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
-        from mlx_lm.models.switch_layers import SwitchGLU
-
-        ex = cfg.extra
-        self.num_experts, self.top_k = ex["num_local_experts"], ex["num_experts_per_tok"]
-        self.jitter_eps, self.input_jitter = ex["router_jitter_noise"], ex["input_jitter_noise"]
+        sec = cfg.section
+        self.num_experts, self.top_k = sec.num_local_experts, sec.num_experts_per_tok
+        self.jitter_eps, self.input_jitter = sec.router_jitter_noise, sec.input_jitter_noise
         self.gate = nn.Linear(cfg.hidden_size, self.num_experts, bias=False)
         self.switch_mlp = SwitchGLU(cfg.hidden_size, cfg.intermediate_size, self.num_experts)
 
@@ -246,73 +243,3 @@ class PhimoeSparseMoe(nn.Module):
         inds, weights = sparsemixer(scores, self.jitter_eps, self.top_k, self.training, draws)
         y = self.switch_mlp(x, inds)  # (..., top_k, hidden)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
-
-
-ATTENTIONS["phimoe"] = PhimoeAttention
-MLPS["phimoe"] = PhimoeSparseMoe
-
-
-# ----------------------------------------------------------------------------------- weight maps
-
-
-def _hf_to_mlx(w: dict) -> dict:
-    """HF names (per-expert w1/w2/w3, or transformers 5's fused ``mlp.experts``) -> stacked MLX names."""
-    import re
-
-    out, experts = {}, {}
-    pat = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.(weight|scales|biases)$")
-    names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-    for k, v in w.items():
-        m = pat.match(k)
-        if m:
-            pre, e, n, kind = m.groups()
-            experts.setdefault((pre, names[n], kind), {})[int(e)] = v
-            continue
-        m = re.match(r"^(model\.layers\.\d+)\.mlp\.(router\.weight|experts\.gate_up_proj|experts\.down_proj)$", k)
-        if m:
-            pre, what = m.groups()
-            if what == "router.weight":
-                out[f"{pre}.block_sparse_moe.gate.weight"] = v
-            elif what == "experts.down_proj":
-                out[f"{pre}.block_sparse_moe.switch_mlp.down_proj.weight"] = v
-            else:
-                gate, up = mx.split(v, 2, axis=1)
-                out[f"{pre}.block_sparse_moe.switch_mlp.gate_proj.weight"] = gate
-                out[f"{pre}.block_sparse_moe.switch_mlp.up_proj.weight"] = up
-            continue
-        out[k] = v
-    for (pre, proj, kind), per in experts.items():
-        out[f"{pre}.block_sparse_moe.switch_mlp.{proj}.{kind}"] = mx.stack([per[e] for e in sorted(per)])
-    if MOE_ATTR != "block_sparse_moe":
-        out = {k.replace(".block_sparse_moe.", f".{MOE_ATTR}."): v for k, v in out.items()}
-    return out
-
-
-def _mlx_to_hf(w: dict) -> dict:
-    """Stacked MLX names -> the Hub checkpoint's per-expert w1/w2/w3 (float weights only)."""
-    import re
-
-    out = {}
-    pat = re.compile(rf"^(model\.layers\.\d+)\.(?:block_sparse_moe|{MOE_ATTR})\.(switch_mlp\.(\w+)\.weight|gate\.weight)$")
-    names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    for k, v in w.items():
-        m = pat.match(k)
-        if not m:
-            out[k] = v
-        elif m.group(2) == "gate.weight":
-            out[f"{m.group(1)}.block_sparse_moe.gate.weight"] = v
-        else:
-            n = names[m.group(3)]
-            for e in range(v.shape[0]):
-                out[f"{m.group(1)}.block_sparse_moe.experts.{e}.{n}.weight"] = v[e]
-    return out
-
-
-def _register_maps():
-    from phi3mlx.convert import maps
-
-    maps.HF_TO_MLX["phimoe"] = _hf_to_mlx
-    maps.MLX_TO_HF["phimoe"] = _mlx_to_hf
-
-
-_register_maps()

@@ -6,7 +6,16 @@ import os
 import re
 from pathlib import Path
 
-from phi3mlx.errors import Phi3MLXError
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .errors import Phi3MLXError
+from .tiny import TINY_ID, tiny_path
 
 ALLOW_PATTERNS = [
     "*.json",
@@ -35,22 +44,10 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
     p = Path(s).expanduser()
     if p.exists():
         return p
-    from phi3mlx.tiny import TINY_ID, tiny_path
-
     if s == TINY_ID:
         return tiny_path()
     if not looks_like_hub_id(s):
         raise Phi3MLXError(f"model path not found: {s}")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            GatedRepoError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - dependency of the package
-        raise Phi3MLXError("huggingface-hub is not installed; pass a local folder") from None
     try:
         # huggingface-hub shows a tqdm progress bar per file and resumes partial downloads.
         return Path(snapshot_download(s, revision=revision, allow_patterns=ALLOW_PATTERNS))

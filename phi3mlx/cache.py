@@ -1,0 +1,352 @@
+"""KV caches: every cache the project uses, in one place.
+
+``LayerCache`` is one layer's keys and values, shapes (B, K, T, D) with K key/value heads:
+
+* plain: grows with the sequence, allocated in steps of 256 positions;
+* window (``window=W``, sliding-window models such as Phi-3-mini-4k, W = 2047): a query at position
+  i sees keys i - W + 1 .. i, so keys older than the last W - 1 positions are never read again and
+  are dropped. The cache holds at most ``W - 1 + max(new tokens of one pass, step)`` positions,
+  however long the generation runs;
+* quantized (``bits`` 4 or 8): keys and values stored as MLX affine-quantized (packed, scales, biases)
+  triples, ``group_size`` values per group. Combines with the window.
+
+``ModelCache`` is a model's list of layer caches plus what makes them reusable: the token ids they
+hold (so a prefix can be re-encoded), which LongRoPE factor set encoded them, trimming (drop the
+last n positions: chat turns reuse the common prefix), repair after an interrupted pass, and
+save/load to a safetensors file tagged with the model's identity (prompt caches).
+
+This module is below the models: re-encoding takes the model as an argument.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+
+from .config import ModelConfig
+from .errors import Phi3MLXError
+
+CACHE_FORMAT = "phi3mlx-prompt-cache-1"
+
+class LayerCache:
+    """One layer's keys and values (see the module docstring)."""
+
+    step = 256
+
+    def __init__(self, window: Optional[int] = None, bits: Optional[int] = None, group_size: int = 64):
+        self.window, self.bits, self.group_size = window, bits, group_size
+        self.keys: Optional[List[mx.array]] = None  # 1 float array or 3 quantized parts, (B, K, capacity, ...)
+        self.values: Optional[List[mx.array]] = None
+        self.start = 0  # absolute position of the first stored key
+        self.offset = 0  # absolute position after the last stored key (= tokens seen)
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def length(self) -> int:
+        """Positions stored (offset - start)."""
+        return self.offset - self.start
+
+    def _parts(self, x: mx.array) -> List[mx.array]:
+        if self.bits is None:
+            return [x]
+        return list(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def _fetch(self, parts: List[mx.array], n: int):
+        out = [a[..., :n, :] for a in parts]
+        return out[0] if self.bits is None else tuple(out)
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        """Store k, v (B, K, L, D) at positions offset..offset+L-1; return every stored key and value.
+
+        Float caches return arrays (B, K, T', D); quantized ones (packed, scales, biases) tuples. The
+        returned keys are contiguous positions ending at the new offset: the first is at
+        ``offset + L - T'`` (0 unless the window dropped old ones)."""
+        L = k.shape[2]
+        kp, vp = self._parts(k), self._parts(v)
+        n = self.length
+        if self.keys is None:
+            cap = max(L, self.step) if self.window is not None else -(-L // self.step) * self.step
+            self.keys = [mx.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype) for a in kp]
+            self.values = [mx.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype) for a in vp]
+        elif n + L > self.keys[0].shape[2]:
+            drop = 0
+            if self.window is not None:  # keep only what a query at offset or later can see
+                drop = max(0, n - (self.window - 1))
+            keep = n - drop
+            cap = keep + (max(L, self.step) if self.window is not None else -(-L // self.step) * self.step)
+
+            def regrow(parts, new):
+                return [mx.concatenate([a[..., drop:n, :], mx.zeros(a.shape[:2] + (cap - keep,) + a.shape[3:], a.dtype)],
+                                       axis=2) for a, b in zip(parts, new)]
+
+            self.keys, self.values = regrow(self.keys, kp), regrow(self.values, vp)
+            self.start += drop
+            n = keep
+        for buf, new in ((self.keys, kp), (self.values, vp)):
+            for a, b in zip(buf, new):
+                a[..., n : n + L, :] = b
+        self.offset += L
+        return self._fetch(self.keys, n + L), self._fetch(self.values, n + L)
+
+    def key_start(self, L: int) -> int:
+        """Absolute position of the first key ``update_and_fetch`` returns for L new positions."""
+        if self.keys is None or self.window is None or self.length + L <= self.keys[0].shape[2]:
+            return self.start
+        return self.start + max(0, self.length - (self.window - 1))
+
+    def can_trim(self, n: int) -> bool:
+        """Whether dropping the last n positions leaves every key a later query may need."""
+        new = self.offset - n
+        if n < 0 or new < self.start:
+            return False
+        return self.window is None or self.start == 0 or new - (self.window - 1) >= self.start
+
+    def trim(self, n: int) -> None:
+        if not self.can_trim(n):
+            raise ValueError(f"cannot trim {n} positions from this cache")
+        self.offset -= n
+        if self.offset == 0:
+            self.reset()
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.start = self.offset = 0
+
+    @property
+    def state(self) -> List[mx.array]:
+        """The stored arrays (for mx.eval and saving)."""
+        if self.keys is None:
+            return []
+        n = self.length
+        return [a[..., :n, :] for a in self.keys + self.values]
+
+    def set_state(self, arrays: Sequence[mx.array], start: int, offset: int) -> None:
+        half = len(arrays) // 2
+        self.keys, self.values = list(arrays[:half]), list(arrays[half:])
+        self.start, self.offset = start, offset
+
+class ModelCache(list):
+    """The layer caches of one model plus the token ids they hold.
+
+    ``long_rope`` records which LongRoPE factor set encoded the cached keys (None while empty);
+    the model re-encodes the prefix when a pass needs the other set (``Model.__call__``).
+    """
+
+    def __init__(self, layers: Sequence[LayerCache], identity: Optional[dict] = None):
+        super().__init__(layers)
+        self.identity = identity or {}
+        self.long_rope: Optional[bool] = None
+        self._ids: List[mx.array] = []  # (B, L) id arrays in the order they were fed, possibly lazy
+
+    @property
+    def offset(self) -> int:
+        return self[0].offset if len(self) else 0
+
+    @property
+    def max_length(self) -> int:
+        """Most positions any layer stores now."""
+        return max((c.length for c in self), default=0)
+
+    def record(self, inputs: mx.array) -> None:
+        """Called by the model for every pass: the ids whose keys were just stored."""
+        self._ids.append(inputs)
+        if len(self._ids) > 64:
+            self._ids = [mx.concatenate(self._ids, axis=1)]
+
+    @property
+    def token_ids(self) -> List[int]:
+        """The ids the cache holds (first row of the batch), in order."""
+        if not self._ids:
+            return []
+        ids = mx.concatenate(self._ids, axis=1) if len(self._ids) > 1 else self._ids[0]
+        self._ids = [ids]
+        return ids[0].tolist()
+
+    def reset(self) -> None:
+        for c in self:
+            c.reset()
+        self._ids = []
+        self.long_rope = None
+
+    def repair(self) -> None:
+        """After a pass was interrupted (Ctrl-C) part way: bring every layer back to what all hold."""
+        ids = self.token_ids
+        n = min([c.offset for c in self] + [len(ids)])
+        for c in self:
+            if c.offset > n:
+                if not c.can_trim(c.offset - n):
+                    self.reset()
+                    return
+                c.trim(c.offset - n)
+        self._ids = [mx.array([ids[:n]])] if n else []
+        if n == 0:
+            self.long_rope = None
+
+    def trim(self, n: int, model=None) -> None:
+        """Drop the last n positions. A window cache that no longer holds what later queries need is
+        rebuilt from its token ids by running ``model`` again (exact, but costs a prefill)."""
+        if n <= 0:
+            return
+        ids = self.token_ids
+        if n >= len(ids):
+            self.reset()
+            return
+        if all(c.can_trim(n) for c in self):
+            for c in self:
+                c.trim(n)
+            self._ids = [mx.array([ids[: len(ids) - n]])]
+            return
+        if model is None:
+            raise ValueError("trimming this window cache needs the model to re-encode it")
+        self._ids = [mx.array([ids[: len(ids) - n]])]
+        self.reencode(model, bool(self.long_rope))
+
+    def reencode(self, model, long_rope: bool, step: int = 2048) -> None:
+        """Run the held ids through ``model`` again (for example with the long LongRoPE factors)."""
+        ids = self.token_ids
+        for c in self:
+            c.reset()
+        self._ids = []
+        self.long_rope = long_rope
+        for s in range(0, len(ids), step):
+            model(mx.array(ids[s : s + step])[None], cache=self, long_rope=long_rope)
+            mx.eval([c.state for c in self])
+
+    # ---------------------------------------------------------------------------------- files
+
+    def save(self, path: str | os.PathLike, metadata: Optional[dict] = None) -> None:
+        """Write the cache to a safetensors file (temp file, then rename)."""
+        path = Path(path)
+        if not len(self) or self.offset == 0:
+            raise Phi3MLXError("the prompt cache is empty: nothing to save")
+        arrays = {}
+        layers = []
+        for i, c in enumerate(self):
+            for j, a in enumerate(c.state):
+                arrays[f"layer.{i}.{j}"] = a
+            layers.append({"start": c.start, "offset": c.offset, "parts": len(c.state)})
+        first = self[0]
+        meta = {
+            "format": CACHE_FORMAT,
+            "identity": self.identity,
+            "layers": layers,
+            "token_ids": self.token_ids,
+            "long_rope": self.long_rope,
+            "window": first.window,
+            "bits": first.bits,
+            "group_size": first.group_size,
+            "metadata": metadata or {},
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            mx.save_safetensors(tmp, arrays, metadata={"phi3mlx": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, identity: dict) -> "ModelCache":
+        """Read a cache written by ``save``; it must come from a model with the same ``identity``."""
+        path = Path(path)
+        if not path.is_file():
+            raise Phi3MLXError(f"prompt cache not found: {path}")
+        try:
+            arrays, file_meta = mx.load(str(path), return_metadata=True)
+            meta = json.loads(file_meta["phi3mlx"])
+            if meta.get("format") != CACHE_FORMAT:
+                raise ValueError("unknown format")
+        except Exception as e:  # noqa: BLE001  (any unreadable file is the same user mistake)
+            raise Phi3MLXError(f"{path} is not a phi3mlx prompt cache ({type(e).__name__})") from None
+        if meta["identity"] != identity:
+            diff = sorted(k for k in set(identity) | set(meta["identity"])
+                          if identity.get(k) != meta["identity"].get(k))
+            raise Phi3MLXError(f"{path} was saved from a different model (differs in {', '.join(diff)})")
+        layers = []
+        for i, info in enumerate(meta["layers"]):
+            c = LayerCache(meta["window"], meta["bits"], meta["group_size"])
+            c.set_state([arrays[f"layer.{i}.{j}"] for j in range(info["parts"])], info["start"], info["offset"])
+            layers.append(c)
+        cache = cls(layers, identity)
+        cache.long_rope = meta["long_rope"]
+        ids = meta["token_ids"]
+        cache._ids = [mx.array([ids])] if ids else []
+        return cache
+
+# ------------------------------------------------------------------------------ construction
+
+def default_kv_group_size(head_dim: int) -> int:
+    return 64 if head_dim % 64 == 0 else 32
+
+def check_kv_quant(head_dim: int, bits: int, group_size: Optional[int]) -> int:
+    """Validate KV-cache quantization settings; return the group size to use."""
+    if group_size is None:
+        group_size = default_kv_group_size(head_dim)
+    problems = []
+    if bits not in (4, 8):
+        problems.append(f"kv_bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128) or head_dim % group_size:
+        problems.append(f"kv_group_size must be 32, 64 or 128 and divide the head size {head_dim}, got {group_size}")
+    if problems:
+        raise Phi3MLXError.many(problems)
+    if not _kv_quant_supported(head_dim, bits, group_size):
+        raise Phi3MLXError(
+            f"--kv-bits {bits} with group size {group_size} (head size {head_dim}) is not implemented by MLX on "
+            f"{mx.default_device()}; use a float KV cache here" + (" or another --kv-group-size" if head_dim % 64 == 0 else ""))
+    return group_size
+
+_KV_PROBED: dict = {}
+
+def _kv_quant_supported(head_dim: int, bits: int, group_size: int) -> bool:
+    """Whether this device's quantized_matmul handles attention over such a cache (MLX's CUDA backend,
+    for one, lacks some group sizes): tried once per setting on tiny inputs shaped as the attention's
+    two products (4 query heads sharing 1 KV head; 1 and 3 queries; 3 keys) in the float types models
+    run in. Only "not implemented" answers count."""
+    key = (str(mx.default_device()), head_dim, bits, group_size)
+    if key not in _KV_PROBED:
+        ok = True
+        for dtype in (mx.float32, mx.bfloat16, mx.float16):
+            for L in (1, 3):
+                kq = [mx.expand_dims(t, 2) for t in
+                      mx.quantize(mx.ones((1, 1, 3, head_dim), dtype=dtype), group_size=group_size, bits=bits)]
+                q = mx.ones((1, 1, 4, L, head_dim), dtype=dtype)
+                try:
+                    s = mx.quantized_matmul(q, *kq, transpose=True, group_size=group_size, bits=bits)
+                    mx.eval(mx.quantized_matmul(mx.softmax(s, axis=-1), *kq, transpose=False,
+                                                group_size=group_size, bits=bits))
+                except (RuntimeError, ValueError) as e:
+                    msg = str(e).lower()
+                    if "no implementation" in msg or "not supported" in msg or "not implemented" in msg:
+                        ok = False
+                    else:
+                        raise
+        _KV_PROBED[key] = ok
+    return _KV_PROBED[key]
+
+def config_identity(cfg: ModelConfig) -> dict:
+    """What a cache must agree on with the model that reads it (weights are checked separately)."""
+    return dict(model_type=cfg.model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                sliding_window=cfg.sliding_window, rope=cfg.rope.kind, rope_theta=cfg.rope.theta)
+
+def make_cache(cfg: ModelConfig, kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
+               window: bool = True, identity: Optional[dict] = None) -> ModelCache:
+    """A ModelCache for a model with this config: a window cache where the model has a sliding window
+    shorter than its context (``window`` False keeps every key), quantized with ``kv_bits``."""
+    group = None
+    if kv_bits is not None:
+        group = check_kv_quant(cfg.head_dim, kv_bits, kv_group_size)
+    w = cfg.sliding_window if window and cfg.sliding_window and cfg.sliding_window < cfg.context_length else None
+    layers = [LayerCache(w, kv_bits, group or 64) for _ in range(cfg.num_hidden_layers)]
+    return ModelCache(layers, identity or config_identity(cfg))

@@ -1,0 +1,154 @@
+"""One attention: projection -> rope -> cache update -> attend -> output, written once.
+
+A variant supplies two parts:
+
+* its **projection** (an object with ``build(attn, cfg)``, ``qkv(attn, x)`` and ``out(attn, o)``):
+  ``build`` creates the checkpoint-named layers on the attention module (``qkv_proj``/``o_proj``,
+  Phi-3-small's grouped ``query_key_value``/``dense``, Phi-3.5-MoE's ``q_proj``...), ``qkv`` returns
+  q (B, H, L, D) and k, v (B, K, L, D), ``out`` maps (B, L, H*D) back to the model width;
+* its **mask maker** for a layer: None for the causal / sliding-window mask every dense layer shares
+  (built once per pass by ``Pass.mask``), or a callable ``(q, k, v, scale, pass, cache) -> o`` that
+  attends with its own pattern (Phi-3-small's blocksparse layers), calling ``attend`` in turn.
+
+Shapes: B batch, L new tokens, T keys, H query heads, K kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..config import ModelConfig
+from .rope import Rope
+
+
+@dataclass
+class AttentionMask:
+    """``mask`` is None, "causal" or a boolean (L, T') array (True = attend), or a per-head (H, L, T')
+    one; ``kv_start`` drops the first returned keys, which no query of this pass can see."""
+
+    mask: Union[None, str, mx.array]
+    kv_start: int = 0
+
+
+def make_mask(offset: int, length: int, window: Optional[int], key_start: int = 0) -> AttentionMask:
+    """Causal mask for queries at positions offset..offset+length-1 over keys key_start..offset+length-1,
+    optionally windowed: a query at i sees keys j with j <= i and i - j < window (as transformers)."""
+    total = offset + length
+    if window is None or total <= window:
+        return AttentionMask("causal" if length > 1 else None)
+    first = max(key_start, offset - window + 1)  # earliest key the first query can see
+    if length == 1:
+        return AttentionMask(None, first - key_start)
+    q = mx.arange(offset, total)[:, None]
+    k = mx.arange(first, total)[None, :]
+    return AttentionMask((k <= q) & (q - k < window), first - key_start)
+
+
+@dataclass
+class Pass:
+    """What every layer of one forward pass shares: positions, rope regime and the dense mask."""
+
+    offset: int  # position of the first new token
+    length: int  # new tokens
+    long_rope: bool = False
+    key_start: int = 0  # absolute position of the first key a layer's cache returns
+    window: Optional[int] = None
+    _mask: Optional[AttentionMask] = field(default=None, repr=False)
+
+    def mask(self) -> AttentionMask:
+        if self._mask is None:
+            self._mask = make_mask(self.offset, self.length, self.window, self.key_start)
+        return self._mask
+
+
+def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> mx.array:
+    """softmax(q k^T * scale + mask) v for float or quantized (tuple) keys and values.
+
+    q: (B, H, L, D); k, v: (B, K, T, D) arrays, or (packed, scales, biases) tuples from a quantized
+    cache (whose ``group_size`` and ``bits`` are read). Keys before ``mask.kv_start`` are dropped.
+    """
+    if not isinstance(k, mx.array):
+        if mask.kv_start:
+            k = tuple(t[:, :, mask.kv_start :] for t in k)
+            v = tuple(t[:, :, mask.kv_start :] for t in v)
+        return quantized_attention(q, k, v, scale, mask.mask, cache.group_size, cache.bits)
+    if mask.kv_start:
+        k, v = k[:, :, mask.kv_start :], v[:, :, mask.kv_start :]
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask.mask)
+
+
+def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, group_size: int, bits: int) -> mx.array:
+    """Attention over a quantized KV cache; mask None, "causal", (L, T) or per-head (H, L, T)."""
+    B, H, L, D = q.shape
+    K = k[0].shape[1]
+    G = H // K
+    q = (q * scale).reshape(B, K, G, L, D)  # query heads grouped by the KV head they read
+    k = tuple(mx.expand_dims(t, 2) for t in k)  # (B, K, 1, T, ...)
+    v = tuple(mx.expand_dims(t, 2) for t in v)
+    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, K, G, L, T)
+    if mask is not None:
+        T = s.shape[-1]
+        if isinstance(mask, str):
+            mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
+        elif mask.ndim == 3:
+            mask = mask.reshape(K, G, L, T)
+        s = mx.where(mask, s, mx.finfo(s.dtype).min)
+    p = mx.softmax(s, axis=-1, precise=True)
+    o = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
+    return o.reshape(B, H, L, D)
+
+
+class FusedQKV:
+    """Phi-3: one ``qkv_proj`` giving [q | k | v] along the output axis, and ``o_proj``; no biases."""
+
+    @staticmethod
+    def build(attn: nn.Module, cfg: ModelConfig) -> None:
+        H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        attn.qkv_proj = nn.Linear(cfg.hidden_size, (H + 2 * K) * D, bias=False)
+        attn.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+
+    @staticmethod
+    def qkv(attn: nn.Module, x: mx.array):
+        B, L, _ = x.shape
+        H, K, D = attn.n_heads, attn.n_kv, attn.head_dim
+        q, k, v = mx.split(attn.qkv_proj(x), [H * D, (H + K) * D], axis=-1)  # (B, L, (H + 2K) * D)
+        q = q.reshape(B, L, H, D).transpose(0, 2, 1, 3)  # (B, H, L, D)
+        k = k.reshape(B, L, K, D).transpose(0, 2, 1, 3)  # (B, K, L, D)
+        v = v.reshape(B, L, K, D).transpose(0, 2, 1, 3)
+        return q, k, v
+
+    @staticmethod
+    def out(attn: nn.Module, o: mx.array) -> mx.array:
+        return attn.o_proj(o)
+
+
+class Attention(nn.Module):
+    """Built as Attention(cfg, layer_idx, projection, mask_maker); called as (x, pass, cache)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, projection=FusedQKV, mask_maker=None):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.projection = projection
+        self.mask_maker = mask_maker
+        projection.build(self, cfg)
+        self.rope = Rope(cfg.rope, cfg.head_dim)
+        s = cfg.attention_scale
+        self.scale = (s * self.rope.score_scale(False), s * self.rope.score_scale(True))
+
+    def __call__(self, x: mx.array, p: Pass, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = self.projection.qkv(self, x)
+        q = self.rope(q, p.offset, p.long_rope)
+        k = self.rope(k, p.offset, p.long_rope)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)  # (B, K, T, D) or quantized tuples
+        scale = self.scale[p.long_rope]
+        if self.mask_maker is None:
+            o = attend(q, k, v, scale, p.mask(), cache)
+        else:
+            o = self.mask_maker(q, k, v, scale, p, cache)
+        return self.projection.out(self, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
