@@ -5,8 +5,8 @@
 * plain: grows with the sequence, allocated in steps of 256 positions;
 * window (``window=W``, sliding-window models such as Phi-3-mini-4k, W = 2047): a query at position
   i sees keys i - W + 1 .. i, so keys older than the last W - 1 positions are never read again and
-  are dropped. The cache holds at most ``W - 1 + max(new tokens of one pass, step)`` positions,
-  however long the generation runs;
+  are dropped. The cache holds at most ``W - 1 + max(new tokens of one pass, min(256, W / 4))``
+  positions, however long the generation runs;
 * quantized (``bits`` 4 or 8): keys and values stored as MLX affine-quantized (packed, scales, biases)
   triples, ``group_size`` values per group. Combines with the window.
 
@@ -63,6 +63,13 @@ class LayerCache:
         out = [a[..., :n, :] for a in parts]
         return out[0] if self.bits is None else tuple(out)
 
+    def _grow(self, L: int) -> int:
+        """Room to add for L new positions: steps of 256 (window caches: at most a quarter window, so
+        the cache never holds more than window - 1 + max(L, window / 4) positions)."""
+        if self.window is None:
+            return -(-L // self.step) * self.step
+        return max(L, min(self.step, max(1, self.window // 4)))
+
     def update_and_fetch(self, k: mx.array, v: mx.array):
         """Store k, v (B, K, L, D) at positions offset..offset+L-1; return every stored key and value.
 
@@ -73,7 +80,7 @@ class LayerCache:
         kp, vp = self._parts(k), self._parts(v)
         n = self.length
         if self.keys is None:
-            cap = max(L, self.step) if self.window is not None else -(-L // self.step) * self.step
+            cap = self._grow(L)
             self.keys = [mx.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype) for a in kp]
             self.values = [mx.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype) for a in vp]
         elif n + L > self.keys[0].shape[2]:
@@ -81,7 +88,7 @@ class LayerCache:
             if self.window is not None:  # keep only what a query at offset or later can see
                 drop = max(0, n - (self.window - 1))
             keep = n - drop
-            cap = keep + (max(L, self.step) if self.window is not None else -(-L // self.step) * self.step)
+            cap = keep + self._grow(L)
 
             def regrow(parts, new):
                 return [mx.concatenate([a[..., drop:n, :], mx.zeros(a.shape[:2] + (cap - keep,) + a.shape[3:], a.dtype)],
@@ -246,7 +253,7 @@ class ModelCache(list):
             "metadata": metadata or {},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".partial.safetensors", dir=path.parent)
         os.close(fd)
         try:
             mx.save_safetensors(tmp, arrays, metadata={"phi3mlx": json.dumps(meta)})

@@ -322,7 +322,7 @@ def test_export_hf_dequantizes_experts(phimoe_checkpoint, tmp_path, torch_mod):
 
 
 def test_config_problems_reported():
-    from phi3mlx.config import ModelConfig
+    from phi3mlx.models import parse_config
     from phi3mlx.errors import Phi3MLXError
 
     cfg = _tiny_cfg(num_experts_per_tok=5, phimoe_longrope="sometimes")
