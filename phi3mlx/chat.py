@@ -48,6 +48,19 @@ class ContextOverflow(Phi3MLXError):
         )
 
 
+class NotUTF8(Phi3MLXError):
+    pass
+
+
+def decode_line(raw: bytes) -> str:
+    """A line of input as text; invalid UTF-8 is named (position and byte) rather than a traceback."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise NotUTF8(f"that line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}); "
+                      "it was skipped") from None
+
+
 @dataclass
 class Reply:
     text: str
@@ -120,8 +133,14 @@ class PlainUI:
     """stdin is not a terminal: plain lines in, answers on stdout, notices on stderr."""
 
     def read(self) -> Optional[str]:
-        line = sys.stdin.readline()
-        return None if line == "" else line
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text-only stdin (tests, embedding): already decoded
+            line = sys.stdin.readline()
+            return None if line == "" else line
+        raw = stream.readline()
+        if raw == b"":
+            return None
+        return decode_line(raw)
 
     def write(self, piece: str) -> None:
         sys.stdout.write(piece)
@@ -171,6 +190,9 @@ def run(chat: Chat, ui) -> None:
         except KeyboardInterrupt:
             ui.notice("")
             return
+        except (UnicodeDecodeError, NotUTF8) as e:
+            ui.notice(str(e) if isinstance(e, NotUTF8) else f"that line is not valid UTF-8 ({e.reason}); it was skipped")
+            continue
         if line is None:
             return
         line = line.strip()

@@ -275,3 +275,19 @@ def test_long_chat_crosses_the_4096_longrope_threshold(tmp_path):
                 seq.append(t)
             assert reply.text == tok.decode(toks), turn
     assert crossed and chat.cache.offset > 4096
+
+
+def test_chat_skips_a_line_that_is_not_utf8(window_model, monkeypatch, capsys):
+    import io
+    import sys
+
+    from phi3mlx import chat as chat_mod
+
+    model, tok = window_model
+    raw = b"hello\n\xff\xfe bad\n/exit\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    c = Chat(model, tok, max_tokens=2)
+    chat_mod.run(c, chat_mod.PlainUI())
+    err = capsys.readouterr().err
+    assert "not valid UTF-8 (byte 0xff at position 0)" in err
+    assert len(c.history) == 2  # "hello" was answered, the bad line skipped, /exit left
