@@ -183,18 +183,15 @@ def run(chat: Chat, ui) -> None:
             ui.notice(f"(the context of {chat.model.config.context_length} tokens is full; /reset starts over)")
 
 
-def main(args) -> None:
-    """Entry point for ``phi3mlx chat`` (``args`` from phi3mlx.cli)."""
+def main(args, model, tokenizer, gen_kwargs: dict) -> None:
+    """Entry point for ``phi3mlx chat``: ``args`` from phi3mlx.cli (``system``, ``max_tokens``, ``model``),
+    the model and tokenizer it loaded, and the generation keyword arguments it built from the flags."""
     import mlx.core as mx
-
-    from .cli import sampling_kwargs
-    from .loader import load
 
     if args.max_tokens < 1:
         raise Phi3MLXError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-    kwargs = sampling_kwargs(args)
-    seed = kwargs.pop("seed")
+    kwargs = dict(gen_kwargs)
+    seed = kwargs.pop("seed", None)
     if seed is not None:  # seed once, so that turns do not repeat the same random stream
         mx.random.seed(seed)
     chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens, **kwargs)
