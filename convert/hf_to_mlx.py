@@ -48,20 +48,34 @@ def convert(
     mlx_path: str,
     *,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     dtype: Optional[str] = None,
     keep_float: tuple = (),
     force: bool = False,
     context: Optional[int] = None,
     show_progress: bool = True,
 ) -> ConvertResult:
-    if quantize:
-        check_quant_args(q_bits, q_group_size)
+    """Convert ``hf_path`` into ``mlx_path``; with ``quantize``, ``q_bits`` (default 4) bits per weight in groups
+    of ``q_group_size`` (default 64). Giving ``q_bits``/``q_group_size`` without ``quantize`` is an error."""
+    problems = []
+    given = [flag for flag, v in (("--q-bits", q_bits), ("--q-group-size", q_group_size)) if v is not None]
+    if given and not quantize:
+        problems.append(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when quantizing: "
+                        "add -q/--quantize")
+    q_bits = 4 if q_bits is None else q_bits
+    q_group_size = 64 if q_group_size is None else q_group_size
+    if quantize or given:
+        try:
+            check_quant_args(q_bits, q_group_size)
+        except Phi3MLXError as e:
+            problems.append(str(e))
     if dtype is not None and dtype not in DTYPES:
-        raise Phi3MLXError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+        problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     if context is not None and context <= 0:
-        raise Phi3MLXError(f"--context must be a positive number, got {context}")
+        problems.append(f"--context must be a positive number, got {context}")
+    if problems:
+        raise Phi3MLXError.many(problems)
     out = Path(mlx_path)
     check_output(out, force)  # fail before any download
     src = resolve(hf_path)

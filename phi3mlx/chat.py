@@ -31,6 +31,7 @@ from typing import Callable, Optional
 
 from .errors import Phi3MLXError
 from .generate import GenerationResponse, make_sampler, stream_generate
+from .tokenizer import utf8_problem
 
 HELP = """commands:
   /help          this list
@@ -46,19 +47,6 @@ class ContextOverflow(Phi3MLXError):
             f"this message makes the prompt {prompt_tokens} tokens, but the model's context is {context} "
             "tokens (no room for an answer); it was not added to the history (/reset starts over)"
         )
-
-
-class NotUTF8(Phi3MLXError):
-    pass
-
-
-def decode_line(raw: bytes) -> str:
-    """A line of input as text; invalid UTF-8 is named (position and byte) rather than a traceback."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise NotUTF8(f"that line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}); "
-                      "it was skipped") from None
 
 
 @dataclass
@@ -133,14 +121,8 @@ class PlainUI:
     """stdin is not a terminal: plain lines in, answers on stdout, notices on stderr."""
 
     def read(self) -> Optional[str]:
-        stream = getattr(sys.stdin, "buffer", None)
-        if stream is None:  # a text-only stdin (tests, embedding): already decoded
-            line = sys.stdin.readline()
-            return None if line == "" else line
-        raw = stream.readline()
-        if raw == b"":
-            return None
-        return decode_line(raw)
+        line = sys.stdin.readline()
+        return None if line == "" else line
 
     def write(self, piece: str) -> None:
         sys.stdout.write(piece)
@@ -190,8 +172,11 @@ def run(chat: Chat, ui) -> None:
         except KeyboardInterrupt:
             ui.notice("")
             return
-        except (UnicodeDecodeError, NotUTF8) as e:
-            ui.notice(str(e) if isinstance(e, NotUTF8) else f"that line is not valid UTF-8 ({e.reason}); it was skipped")
+        except UnicodeDecodeError as e:  # a strict stream; the CLI reads with surrogateescape (below)
+            ui.notice(f"that line is not valid UTF-8 (byte 0x{e.object[e.start]:02x}); it was skipped")
+            continue
+        if line is not None and utf8_problem(line):
+            ui.notice(utf8_problem(line, "that line") + "; it was skipped")
             continue
         if line is None:
             return
@@ -223,15 +208,13 @@ def run(chat: Chat, ui) -> None:
             ui.notice(f"(the context of {chat.model.config.context_length} tokens is full; /reset starts over)")
 
 
-def main(args) -> None:
-    """Entry point for ``phi3mlx chat`` (``args`` from phi3mlx.cli)."""
-    from .cli import sampling_kwargs
-    from .loader import load
-
+def main(args, model, tokenizer, gen_kwargs: dict) -> None:
+    """Entry point for ``phi3mlx chat``: ``args`` from phi3mlx.cli (``system``, ``max_tokens``, ``model``),
+    the model and tokenizer it loaded, and the generation keyword arguments it built from the flags
+    (a seed seeds the chat's one sampler, so turns do not repeat the same random stream)."""
     if args.max_tokens < 1:
         raise Phi3MLXError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-    kwargs = sampling_kwargs(args)
+    kwargs = dict(gen_kwargs)
     chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens, **kwargs)
     if not sys.stdin.isatty():
         return run(chat, PlainUI())

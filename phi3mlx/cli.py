@@ -1,7 +1,12 @@
 """The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse.
 
-User mistakes (``Phi3MLXError``) are printed as one line ``phi3mlx: error: ...`` with exit code 1;
-argparse reports unknown flags with exit code 2.
+Every user mistake is printed as one line ``phi3mlx: error: ...`` with exit code 1: a bad command line
+(argparse's errors: unknown flag, missing flag, bad value or choice; the line names the subcommand and
+points to its ``--help``) as well as a ``Phi3MLXError`` from the work itself.
+
+A prompt or system message that is not valid UTF-8 (``-p -`` with such bytes on stdin, or such bytes in
+an argument) is refused with one line naming the first bad byte and its position; it is never silently
+altered.
 """
 
 from __future__ import annotations
@@ -10,13 +15,82 @@ import argparse
 import os
 import sys
 
+from . import __version__
+from .bench import check_bench_args
+from .bench import main as bench_main
+from .chat import main as chat_main
+from .convert.hf_to_mlx import convert
+from .convert.mlx_to_hf import export_hf
 from .errors import Phi3MLXError
+from .finetune.cli import add_parsers, apply_yaml, run_fuse, run_training
+from .generate import format_stats, stream_generate
+from .loader import load
+from .tiny import TINY_ID
+from .tokenizer import utf8_problem
 
-DEFAULT_MODEL = "phi3mlx:tiny"
+DEFAULT_MODEL = TINY_ID
+TINY_NOTICE = (f"phi3mlx: note: {TINY_ID} (the default --model) is a built-in toy model with random weights: its "
+               "output is noise; pass --model with a model folder or a Hugging Face Hub id for a real model")
+
+
+class UsageError(Phi3MLXError):
+    """A bad command line (argparse's errors), reported like every other user mistake."""
+
+    def __init__(self, problem: str, prog: str = "phi3mlx"):
+        self.problem, self.prog = problem, prog
+        command = prog.partition(" ")[2]  # "phi3mlx generate" -> "generate"
+        super().__init__(f"{command + ': ' if command else ''}{problem} (see {prog} --help)")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends "(default: X)" once, and only where it says something: not for a default of None or an
+    off switch, nor where the help text already states its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (``UsageError``, exit code 1 in ``main``) instead of usage + exit 2."""
+
+    def error(self, message):
+        raise UsageError(message, self.prog)
+
+    def parse_args(self, args=None, namespace=None):
+        try:
+            ns, extras = self.parse_known_args(args, namespace)
+        except UsageError as e:  # name unknown flags too, not only the first problem argparse met
+            extras = self._unknown_args(args)
+            if not extras or "unrecognized arguments" in e.problem:
+                raise
+            raise UsageError(f"{e.problem}; unrecognized arguments: {' '.join(extras)}", e.prog) from None
+        if extras:  # argparse reports them from the top parser: name the subcommand they were given to
+            (self._chosen_subparser(ns) or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def _chosen_subparser(self, ns):
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return action.choices.get(getattr(ns, action.dest, None))
+        return None
+
+    def _unknown_args(self, args) -> list:
+        """The arguments no parser recognises, found by parsing again with nothing required."""
+        parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                            for p in a.choices.values()]
+        relaxed = [a for p in parsers for a in p._actions if a.required]
+        for a in relaxed:
+            a.required = False
+        try:
+            return self.parse_known_args(args)[1]
+        except UsageError:
+            return []
+        finally:
+            for a in relaxed:
+                a.required = True
 
 
 def _model_arg(p, required=False):
@@ -48,15 +122,13 @@ def _sampling_args(p, max_tokens=256):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="phi3mlx",
         description="Run, convert, quantize and benchmark Phi-3 family models with MLX.",
         formatter_class=_Formatter,
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"phi3mlx {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to an MLX folder (optionally quantized)",
@@ -67,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-path", required=True, help="Hugging Face folder or hub id (e.g. microsoft/Phi-3-mini-4k-instruct)")
     p.add_argument("--mlx-path", required=True, help="output folder")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize weights (affine, MLX format)")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per weight when quantizing: 4 or 8")
-    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size: 32, 64 or 128")
+    p.add_argument("--q-bits", type=int, default=None, help="bits per weight when quantizing (with -q): 4 or 8 (default: 4)")
+    p.add_argument("--q-group-size", type=int, default=None,
+                   help="quantization group size (with -q): 32, 64 or 128 (default: 64)")
     p.add_argument("--keep-embeddings-float", action="store_true", help="do not quantize the token embedding")
     p.add_argument("--keep-head-float", action="store_true", help="do not quantize the output head (lm_head)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
@@ -120,15 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench_train import add_train_args
 
     add_train_args(p)  # phi3mlx bench --train
-    from phi3mlx.finetune.cli import add_parsers
 
     add_parsers(sub, _Formatter)
     return parser
 
 
 def _cmd_convert(a):
-    from phi3mlx.convert.hf_to_mlx import convert
-
     keep = tuple(n for n, on in (("model.embed_tokens", a.keep_embeddings_float), ("lm_head", a.keep_head_float)) if on)
     res = convert(a.hf_path, a.mlx_path, quantize=a.quantize, q_bits=a.q_bits, q_group_size=a.q_group_size,
                   dtype=a.dtype, keep_float=keep, force=a.force, context=a.context)
@@ -137,26 +207,41 @@ def _cmd_convert(a):
 
 
 def _cmd_export(a):
-    from phi3mlx.convert.mlx_to_hf import export_hf
-
     out = export_hf(a.mlx_path, a.hf_path, dtype=a.dtype, force=a.force)
     print(f"wrote {out}")
 
 
 def sampling_kwargs(a) -> dict:
+    """The generation keyword arguments (stream_generate's) of ``generate``/``chat``'s flags."""
     return dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
                 repetition_penalty=a.repetition_penalty, seed=a.seed, prefill_step_size=a.prefill_step_size,
                 kv_bits=a.kv_bits, kv_group_size=a.kv_group_size)
 
 
-def _cmd_generate(a):
-    from .generate import format_stats, stream_generate
-    from .loader import load
+def _read_stdin() -> str:
+    """All of stdin as text; bytes that do not decode stay as surrogates (reported by utf8_problem)."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    return sys.stdin.read()
 
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
-    if not prompt.strip():
-        raise Phi3MLXError("the prompt is empty")
+
+def _note_tiny(a) -> None:
+    """Say on stderr that the built-in random model's output is noise, when a command runs it."""
+    if str(getattr(a, "model", None)) == TINY_ID:
+        print(TINY_NOTICE, file=sys.stderr, flush=True)
+
+
+def _cmd_generate(a):
+    from_stdin = a.prompt == "-"
+    prompt = _read_stdin() if from_stdin else a.prompt
+    problems = [utf8_problem(prompt, "the prompt read from stdin" if from_stdin else "the prompt (--prompt)"),
+                utf8_problem(a.system, "the system message (--system)") if a.system else None]
+    if not problems[0] and not prompt.strip():
+        problems[0] = "the prompt is empty"
+    if any(problems):
+        raise Phi3MLXError.many(problems)
     model, tok = load(a.model, adapter_path=a.adapter_path)
+    _note_tiny(a)
     if not a.raw:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -165,13 +250,17 @@ def _cmd_generate(a):
         print(last.text, end="", flush=True)
     print()
     if a.verbose and last is not None:
-        print(format_stats(last), file=sys.stderr)
+        print(format_stats(last, model.config.context_length), file=sys.stderr)
 
 
 def _cmd_chat(a):
-    from .chat import main as chat_main
-
-    chat_main(a)
+    if a.system and utf8_problem(a.system):
+        raise Phi3MLXError(utf8_problem(a.system, "the system message (--system)"))
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 becomes a one-line error, not a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
+    model, tok = load(a.model, adapter_path=a.adapter_path)
+    _note_tiny(a)
+    chat_main(a, model, tok, sampling_kwargs(a))
 
 
 def _cmd_bench(a):
@@ -179,26 +268,19 @@ def _cmd_bench(a):
         from .bench_train import main as bench_train_main
 
         return bench_train_main(a)
-    from .bench import main as bench_main
-
+    _note_tiny(a)
     bench_main(a)
 
 
 def _cmd_lora(a):
-    from phi3mlx.finetune.cli import run_training
-
     run_training(a)
 
 
 def _cmd_dpo(a):
-    from phi3mlx.finetune.cli import run_training
-
     run_training(a, dpo=True)
 
 
 def _cmd_fuse(a):
-    from phi3mlx.finetune.cli import run_fuse
-
     run_fuse(a)
 
 
@@ -223,8 +305,11 @@ def check_args(a) -> None:
         need("--min-p", lambda v: 0 <= v <= 1, "in [0, 1]")
         need("--repetition-penalty", lambda v: v > 0, "positive")
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
-    if a.command == "convert":
-        need("--context", lambda v: v >= 1, "a positive number")
+    if a.command == "bench" and not a.train:  # before the model loads (and before the phi3mlx:tiny notice)
+        try:
+            check_bench_args(a.prompt_tokens, a.gen_tokens, a.repeats)
+        except Phi3MLXError as e:
+            problems.append(str(e))
     if problems:
         raise Phi3MLXError.many(problems)
 
@@ -232,8 +317,6 @@ def check_args(a) -> None:
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from phi3mlx.finetune.cli import apply_yaml
-
     try:
         args = apply_yaml(build_parser(), argv)
         check_args(args)

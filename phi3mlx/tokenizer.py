@@ -100,6 +100,53 @@ TOKENIZER_GLOBS = ("*.tiktoken",)
 TIKTOKEN_FILE = "cl100k_base.tiktoken"
 
 
+def utf8_problem(text: str, what: str = "the text") -> Optional[str]:
+    """Why ``text`` is not valid Unicode text (one line naming the first bad byte and where), else None.
+
+    Bytes that are not valid UTF-8 reach Python as lone surrogates: U+DC80..U+DCFF stand for the bytes
+    0x80..0xFF in command-line arguments and in streams read with ``errors="surrogateescape"``.
+    """
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        return f"{what} is not valid UTF-8 ({bad} at character {e.start})"
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Raise ``Phi3MLXError`` if ``text`` cannot be tokenized (see ``utf8_problem``)."""
+    problem = utf8_problem(text, what) if isinstance(text, str) else None
+    if problem:
+        raise Phi3MLXError(problem)
+
+
+def _check_messages(messages) -> None:
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            check_text(content, f"message {i + 1} ({m.get('role', '?')})")
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" advice: only its tokenizers are used here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "PyTorch was not found" not in record.getMessage()
+
+
+def _import_transformers():
+    """``transformers``, imported without its notice about a missing torch, its own logging at ERROR."""
+    log = logging.getLogger("transformers")
+    if not any(isinstance(f, _NoTorchNotice) for f in log.filters):
+        log.addFilter(_NoTorchNotice())
+    import transformers
+
+    log.setLevel(logging.ERROR)  # after the import: transformers sets its level when it first logs
+    return transformers
+
+
 def tokenizer_files(folder: Path) -> list[str]:
     """Names of the tokenizer files present in ``folder`` (TOKENIZER_FILES, then TOKENIZER_GLOBS)."""
     folder = Path(folder)
@@ -232,12 +279,14 @@ class Tokenizer(BaseTokenizer):
 
     # the transformers-compatible surface -------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kw):
+        _check_messages(messages)
         out = self._tok.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **kw
         )
@@ -331,6 +380,7 @@ class TiktokenTokenizer(BaseTokenizer):
         return dict(self._special)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)  # tiktoken would silently replace the bad bytes
         return self._enc.encode(text, allowed_special="all", disallowed_special=())
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -526,8 +576,7 @@ def load_tokenizer(path: Path, config: Optional[dict] = None) -> BaseTokenizer:
     problem = missing_tokenizer(path, model_type)
     if problem:
         raise Phi3MLXError(problem)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    from transformers import AutoTokenizer
+    AutoTokenizer = _import_transformers().AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -75,7 +76,8 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], source: str) -
 def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` only when the block succeeds.
 
-    On any failure (or Ctrl-C) the temporary folder is removed and ``out`` is left as it was.
+    On any failure (or Ctrl-C) the temporary folder is removed and ``out`` is left as it was. The folder
+    gets the permissions ``mkdir`` would give it (0o777 less the umask), not mkdtemp's private 0o700.
     """
     out = Path(out)
     check_output(out, force)
@@ -85,6 +87,7 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except OSError as e:
         raise Phi3MLXError(f"cannot create the output folder {out}: {e.strerror or e}") from None
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0o700); the result is a normal folder
         yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
@@ -103,6 +106,13 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_output(out: Path, force: bool = False) -> None:

@@ -285,9 +285,9 @@ def test_chat_skips_a_line_that_is_not_utf8(window_model, monkeypatch, capsys):
 
     model, tok = window_model
     raw = b"hello\n\xff\xfe bad\n/exit\n"
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw)))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(raw), errors="surrogateescape"))  # as the CLI reads
     c = Chat(model, tok, max_tokens=2)
     chat_mod.run(c, chat_mod.PlainUI())
     err = capsys.readouterr().err
-    assert "not valid UTF-8 (byte 0xff at position 0)" in err
+    assert "that line is not valid UTF-8 (byte 0xff at character 0); it was skipped" in err
     assert len(c.history) == 2  # "hello" was answered, the bad line skipped, /exit left

@@ -16,7 +16,7 @@ from phi3mlx.finetune import lora  # noqa: E402
 from phi3mlx.finetune.losses import make_dpo_loss  # noqa: E402
 from phi3mlx.finetune.trainer import TrainArgs, evaluate, train  # noqa: E402
 
-from .test_finetune_trainer import NEXT, TOKENS, folders  # noqa: E402,F401
+from .helpers import NEXT, TOKENS  # noqa: E402
 
 CHATS = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                        {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
@@ -37,7 +37,7 @@ def chat_data(tmp_path_factory):
     return d
 
 
-def test_lora_fuse_generate_end_to_end(folders, chat_data, tmp_path, capsys):  # noqa: F811
+def test_lora_fuse_generate_end_to_end(folders, chat_data, tmp_path, capsys):
     out = tmp_path / "ad"
     code, _, err = cli(capsys, "lora", "--model", folders["phi3"], "--data", chat_data, "--adapter-path", out,
                        "--iters", 6, "--batch-size", 2, "--lr", 1e-3, "--val-every", 3, "--save-every", 3,
@@ -69,7 +69,7 @@ def test_lora_fuse_generate_end_to_end(folders, chat_data, tmp_path, capsys):  #
     assert np.abs(np.array(again(ids)) - unfused).max() <= 1e-5
 
 
-def test_yaml_config_and_flags_win(folders, chat_data, tmp_path, capsys):  # noqa: F811
+def test_yaml_config_and_flags_win(folders, chat_data, tmp_path, capsys):
     y = tmp_path / "c.yaml"
     y.write_text(f"model: {folders['phi3']}\ndata: {chat_data}\niters: 2\nbatch-size: 2\nrank: 2\n"
                  f"adapter_path: {tmp_path / 'y'}\nval_every: 2\nsave_every: 2\n")
@@ -82,7 +82,7 @@ def test_yaml_config_and_flags_win(folders, chat_data, tmp_path, capsys):  # noq
     assert code == 1 and err.strip() == f"phi3mlx: error: {y}: unknown keys learning_rat, ranks"
 
 
-def test_bad_training_input_is_one_line(folders, chat_data, tmp_path, capsys):  # noqa: F811
+def test_bad_training_input_is_one_line(folders, chat_data, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.jsonl").write_text('{"text": "fine"}\n{"text": oops}\n')
@@ -111,7 +111,8 @@ def _pairs(n, seed):
     return out
 
 
-def test_dpo_raises_margin_and_accuracy_on_held_out_pairs(folders, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_dpo_raises_margin_and_accuracy_on_held_out_pairs(folders, tmp_path):
     model, _ = load(folders["phi3"])
     mx.random.seed(0)
     cfg = lora.apply_adapters(model, {"rank": 8, "alpha": 16.0})

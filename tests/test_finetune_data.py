@@ -13,7 +13,7 @@ from phi3mlx.errors import Phi3MLXError
 from phi3mlx.finetune import data as D
 from phi3mlx.tokenizer import load_tokenizer
 
-from .conftest import PHI3_SMALL_BPE, phi3_small_tokenizer_config
+from .helpers import phi3_small_tokenizer_config
 
 CHAT = [
     {"role": "system", "content": "Be brief."},
@@ -251,10 +251,8 @@ def test_template_failure_names_the_line(tmp_path):
         D.encode_sft(rows[2], "completion", StubTokenizer(broken), False)
 
 
-def test_chat_mask_with_phi3_small_template(tmp_path):
-    if not PHI3_SMALL_BPE.exists():
-        pytest.skip(f"reference tiktoken file not available ({PHI3_SMALL_BPE} missing)")
-    shutil.copy(PHI3_SMALL_BPE, tmp_path / "cl100k_base.tiktoken")
+def test_chat_mask_with_phi3_small_template(tmp_path, cl100k_bpe):
+    shutil.copy(cl100k_bpe, tmp_path / "cl100k_base.tiktoken")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(phi3_small_tokenizer_config()))
     small = load_tokenizer(tmp_path, {"model_type": "phi3small"})
     ids, mask = D.encode_sft(ROWS["chat"], "chat", small, False)

@@ -57,6 +57,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     launch = Path(sys.executable).with_name("mlx.launch")
     if not launch.exists() and not shutil.which("mlx.launch"):

@@ -15,28 +15,10 @@ from mlx.utils import tree_flatten, tree_map  # noqa: E402
 from phi3mlx import load  # noqa: E402
 from phi3mlx.errors import Phi3MLXError  # noqa: E402
 from phi3mlx.finetune import lora  # noqa: E402
-from phi3mlx.tiny import make_random, make_tiny  # noqa: E402
 
 IDS = mx.array([[1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203]])
 
-SMALL = {"model_type": "phi3small", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "ff_intermediate_size": 256, "num_hidden_layers": 2, "vocab_size": 32064, "blocksparse_block_size": 4,
-         "blocksparse_num_local_blocks": 2, "blocksparse_vert_stride": 2, "dense_attention_every_n_layers": 2,
-         "mup_embedding_multiplier": 10.0, "mup_width_multiplier": 8.0, "max_position_embeddings": 1024}
-MOE = {"model_type": "phimoe", "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-       "intermediate_size": 96, "num_hidden_layers": 2, "vocab_size": 32064, "num_local_experts": 4,
-       "num_experts_per_tok": 2, "attention_bias": True, "lm_head_bias": True, "max_position_embeddings": 1024,
-       "rope_scaling": None, "sliding_window": None}
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lora")
-    return {
-        "phi3": make_tiny(d / "phi3", config={"hidden_size": 192, "num_attention_heads": 2, "num_key_value_heads": 1}),
-        "phi3small": make_random(d / "phi3small", SMALL),
-        "phimoe": make_random(d / "phimoe", MOE),
-    }
+# folders (conftest.py): tiny random phi3, phi3small (helpers.FT_SMALL) and phimoe (helpers.FT_MOE) models.
 
 
 def _perturb(model, seed=0):

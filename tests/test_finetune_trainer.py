@@ -16,21 +16,10 @@ from phi3mlx.errors import Phi3MLXError  # noqa: E402
 from phi3mlx.finetune import lora  # noqa: E402
 from phi3mlx.finetune.losses import sft_loss  # noqa: E402
 from phi3mlx.finetune.trainer import TrainArgs, train  # noqa: E402
-from phi3mlx.tiny import make_random, make_tiny  # noqa: E402
 
-from .test_finetune_lora import MOE  # noqa: E402  (the same tiny phimoe shape)
+from .helpers import NEXT, TOKENS  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    return {"phi3": make_tiny(d / "phi3", config={"hidden_size": 192, "num_attention_heads": 2,
-                                                    "num_key_value_heads": 1}),
-            "phimoe": make_random(d / "phimoe", MOE)}
-
-
-TOKENS = np.random.default_rng(99).choice(np.arange(1000, 30000), 40, replace=False).astype(np.int32)
-NEXT = {int(a): int(b) for a, b in zip(TOKENS, np.roll(TOKENS, -7))}  # a fixed successor for 40 tokens
+# folders (conftest.py): the tiny random phi3 and phimoe models trained here.
 
 
 def task(n, seed, length=24):
@@ -126,6 +115,7 @@ def accuracy(model, seqs):
     return right / total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["phi3", "phimoe"])
 def test_training_lowers_validation_loss(folders, tmp_path, kind):
     """LoRA learns the successor task on held-out sequences: loss near ln(vocab) drops by > 1.5 nats (the

@@ -42,6 +42,7 @@ def test_logits_and_greedy_match_transformers(name, hf_checkpoint, tmp_path_fact
     assert_logits_and_greedy_match(model, hf_model, torch_mod, name)
 
 
+@pytest.mark.slow
 def test_longrope_long_regime_logits(hf_checkpoint, tmp_path_factory, torch_mod):
     """A 4100-token pass (> original 4096) uses the long factors, as transformers does."""
     model, _, hf_model = _converted(hf_checkpoint, tmp_path_factory, "Phi-3-mini-128k-instruct")
@@ -54,6 +55,7 @@ def test_longrope_long_regime_logits(hf_checkpoint, tmp_path_factory, torch_mod)
     assert np.abs(short - ref).max() > 100 * TOL
 
 
+@pytest.mark.slow
 def test_greedy_crossing_longrope_threshold(hf_checkpoint, tmp_path_factory, torch_mod):
     """Prompt of 4080 tokens, 32 new tokens: the sequence crosses 4096 and the cache is rebuilt."""
     model, _, hf_model = _converted(hf_checkpoint, tmp_path_factory, "Phi-3-mini-128k-instruct")
@@ -79,6 +81,7 @@ def test_crossing_threshold_equals_full_forward(hf_checkpoint, tmp_path_factory)
         assert np.abs(lps[k] - full_lp[0, len(prompt) - 1 + k]).max() <= TOL
 
 
+@pytest.mark.slow
 def test_greedy_past_sliding_window(hf_checkpoint, tmp_path_factory, torch_mod):
     """Real window (2047): a 2030-token prompt and 32 new tokens run past it, in cached decoding."""
     model, _, hf_model = _converted(hf_checkpoint, tmp_path_factory, "Phi-3-mini-4k-instruct")

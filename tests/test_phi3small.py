@@ -1,50 +1,28 @@
 """Phi-3-small: tiny f32 checkpoint vs an independent torch reference (dense attention + explicit mask)."""
 
 import itertools
-import json
 import math
 
 import mlx.core as mx
 import numpy as np
 import pytest
-import torch
 
 from phi3mlx.loader import load_model
 
-from .conftest import reference_config
+from .helpers import PHI3_SMALL as REAL  # the real config the tiny checkpoints shrink
+from .helpers import make_phi3small_ckpt, reference_config
+from .helpers import phi3small_cfg as tiny_cfg
 
-REAL = "Phi-3-small-8k-instruct"  # in the reference configs; the tests skip where they are absent
 
-
-def tiny_cfg(**kw):
-    cfg = reference_config(REAL)
-    cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-               ff_intermediate_size=512, torch_dtype="float32")
-    cfg.update(kw)
-    return cfg
+def _torch():
+    """torch for the independent reference (imported where a test needs it, so the others run without it)."""
+    return pytest.importorskip("torch", reason="torch is needed for the independent Phi-3-small reference")
 
 
 def make_ckpt(tmp_path, cfg, seed=0, qkv_scale=0.3):
-    g = np.random.default_rng(seed)
-    H, K, hid = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    D = hid // H
-    ff, V = cfg["ff_intermediate_size"], cfg["vocab_size"]
-    r = lambda *s, sc=0.05: (g.standard_normal(s) * sc).astype(np.float32)
-    w = {"model.embed_tokens.weight": r(V, hid, sc=0.02),
-         "model.final_layernorm.weight": 1 + r(hid, sc=0.1), "model.final_layernorm.bias": r(hid)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        w.update({
-            p + "input_layernorm.weight": 1 + r(hid, sc=0.1), p + "input_layernorm.bias": r(hid),
-            p + "post_attention_layernorm.weight": 1 + r(hid, sc=0.1), p + "post_attention_layernorm.bias": r(hid),
-            p + "self_attn.query_key_value.weight": r((H + 2 * K) * D, hid, sc=qkv_scale),
-            p + "self_attn.query_key_value.bias": r((H + 2 * K) * D),
-            p + "self_attn.dense.weight": r(hid, H * D), p + "self_attn.dense.bias": r(hid),
-            p + "mlp.up_proj.weight": r(2 * ff, hid, sc=0.3), p + "mlp.up_proj.bias": r(2 * ff),
-            p + "mlp.down_proj.weight": r(hid, ff), p + "mlp.down_proj.bias": r(hid),
-        })
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), {k: mx.array(v) for k, v in w.items()})
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    """Write the checkpoint; return its weights as float64 torch tensors (for ref_logits)."""
+    w = make_phi3small_ckpt(tmp_path, cfg, seed, qkv_scale)
+    torch = _torch()
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in w.items()}
 
 
@@ -53,6 +31,7 @@ def allowed(cfg, T):
     H, bs = cfg["num_attention_heads"], cfg["blocksparse_block_size"]
     loc, vs = cfg["blocksparse_num_local_blocks"], cfg["blocksparse_vert_stride"]
     step = max(1, vs // H)
+    torch = _torch()
     m = torch.zeros(H, T, T, dtype=torch.bool)
     p = torch.arange(T)
     qb, kb = (p // bs)[:, None], (p // bs)[None, :]
@@ -65,6 +44,7 @@ def allowed(cfg, T):
 def ref_logits(cfg, w, ids):
     H, K, hid = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     D, G, T = hid // H, H // K, len(ids)
+    torch = _torch()
     eps = cfg["layer_norm_epsilon"]
     ln = lambda x, n: torch.nn.functional.layer_norm(x, (hid,), w[n + ".weight"], w[n + ".bias"], eps)
     lin = lambda x, n: x @ w[n + ".weight"].T + w[n + ".bias"]
@@ -176,6 +156,7 @@ def test_longrope_short_and_long_regimes(tmp_path, T, mscales):
     assert err <= 1e-4, err
 
 
+@pytest.mark.slow
 def test_longrope_greedy_generation_crosses_threshold(tmp_path):
     """A 120-token prompt and 16 new tokens cross 128: generate rebuilds the cache with the long factors."""
     from phi3mlx.generate import generate_step
@@ -231,7 +212,7 @@ def test_quantized_kv_cache(tmp_path, bits, bound):
     (as close as with every layer dense: the masks add no error)."""
     from phi3mlx.generate import generate_step
     cfg = tiny_cfg(blocksparse_block_size=8, blocksparse_num_local_blocks=3)
-    make_ckpt(tmp_path, cfg, qkv_scale=0.1)  # 0.3 makes attention so peaky that 4-bit keys flip it
+    make_phi3small_ckpt(tmp_path, cfg, qkv_scale=0.1)  # 0.3 makes attention so peaky that 4-bit keys flip it
     model, _ = load_model(tmp_path)
     ids = [int(i) for i in np.random.default_rng(7).integers(0, 100000, 150)]
     forced = [int(i) for i in np.random.default_rng(8).integers(0, 100000, 30)]
@@ -251,10 +232,11 @@ def test_quantized_kv_cache(tmp_path, bits, bound):
 CAUSAL_LENGTHS = [1, 2, 63, 64, 65, 127, 129, 511, 1000, 1023, 1024, 1025, 1087, 1100, 1601, 2049, 2100]
 
 
+@pytest.mark.slow
 def test_causality_sweep(tmp_path):
     """Real block settings (64-token blocks, 16 local blocks, stride 8): changing token t changes no
     logit at a position < t, one-shot and in chunked prefill, and does change later positions."""
-    make_ckpt(tmp_path, tiny_cfg(vocab_size=2048))  # layer 0 blocksparse, layer 1 dense
+    make_phi3small_ckpt(tmp_path, tiny_cfg(vocab_size=2048))  # layer 0 blocksparse, layer 1 dense
     model, _ = load_model(tmp_path)
     rng = np.random.default_rng(2)
     for T in CAUSAL_LENGTHS:
@@ -295,6 +277,7 @@ def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None):
     return np.array(o[0, :, :, :T]) > 1e-3
 
 
+@pytest.mark.slow
 def test_effective_mask_equals_definition_over_a_grid():
     """The chunked path (near band masked, far vertical blocks gathered per head), the decode path and the
     short path, for block sizes, local windows, strides (dividing the heads or not, above and below their

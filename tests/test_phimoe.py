@@ -10,7 +10,6 @@ short/long mscales, random biases; config.json in the Hub's form (``rope_scaling
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,63 +21,13 @@ from phi3mlx.convert.hf_to_mlx import convert  # noqa: E402
 from phi3mlx.generate import generate_step  # noqa: E402
 from phi3mlx.models import phimoe  # noqa: E402
 
-from .conftest import write_tokenizer  # noqa: E402
+from .helpers import PHIMOE_JITTER as JITTER  # noqa: E402
 from .helpers import TOL, assert_logits_and_greedy_match  # noqa: E402
+from .helpers import phimoe_tiny_cfg as _tiny_cfg  # noqa: E402
 from .helpers import random_ids as _ids  # noqa: E402
 from .helpers import ref_logits as _ref_logits  # noqa: E402
 
-JITTER = 0.01
-
-
-def _tiny_cfg(seed=0, **overrides):
-    rs = np.random.RandomState(seed)
-    sf = [float(x) for x in 1 + rs.rand(48)]
-    lf = [float(x) for x in 1 + 3 * rs.rand(48)]
-    orig = overrides.pop("original_max_position_embeddings", 4096)
-    rope = dict(type="longrope", short_factor=sf, long_factor=lf, short_mscale=1.1, long_mscale=1.3,
-                original_max_position_embeddings=orig)
-    cfg = dict(model_type="phimoe", hidden_size=384, num_attention_heads=4, num_key_value_heads=2,
-               num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=256,
-               vocab_size=32064, max_position_embeddings=131072, original_max_position_embeddings=orig,
-               rope_theta=10000.0, rope_scaling=rope, sliding_window=131072, lm_head_bias=True,
-               attention_bias=True, router_jitter_noise=JITTER, input_jitter_noise=0.01, rms_norm_eps=1e-5)
-    cfg.update(overrides)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def phimoe_checkpoint(tmp_path_factory, torch_mod):
-    """Factory: (hf folder, mlx folder, transformers model) for a tiny config, built once each."""
-    transformers = pytest.importorskip("transformers")
-    made = {}
-
-    def build(seed=0, near_tied=True, **overrides):
-        key = (seed, near_tied, json.dumps(overrides, sort_keys=True))
-        if key in made:
-            return made[key]
-        cfg = _tiny_cfg(seed, **overrides)
-        torch_mod.manual_seed(seed)
-        model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**cfg)).eval()
-        with torch_mod.no_grad():  # biases and norms start at 0 / 1: make them random so they count
-            for n, p in model.named_parameters():
-                if n.endswith("bias") or "norm" in n:
-                    p.add_(0.02 * torch_mod.randn_like(p))
-                elif near_tied and n.endswith("router.weight"):  # near-equal expert rows: near-tied router scores, so
-                    p.copy_(p[:1] + 0.02 * p)  # SparseMixer's jitter band holds 2+ experts for many tokens
-        src = tmp_path_factory.mktemp("phimoe_hf")
-        model.save_pretrained(src)
-        saved = json.loads((src / "config.json").read_text())
-        saved.pop("rope_parameters", None)
-        saved.update(cfg)
-        (src / "config.json").write_text(json.dumps(saved))
-        write_tokenizer(src)
-        ref = transformers.PhimoeForCausalLM.from_pretrained(src).eval()  # as transformers reads the Hub form
-        out = tmp_path_factory.mktemp("phimoe_mlx") / "model"
-        convert(str(src), str(out), show_progress=False)
-        made[key] = (src, out, ref)
-        return made[key]
-
-    return build
+# phimoe_checkpoint (conftest.py): factory of (hf folder, mlx folder, transformers model), needs torch.
 
 
 def _moe(model, i=0):

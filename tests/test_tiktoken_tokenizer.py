@@ -1,7 +1,7 @@
 """Phi-3-small tokenizer (tiktoken cl100k_base + special tokens) behind the common interface.
 
-Uses the real cl100k_base.tiktoken from the reference folder; skips where it is absent. Nothing here
-may download: tiktoken.get_encoding is never called.
+Uses the real cl100k_base.tiktoken (tests/data, via the ``cl100k_bpe`` fixture). Nothing here may
+download: tiktoken.get_encoding is never called.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import pytest
 
 from phi3mlx.errors import Phi3MLXError
 
-from .conftest import PHI3_SMALL_BPE, phi3_small_tokenizer_config
-from .helpers import assert_streams_to_decode
+from .helpers import CL100K_SHA256, assert_streams_to_decode, phi3_small_tokenizer_config
 
 tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is needed for the Phi-3-small tokenizer")
 
@@ -29,9 +28,6 @@ from phi3mlx.tokenizer import (  # noqa: E402
     read_tiktoken_bpe,
 )
 
-BPE = PHI3_SMALL_BPE
-CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
-
 ENGLISH = "Hello world! How are you today?\n  leading spaces and\ttabs\n\n"
 MULTILINGUAL = "Größe, naïve café — déjà vu; 東京は日本の首都です。 Привет, мир! مرحبا بالعالم हिन्दी 한국어"
 EMOJI = "Emoji: 🤖🚀👩‍👩‍👧‍👦 and flags 🇫🇷🇯🇵, math ∑∫√ and code `x += 1`"
@@ -40,16 +36,10 @@ TEXTS = [ENGLISH, MULTILINGUAL, EMOJI, "<|user|>\nHi<|end|>\n<|assistant|>\n"]
 TOKENIZER_CONFIG = phi3_small_tokenizer_config()
 
 
-def _need_bpe():
-    if not BPE.exists():
-        pytest.skip(f"reference tiktoken file not available ({BPE} missing)")
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    _need_bpe()
+def folder(tmp_path_factory, cl100k_bpe):
     d = tmp_path_factory.mktemp("phi3small")
-    shutil.copy(BPE, d / "cl100k_base.tiktoken")
+    shutil.copy(cl100k_bpe, d / "cl100k_base.tiktoken")
     (d / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     (d / "config.json").write_text(json.dumps({"model_type": "phi3small", "eos_token_id": 100257, "vocab_size": 100352}))
     return d
@@ -68,9 +58,8 @@ def _no_downloads(monkeypatch):
     monkeypatch.setattr(tiktoken, "get_encoding", refuse)
 
 
-def test_reference_file_is_cl100k_base():
-    _need_bpe()
-    assert hashlib.sha256(BPE.read_bytes()).hexdigest() == CL100K_SHA256
+def test_reference_file_is_cl100k_base(cl100k_bpe):
+    assert hashlib.sha256(cl100k_bpe.read_bytes()).hexdigest() == CL100K_SHA256
 
 
 def test_selected_and_same_interface(tok):
@@ -88,12 +77,11 @@ def test_known_cl100k_ids(tok):
     assert tok.encode("hello world", add_special_tokens=True) == tok.encode("hello world", add_special_tokens=False)
 
 
-def test_parser_matches_tiktoken_loader(monkeypatch):
-    _need_bpe()
+def test_parser_matches_tiktoken_loader(monkeypatch, cl100k_bpe):
     from tiktoken.load import load_tiktoken_bpe
 
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # no cache copy in $TMPDIR
-    assert read_tiktoken_bpe(BPE) == load_tiktoken_bpe(str(BPE))
+    assert read_tiktoken_bpe(cl100k_bpe) == load_tiktoken_bpe(str(cl100k_bpe))
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -173,9 +161,8 @@ def _not_utf8(b: bytes) -> bool:
         return True
 
 
-def test_defaults_without_tokenizer_config(tmp_path):
-    _need_bpe()
-    shutil.copy(BPE, tmp_path / "cl100k_base.tiktoken")
+def test_defaults_without_tokenizer_config(tmp_path, cl100k_bpe):
+    shutil.copy(cl100k_bpe, tmp_path / "cl100k_base.tiktoken")
     # no config, no tokenizer.json: the .tiktoken file alone selects this back end
     t = load_tokenizer(tmp_path)
     assert isinstance(t, TiktokenTokenizer)
@@ -196,7 +183,7 @@ def test_bad_tiktoken_file_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path, {"model_type": "phi3small"})
 
 
-def test_save_and_copy_tokenizer_files(tok, folder, tmp_path):
+def test_save_and_copy_tokenizer_files(tok, folder, tmp_path, cl100k_bpe):
     from phi3mlx.tokenizer import copy_tokenizer_files
 
     src = tmp_path / "src"
@@ -208,7 +195,7 @@ def test_save_and_copy_tokenizer_files(tok, folder, tmp_path):
     copied = copy_tokenizer_files(src, dst)
     assert "cl100k_base.tiktoken" in copied and "tokenizer_config.json" in copied
     assert "tokenization_phi3_small.py" not in copied
-    assert (dst / "cl100k_base.tiktoken").read_bytes() == BPE.read_bytes()
+    assert (dst / "cl100k_base.tiktoken").read_bytes() == cl100k_bpe.read_bytes()
     t = load_tokenizer(dst, {"model_type": "phi3small"})
     assert t.encode(MULTILINGUAL) == tok.encode(MULTILINGUAL)
 
@@ -219,9 +206,8 @@ def test_save_and_copy_tokenizer_files(tok, folder, tmp_path):
     assert t2.chat_template == tok.chat_template
 
 
-def test_bad_chat_template_is_a_clear_error(tmp_path):
-    _need_bpe()
-    shutil.copy(BPE, tmp_path / "cl100k_base.tiktoken")
+def test_bad_chat_template_is_a_clear_error(tmp_path, cl100k_bpe):
+    shutil.copy(cl100k_bpe, tmp_path / "cl100k_base.tiktoken")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**TOKENIZER_CONFIG, "chat_template": "{% for %}"}))
     with pytest.raises(Phi3MLXError, match="chat template does not compile"):
         load_tokenizer(tmp_path, {"model_type": "phi3small"})

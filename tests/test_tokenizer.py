@@ -9,8 +9,7 @@ import pytest
 
 from phi3mlx.tokenizer import PHI3_CHAT_TEMPLATE, load_tokenizer
 
-from .conftest import write_tokenizer
-from .helpers import assert_streams_to_decode
+from .helpers import PHI3_TOKENIZER_JSON_SHA256, assert_streams_to_decode, write_tokenizer
 
 TEXTS = [
     "Hello world! How are you today?",
@@ -32,6 +31,17 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tok(folder):
     return load_tokenizer(folder, json.loads((folder / "config.json").read_text()))
+
+
+def test_bundled_tokenizer_is_phi3s():
+    """The tests' Phi-3 tokenizer is the package's bundled copy: microsoft/Phi-3-mini-4k-instruct's tokenizer.json."""
+    import gzip
+    import hashlib
+
+    from phi3mlx.tiny import ASSETS
+
+    with gzip.open(ASSETS / "phi3-tokenizer.json.gz", "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == PHI3_TOKENIZER_JSON_SHA256
 
 
 def test_ids_equal_autotokenizer(folder, tok):

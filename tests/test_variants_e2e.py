@@ -4,11 +4,11 @@
 process, one subprocess), ``phi3mlx.load`` + ``generate`` in Python, mlx-lm's folder layout and the
 quantized KV cache (``--kv-bits``).
 
-Tiny random float32 checkpoints: phi3small from ``tests.test_phi3small`` (hidden 128, 4 heads of 32,
+Tiny random float32 checkpoints: phi3small from ``helpers.make_phi3small_ckpt`` (hidden 128, 4 heads of 32,
 2 KV heads, 2 layers, blocksparse with 32-token blocks, 2 local blocks, vertical stride 4, so the
 sparse pattern is in play from 64 tokens on) plus the real ``cl100k_base.tiktoken`` and a
-``tokenizer_config.json`` as microsoft/Phi-3-small-8k-instruct ships them; phimoe from
-``tests.test_phimoe``'s fixture with the Phi-3 tokenizer.
+``tokenizer_config.json`` as microsoft/Phi-3-small-8k-instruct ships them; phimoe from the
+``phimoe_checkpoint`` fixture (conftest.py; needs torch) with the Phi-3 tokenizer.
 """
 
 from __future__ import annotations
@@ -32,11 +32,8 @@ from phi3mlx.cli import main  # noqa: E402
 from phi3mlx.generate import generate_step  # noqa: E402
 from phi3mlx.tokenizer import TiktokenTokenizer  # noqa: E402
 
-from .conftest import PHI3_SMALL_BPE, phi3_small_tokenizer_config  # noqa: E402
-from .test_phi3small import make_ckpt, tiny_cfg  # noqa: E402
-from .test_phimoe import phimoe_checkpoint  # noqa: E402,F401  (module-scoped fixture, used below)
+from .helpers import make_phi3small_ckpt, phi3_small_tokenizer_config, phi3small_cfg  # noqa: E402
 
-BPE = PHI3_SMALL_BPE
 SMALL_KW = dict(hidden_size=128, blocksparse_block_size=32, blocksparse_num_local_blocks=2,
                 blocksparse_vert_stride=4)
 TOKENIZER_CONFIG = phi3_small_tokenizer_config()
@@ -93,13 +90,11 @@ class _Stdin(io.StringIO):
 
 
 @pytest.fixture(scope="module")
-def small_hf(tmp_path_factory):
+def small_hf(tmp_path_factory, cl100k_bpe):
     """A Hugging Face style Phi-3-small folder: weights, config, tiktoken file, tokenizer/generation config."""
-    if not BPE.exists():
-        pytest.skip(f"reference tiktoken file not available ({BPE} missing)")
     d = tmp_path_factory.mktemp("small_hf")
-    make_ckpt(d, tiny_cfg(**SMALL_KW))
-    shutil.copy(BPE, d / "cl100k_base.tiktoken")
+    make_phi3small_ckpt(d, phi3small_cfg(**SMALL_KW))
+    shutil.copy(cl100k_bpe, d / "cl100k_base.tiktoken")
     (d / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     (d / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     return d
@@ -134,7 +129,7 @@ def test_small_convert_is_self_contained_and_loads_offline(small_hf, small_mlx, 
     names = {p.name for p in small_mlx.iterdir()}
     assert {"config.json", "model.safetensors", "model.safetensors.index.json", "cl100k_base.tiktoken",
             "tokenizer_config.json", "generation_config.json"} <= names
-    assert (small_mlx / "cl100k_base.tiktoken").read_bytes() == BPE.read_bytes()
+    assert (small_mlx / "cl100k_base.tiktoken").read_bytes() == (small_hf / "cl100k_base.tiktoken").read_bytes()
     cfg = json.loads((small_mlx / "config.json").read_text())
     assert cfg["model_type"] == "phi3small" and "auto_map" not in cfg and "quantization" not in cfg
 
@@ -207,7 +202,7 @@ def test_small_four_bit_convert(small_hf, tmp_path, capsys):
     """``convert -q``: 4-bit, loads, close to float by the metric of test_convert.py (mean per-position
     cosine of the logit vectors, here over the ids that can be sampled).
 
-    make_ckpt draws query_key_value and up_proj at std 0.3 (sharp attention, so the parity tests see
+    make_phi3small_ckpt draws query_key_value and up_proj at std 0.3 (sharp attention, so the parity tests see
     every error); on such a model 4-bit scores about 0.87 (8-bit 0.9995), so this test scales those two
     matrices to std 0.05 like every other matrix of the checkpoint (4-bit then about 0.976).
     """
