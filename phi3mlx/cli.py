@@ -14,10 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+
+import mlx.core as mx
 
 from . import __version__
 from .bench import check_bench_args
 from .bench import main as bench_main
+from .cache import ModelCache
 from .chat import main as chat_main
 from .convert.hf_to_mlx import convert
 from .convert.mlx_to_hf import export_hf
@@ -167,7 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (chat template only)")
     p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     p.add_argument("--verbose", "-v", action="store_true", help="print prompt/generation speed and peak memory")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="a prompt cache written by 'phi3mlx cache-prompt': the part of the prompt it holds is "
+                   "not processed again")
     _sampling_args(p)
+
+    p = sub.add_parser("cache-prompt", help="process a long prefix once and save its KV cache to a file",
+                       formatter_class=_Formatter,
+                       description="Run a prefix (a document, a long system message) through the model and save "
+                       "the KV cache with the token ids it holds to FILE (safetensors). 'phi3mlx generate "
+                       "--prompt-cache FILE' then processes only what its prompt adds. With the chat template "
+                       "(no --raw) the prefix is the rendered system message and the prompt as a user turn, so "
+                       "pass the same --system to generate.")
+    _model_arg(p)
+    p.add_argument("--prompt", "-p", default=None, help="prefix text ('-' reads it from stdin)")
+    p.add_argument("--system", default=None, help="system message (chat template only)")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("--prompt-cache", required=True, metavar="FILE", help="the file to write")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="store the cache quantized")
+    p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="group size of the quantized cache (64, or 32 for head size 96)")
+    p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens processed per chunk")
+    p.add_argument("--force", action="store_true", help="replace FILE if it exists")
 
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn)", formatter_class=_Formatter,
                        description="Interactive chat with history kept through the chat template. Commands: "
@@ -245,12 +270,49 @@ def _cmd_generate(a):
     if not a.raw:
         msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    kwargs = sampling_kwargs(a)
+    if a.prompt_cache:
+        kwargs["cache"] = ModelCache.load(a.prompt_cache, model.identity())
+        kwargs.pop("kv_bits"), kwargs.pop("kv_group_size")  # the file's own setting holds
     last = None
-    for last in stream_generate(model, tok, prompt, max_tokens=a.max_tokens, **sampling_kwargs(a)):
+    for last in stream_generate(model, tok, prompt, max_tokens=a.max_tokens, **kwargs):
         print(last.text, end="", flush=True)
     print()
     if a.verbose and last is not None:
         print(format_stats(last, model.config.context_length), file=sys.stderr)
+
+
+def _cmd_cache_prompt(a):
+    out = Path(a.prompt_cache)
+    from_stdin = a.prompt == "-"
+    prompt = _read_stdin() if from_stdin else a.prompt
+    problems = [utf8_problem(prompt, "the prompt") if prompt else None,
+                utf8_problem(a.system, "the system message (--system)") if a.system else None]
+    if not (prompt or "").strip() and not (a.system and not a.raw):
+        problems.append("nothing to cache: give --prompt (or --system with the chat template)")
+    if out.exists() and not a.force:
+        problems.append(f"{out} exists (--force replaces it)")
+    if out.is_dir():
+        problems.append(f"{out} is a folder")
+    if any(problems):
+        raise Phi3MLXError.many(problems)
+    model, tok = load(a.model, adapter_path=a.adapter_path)
+    _note_tiny(a)
+    if a.raw:
+        ids = tok.encode(prompt)
+    else:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + (
+            [{"role": "user", "content": prompt}] if prompt else [])
+        ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False))
+    ctx = model.config.context_length
+    if len(ids) >= ctx:
+        raise Phi3MLXError(f"the prefix has {len(ids)} tokens but the model's context is {ctx} tokens")
+    cache = model.make_cache(a.kv_bits, a.kv_group_size)
+    for s in range(0, len(ids), a.prefill_step_size):
+        model(mx.array(ids[s : s + a.prefill_step_size])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    cache.save(out, metadata={"model": str(a.model)})
+    print(f"wrote {out} ({len(ids)} tokens)")
 
 
 def _cmd_chat(a):
@@ -284,7 +346,8 @@ def _cmd_fuse(a):
     run_fuse(a)
 
 
-COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate, "chat": _cmd_chat,
+COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate,
+            "cache-prompt": _cmd_cache_prompt, "chat": _cmd_chat,
             "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse}
 
 
@@ -304,6 +367,8 @@ def check_args(a) -> None:
         need("--top-k", lambda v: v >= 0, "0 (off) or more")
         need("--min-p", lambda v: 0 <= v <= 1, "in [0, 1]")
         need("--repetition-penalty", lambda v: v > 0, "positive")
+        need("--prefill-step-size", lambda v: v >= 1, "at least 1")
+    if a.command == "cache-prompt":
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
     if a.command == "bench" and not a.train:  # before the model loads (and before the phi3mlx:tiny notice)
         try:

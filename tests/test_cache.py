@@ -291,3 +291,27 @@ def test_chat_skips_a_line_that_is_not_utf8(window_model, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "that line is not valid UTF-8 (byte 0xff at character 0); it was skipped" in err
     assert len(c.history) == 2  # "hello" was answered, the bad line skipped, /exit left
+
+
+def test_cli_prompt_cache_round_trip(tmp_path, capsys):
+    """cache-prompt writes a prefix once; generate --prompt-cache reuses it and gives the same text."""
+    from phi3mlx.cli import main
+
+    folder = make_tiny(tmp_path / "m")
+    doc = "The lighthouse keeper counted the waves every night. " * 20
+    f = tmp_path / "doc.safetensors"
+    assert main(["cache-prompt", "--model", str(folder), "--system", doc, "--prompt-cache", str(f)]) == 0
+    assert f.is_file() and "tokens)" in capsys.readouterr().out
+    assert main(["cache-prompt", "--model", str(folder), "--system", doc, "--prompt-cache", str(f)]) == 1
+    assert "exists (--force replaces it)" in capsys.readouterr().err
+    args = ["generate", "--model", str(folder), "--system", doc, "--prompt", "How many?", "-m", "8", "-v"]
+    assert main(args) == 0
+    fresh = capsys.readouterr()
+    assert main(args + ["--prompt-cache", str(f)]) == 0
+    cached = capsys.readouterr()
+    assert cached.out == fresh.out
+    assert "from the cache" in cached.err and "from the cache" not in fresh.err
+    other = make_tiny(tmp_path / "other", seed=1)
+    assert main(["generate", "--model", str(other), "--prompt", "x", "--prompt-cache", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert "different model" in err and err.count("\n") == 1
