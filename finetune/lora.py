@@ -329,6 +329,6 @@ def fuse(model, dequantize: bool = False) -> None:
         replacements.append((path, new))
     model.update_modules(tree_unflatten(replacements))
     if dequantize:
-        from phi3mlx.convert.mlx_to_hf import dequantize as dequantize_model
+        from phi3mlx.quant import dequantize as dequantize_model
 
         dequantize_model(model)
