@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate")
     p.add_argument("--seed", type=int, default=0, help="seed for the random prompt")
-    from .bench_train import add_train_args
+    from phi3mlx.finetune.bench import add_train_args
 
     add_train_args(p)  # phi3mlx bench --train
     from phi3mlx.finetune.cli import add_parsers
@@ -176,7 +176,7 @@ def _cmd_chat(a):
 
 def _cmd_bench(a):
     if a.train:
-        from .bench_train import main as bench_train_main
+        from phi3mlx.finetune.bench import main as bench_train_main
 
         return bench_train_main(a)
     from .bench import main as bench_main

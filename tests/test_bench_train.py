@@ -60,7 +60,7 @@ def test_bench_train_compare_mlx_lm(deep_folder, capsys):
 
 
 def test_run_train_bench_ours_only(deep_folder):
-    from phi3mlx.bench_train import TrainBenchArgs, run_train_bench
+    from phi3mlx.finetune.bench import TrainBenchArgs, run_train_bench
 
     res = run_train_bench(deep_folder, TrainBenchArgs(batch_size=1, seq_len=32, steps=3, repeats=2,
                                                       grad_checkpoint="off", num_layers=2, targets="qkv_proj"))
@@ -76,7 +76,7 @@ def test_run_train_bench_ours_only(deep_folder):
 
 
 def test_grad_checkpoint_patch_is_undone(deep_folder):
-    from phi3mlx.bench_train import TrainBenchArgs, run_train_bench
+    from phi3mlx.finetune.bench import TrainBenchArgs, run_train_bench
     from phi3mlx.models.decoder import DecoderLayer
 
     before = DecoderLayer.__dict__["__call__"]
