@@ -37,8 +37,9 @@ How the numbers are taken:
   before the run (buffer cache cleared, garbage collected). Both models live in one process, so the raw
   process peak would also count the other engine's weights; it is kept as ``process_peak_gb``.
 * Gradient checkpointing (``grad_checkpoint`` "both", the default): each engine also runs with its own
-  ``--grad-checkpoint``. Both trainers implement it by patching the decoder layer *class*; the patch is
-  undone after each run, so the runs without it (and the rest of the process) are unaffected.
+  ``--grad-checkpoint``. Ours sets the model instance's ``checkpoint_layers`` flag for the run only.
+  mlx-lm's trainer patches its decoder layer *class* (again on every call, nesting); that patch is
+  undone after each of its runs, so its runs without checkpointing (and its later runs) are unaffected.
 """
 
 from __future__ import annotations
@@ -111,17 +112,17 @@ def random_batches(steps: int, batch_size: int, seq_len: int, vocab_size: int, s
 
 
 @contextlib.contextmanager
-def _class_call_restored(cls):
-    """Undo a trainer's grad-checkpoint patch of ``cls.__call__`` (and our ``_checkpointed`` flag) on exit."""
-    saved = {k: cls.__dict__[k] for k in ("__call__", "_checkpointed") if k in cls.__dict__}
+def _mlx_lm_class_restored(cls):
+    """Undo mlx-lm's grad-checkpoint patch of its layer class's ``__call__`` on exit (its trainer patches the
+    class on every call with ``grad_checkpoint``; left alone, later runs would nest checkpoints)."""
+    saved = cls.__dict__.get("__call__")
     try:
         yield
     finally:
-        for k in ("__call__", "_checkpointed"):
-            if k in saved:
-                setattr(cls, k, saved[k])
-            elif k in cls.__dict__:
-                delattr(cls, k)
+        if saved is not None:
+            cls.__call__ = saved
+        elif "__call__" in cls.__dict__:
+            del cls.__call__
 
 
 # ---------------------------------------------------------------- engines
@@ -159,8 +160,7 @@ def _train_ours(engine: _Engine, ids, s: TrainBenchArgs):
         times.append(time.perf_counter())
         losses.append(rec["loss"])
 
-    cls = type(engine.model.model.layers[0])
-    with tempfile.TemporaryDirectory() as out, _class_call_restored(cls):
+    with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         train(engine.model, sft_loss, batches, args, Path(out), engine.adapter_config, report=report,
               optimizer=_optimizer(s))
@@ -187,7 +187,7 @@ def _train_mlx_lm(engine: _Engine, ids, s: TrainBenchArgs):
             yield mx.array(batch), lengths
 
     cls = type(engine.model.layers[0])
-    with tempfile.TemporaryDirectory() as out, _class_call_restored(cls), \
+    with tempfile.TemporaryDirectory() as out, _mlx_lm_class_restored(cls), \
             contextlib.redirect_stdout(io.StringIO()):  # its progress table
         args = TrainingArgs(batch_size=s.batch_size, iters=s.steps, val_batches=0, steps_per_report=1,
                             steps_per_eval=s.steps + 1, steps_per_save=s.steps + 1, max_seq_length=width,

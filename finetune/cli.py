@@ -56,6 +56,8 @@ def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-seq-length", type=int, default=2048, help="longer examples are truncated (one warning)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="clip each step's gradient to this global norm (default: no clipping)")
     p.add_argument("--val-every", type=int, default=100, help="validate every N steps (and at the end)")
     p.add_argument("--val-batches", type=int, default=25, help="validation batches (-1: all)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
@@ -223,7 +225,8 @@ def run_training(a, dpo: bool = False) -> list[dict]:
     args = TrainArgs(iters=iters, batch_size=a.batch_size, grad_accum=a.grad_accum, learning_rate=a.lr,
                      warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
                      val_every=a.val_every, val_batches=a.val_batches, save_every=a.save_every,
-                     report_every=a.report_every, grad_checkpoint=a.grad_checkpoint, seed=a.seed)
+                     report_every=a.report_every, grad_checkpoint=a.grad_checkpoint, grad_clip=a.grad_clip,
+                     seed=a.seed)
     info = D.summarize(train_ex)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     print(f"{tune}{' (DPO, ' + a.loss + ')' if dpo else ''}: {len(train_ex)} training examples "

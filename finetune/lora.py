@@ -38,6 +38,11 @@ from phi3mlx.adapters import (  # noqa: F401  (re-exported: the names training c
 )
 from phi3mlx.errors import Phi3MLXError
 
+__all__ = ["ADAPTER_CLASSES", "ADAPTER_FILE", "CONFIG_FILE", "DEFAULT_TARGETS", "DEFAULTS", "FINE_TUNE_TYPES",
+           "LoRALinear", "LoRASwitchLinear", "adapter_modules", "adapter_problems", "adapters_disabled",
+           "apply_adapters", "attach_adapters", "check_adapter_args", "fuse", "load_adapters", "read_adapter_config",
+           "save_adapters", "trainable_arrays"]
+
 
 def check_adapter_args(fine_tune_type: str, rank: int, alpha: float, dropout: float, num_layers: int,
                        n_model_layers: int) -> None:

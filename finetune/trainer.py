@@ -7,7 +7,17 @@ tokens. The accumulated update equals one step on the union of the micro-batches
 losses are weighted by their token counts and divided by the total.
 
 Learning rate: linear warmup over ``args.warmup`` steps, then cosine decay to
-``args.learning_rate * args.min_lr_ratio`` at ``args.iters``. AdamW (``args.weight_decay``).
+``args.learning_rate * args.min_lr_ratio`` at ``args.iters``. AdamW (``args.weight_decay``). With
+``args.grad_clip`` the accumulated gradient is scaled down to that global norm before the update.
+
+Compiled (``args.compile``, the default): each micro-batch's forward and backward pass, the token
+weighting and, on a step's last micro-batch, the update itself (gradient sum, clipping, optimizer)
+run as one ``mx.compile``d function whose state (the model's arrays, the optimizer's state and the
+random state) is its implicit input and output, as mlx-lm's trainer does. A loss with Python side
+effects (counters, prints) needs ``compile=False``, which runs the same function uncompiled.
+
+Gradient checkpointing (``args.grad_checkpoint``) sets the model's ``checkpoint_layers`` flag for the
+run (each decoder layer's activations are recomputed in the backward pass) and restores it after.
 
 Data parallel: launched as several processes (``mlx.launch -n N ...``, or across Macs), each process
 takes its 1/N share of every micro-batch (the batch size must divide evenly), and gradients, losses
@@ -29,7 +39,6 @@ import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -59,8 +68,9 @@ class TrainArgs:
     save_every: int = 100
     report_every: int = 10
     grad_checkpoint: bool = False
+    grad_clip: Optional[float] = None  # clip the step's gradient to this global norm (None: no clipping)
     seed: int = 0
-    compile: bool = True  # trace each micro-batch's loss and gradient once per shape (mx.compile)
+    compile: bool = True  # compile the whole step, update included (mx.compile; traced once per batch shape)
 
     def check(self) -> None:
         problems = []
@@ -73,6 +83,8 @@ class TrainArgs:
             problems.append(f"--warmup must be between 0 and --iters ({self.iters}), got {self.warmup}")
         if not (0.0 <= self.min_lr_ratio <= 1.0):
             problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            problems.append(f"--grad-clip must be a positive number, got {self.grad_clip}")
         if problems:
             raise Phi3MLXError.many(problems)
 
@@ -84,32 +96,6 @@ def lr_schedule(args: TrainArgs) -> Callable:
         return decay
     return optim.join_schedules([optim.linear_schedule(peak / args.warmup, peak, args.warmup - 1), decay],
                                 [args.warmup])
-
-
-def grad_checkpoint(model) -> None:
-    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
-    cls = type(model.model.layers[0])
-    if getattr(cls, "_checkpointed", False):
-        return
-    fn = cls.__call__
-
-    def checkpointed(self, x, *args, **kwargs):
-        def inner(params, x):  # only arrays cross mx.checkpoint; masks, caches and flags are closed over
-            self.update(params)
-            return fn(self, x, *args, **kwargs)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
-
-    cls._plain_call = fn
-    cls.__call__ = checkpointed
-    cls._checkpointed = True
-
-
-def undo_grad_checkpoint(model) -> None:
-    cls = type(model.model.layers[0])
-    if getattr(cls, "_checkpointed", False):
-        cls.__call__ = cls._plain_call
-        del cls._checkpointed
 
 
 def _shard(batch, rank: int, world: int):
@@ -129,6 +115,42 @@ def _unpack(out):
     loss, ntok = out[0], out[1]
     metrics = out[2] if len(out) > 2 else {}
     return loss, ntok, metrics
+
+
+def make_step(model, loss_fn: Callable, optimizer: optim.Optimizer, grad_clip: Optional[float] = None,
+              group=None) -> Callable:
+    """The training step as one function ``step(batch, sums, last) -> sums`` (what ``train`` compiles).
+
+    Each call runs one micro-batch's forward and backward pass and adds its token-weighted gradient,
+    loss and metrics to ``sums`` (None for a step's first micro-batch): ``{"grads", "loss", "tokens",
+    "metrics"}``, each loss-like value multiplied by the micro-batch's token count. With ``last`` the
+    sums are also summed over the processes of ``group``, the gradient is divided by the total token
+    count (the update of one big batch), clipped to the global norm ``grad_clip`` if given, and
+    applied by ``optimizer``; the gradient is then left out of the returned sums.
+    """
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(batch, sums: Optional[dict], last: bool) -> dict:
+        out, grads = value_and_grad(model, batch)
+        loss, ntok, metrics = _unpack(out)
+        weight = ntok.astype(mx.float32)
+        new = {"grads": tree_map(lambda g: g * weight, grads), "loss": loss * weight, "tokens": ntok,
+               "metrics": {k: v * weight for k, v in metrics.items()}}
+        if sums is not None:
+            new = tree_map(mx.add, sums, new)
+        if not last:
+            return new
+        if group is not None:  # sums over the processes: the update of one process holding the global batch
+            new = tree_map(lambda x: mx.distributed.all_sum(x, group=group), new)
+        grads = new.pop("grads")
+        denom = new["tokens"].astype(mx.float32)
+        grads = tree_map(lambda g: g / denom, grads)
+        if grad_clip is not None:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return new
+
+    return step
 
 
 def evaluate(model, loss_fn, batches: Iterator, limit: int = -1) -> dict:
@@ -219,23 +241,18 @@ def train(
         step, consumed, history = state["step"], state["consumed"], state["history"]
         for _ in range(consumed):
             next(batches)
-    if args.grad_checkpoint:
-        grad_checkpoint(model)
-    model.train()
-    value_and_grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b))
-    if args.compile:
-        # the model's arrays and the random state are the compiled function's implicit inputs and outputs;
-        # a loss with Python side effects (counters, prints) needs compile=False
-        state = [model.state, mx.random.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def compiled(batch):
-            return value_and_grad(model, batch)
-
-        def loss_and_grad(_model, batch):
-            return compiled(batch)
     else:
-        loss_and_grad = value_and_grad
+        optimizer.init(model.trainable_parameters())  # the compiled step's state holds it from the start
+    if args.grad_checkpoint and not hasattr(model, "checkpoint_layers"):
+        raise Phi3MLXError(f"{type(model).__name__} has no checkpoint_layers flag: it cannot use --grad-checkpoint")
+    checkpointing = getattr(model, "checkpoint_layers", False)
+    if args.grad_checkpoint:
+        model.checkpoint_layers = True
+    model.train()
+    step_fn = make_step(model, loss_fn, optimizer, args.grad_clip, group if world > 1 else None)
+    if args.compile:
+        state = [model.state, optimizer.state, mx.random.state]
+        step_fn = mx.compile(step_fn, inputs=state, outputs=state)
 
     def state_now():
         return {"step": step, "consumed": consumed, "history": history, "args": asdict(args)}
@@ -246,8 +263,8 @@ def train(
     try:
         while step < args.iters:
             mx.random.seed(args.seed + step)
-            grads, total_loss, total_tok, metric_sums = None, 0.0, 0, {}
-            for _ in range(args.grad_accum):
+            sums = None
+            for i in range(args.grad_accum):
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -255,35 +272,20 @@ def train(
                 consumed += 1
                 if world > 1:
                     batch = _shard(batch, rank, world)
-                out, g = loss_and_grad(model, batch)
-                loss, ntok, metrics = _unpack(out)
-                ntok_f = ntok.astype(mx.float32)
-                g = tree_map(lambda x: x * ntok_f, g)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                total_loss = total_loss + loss * ntok_f
-                total_tok = total_tok + ntok
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v * ntok_f
-            if world > 1:  # sums over the processes: the update of one process holding the global batch
-                grads = tree_map(lambda x: mx.distributed.all_sum(x, group=group), grads)
-                total_loss = mx.distributed.all_sum(total_loss, group=group)
-                total_tok = mx.distributed.all_sum(total_tok, group=group)
-                metric_sums = {k: mx.distributed.all_sum(v, group=group) for k, v in metric_sums.items()}
-            denom = total_tok.astype(mx.float32)
-            grads = tree_map(lambda x: x / denom, grads)
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state, total_loss, total_tok, metric_sums)
-            step_loss = float(total_loss / denom)
+                sums = step_fn(batch, sums, i == args.grad_accum - 1)
+                mx.eval(sums)  # one micro-batch's activations at a time
+            mx.eval(model.state, optimizer.state)
+            total_tok = int(sums["tokens"])
+            step_loss = float(sums["loss"]) / max(total_tok, 1)
             if not math.isfinite(step_loss):
                 where = out_dir / CHECKPOINT
                 kept = f"the last good checkpoint is {where}" if where.exists() else "no checkpoint was saved yet"
                 raise Phi3MLXError(f"the loss became {step_loss} at step {step + 1}; stopped, {kept} "
                                    "(try a lower --lr)")
             step += 1
-            n = int(total_tok)
-            window_tokens += n
-            window_loss += step_loss * n
-            for k, v in metric_sums.items():
+            window_tokens += total_tok
+            window_loss += step_loss * total_tok
+            for k, v in sums["metrics"].items():
                 window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
             rec = None
             if step % args.report_every == 0 or step == args.iters:
@@ -309,6 +311,5 @@ def train(
             save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
     finally:
-        if args.grad_checkpoint:
-            undo_grad_checkpoint(model)
+        model.checkpoint_layers = checkpointing
     return history

@@ -26,7 +26,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn

@@ -201,26 +201,112 @@ def test_ctrl_c_saves_a_resumable_checkpoint(folders, tmp_path):
 
 
 def test_grad_checkpoint_gives_the_same_gradients(folders):
+    """model.checkpoint_layers (what --grad-checkpoint sets) recomputes the layers: the same gradients."""
     import mlx.nn as nn
 
-    from phi3mlx.finetune.trainer import grad_checkpoint, undo_grad_checkpoint
+    from phi3mlx.models.decoder import DecoderLayer
 
     seqs = task(4, 7)
     batch = next(batches(seqs, 4))
+    plain_call = DecoderLayer.__dict__["__call__"]
     grads = []
     for ckpt in (False, True):
         model, _ = trained(folders["phi3"], None)
+        assert model.checkpoint_layers is False  # off unless asked for
         model.update(tree_map_add(model.trainable_parameters()))
-        if ckpt:
-            grad_checkpoint(model)
+        model.checkpoint_layers = ckpt
         _, g = nn.value_and_grad(model, lambda m, b: sft_loss(m, b)[0])(model, batch)
         grads.append(dict(tree_flatten(g)))
-    undo_grad_checkpoint(model)  # the patch is per class: restore it for the other tests
+    assert DecoderLayer.__dict__["__call__"] is plain_call  # a flag on the instance, not a patched class
     assert max(float(mx.abs(grads[0][k] - grads[1][k]).max()) for k in grads[0]) <= 1e-6
     assert max(float(mx.abs(v).max()) for v in grads[0].values()) > 1e-4
+
+
+def test_grad_checkpoint_flag_is_set_for_the_run_only(folders, tmp_path, monkeypatch):
+    """train(grad_checkpoint=True) runs the layers under mx.checkpoint and restores the flag afterwards."""
+    import phi3mlx.models.decoder as decoder
+
+    calls = {"n": 0}
+    real = decoder._checkpointed
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(decoder, "_checkpointed", counting)
+    model, cfg = trained(folders["phi3"], tmp_path)
+    train(model, sft_loss, batches(task(4, 8), 2), TrainArgs(iters=2, batch_size=2, save_every=100, report_every=1,
+          grad_checkpoint=True, compile=False), tmp_path / "gc", cfg)
+    assert calls["n"] == 2 * len(model.model.layers)  # every layer of both steps
+    assert model.checkpoint_layers is False
+    model(mx.array([[1, 2, 3]]))
+    assert calls["n"] == 2 * len(model.model.layers)  # inference afterwards: plain layers
 
 
 def tree_map_add(params):
     from mlx.utils import tree_map
     mx.random.seed(1)
     return tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), params)
+
+
+def _params(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def test_grad_clip_bounds_the_update_to_the_hand_computed_one(folders, tmp_path):
+    """SGD with a huge lr: the clipped update is -lr * g * clip / ||g|| exactly, with ||g|| the global norm."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    seqs = task(2, 10)
+    batch = next(batches(seqs, 2))
+    model, cfg = trained(folders["phi3"], tmp_path)
+    model.update(tree_map_add(model.trainable_parameters()))  # lora_b != 0: every array gets a gradient
+    before = _params(model)
+    model.train()
+    _, g = nn.value_and_grad(model, lambda m, b: sft_loss(m, b)[0])(model, batch)
+    g = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(g)}
+    norm = np.sqrt(sum((v ** 2).sum() for v in g.values()))
+    lr, clip = 1000.0, 0.1
+    assert norm > 4 * clip  # clipping is active: unclipped, the update would be > 4x longer
+    train(model, sft_loss, iter([batch]), TrainArgs(iters=1, batch_size=2, grad_clip=clip, save_every=100,
+          report_every=1), tmp_path / "clip", cfg, optimizer=optim.SGD(learning_rate=lr))
+    after = _params(model)
+    step = {k: after[k].astype(np.float64) - before[k] for k in before}
+    assert abs(np.sqrt(sum((v ** 2).sum() for v in step.values())) - lr * clip) <= 1e-3 * lr * clip
+    for k in before:
+        want = -lr * g[k] * clip / (norm + 1e-6)
+        assert np.abs(step[k] - want).max() <= 1e-4 * lr * clip, k
+
+
+def test_bad_grad_clip_is_named(folders, tmp_path):
+    model, cfg = trained(folders["phi3"], tmp_path)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(Phi3MLXError, match=f"--grad-clip must be a positive number, got {bad}"):
+            train(model, sft_loss, batches(task(4, 5), 2), TrainArgs(iters=1, batch_size=2, grad_clip=bad),
+                  tmp_path / "x", cfg)
+
+
+def test_the_compiled_step_holds_the_update_and_equals_the_plain_one(folders, tmp_path):
+    """compile=True traces the optimizer update into the step (it runs in Python once per trace, not once
+    per step) and trains exactly as the uncompiled step: AdamW, clipping and accumulation included."""
+    import mlx.optimizers as optim
+
+    class CountingAdamW(optim.AdamW):
+        def apply_gradients(self, gradients, parameters):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().apply_gradients(gradients, parameters)
+
+    seqs = task(8, 11)
+    out = {}
+    for compiled in (True, False):
+        model, cfg = trained(folders["phi3"], tmp_path)
+        opt = CountingAdamW(learning_rate=1e-2)
+        hist = train(model, sft_loss, batches(seqs, 2), TrainArgs(iters=4, batch_size=2, grad_accum=2, grad_clip=1.0,
+                     save_every=100, report_every=1, compile=compiled), tmp_path / f"c{compiled}", cfg, optimizer=opt)
+        out[compiled] = (_params(model), [h["loss"] for h in hist], opt.calls, int(opt.step))
+    (pc, lc, calls_c, steps_c), (pp, lp, calls_p, steps_p) = out[True], out[False]
+    assert steps_c == steps_p == 4
+    assert calls_p == 4 and calls_c == 1  # traced once: the update lives in the compiled step
+    assert np.allclose(lc, lp, atol=1e-5, rtol=0)
+    assert max(np.abs(pc[k] - pp[k]).max() for k in pc) <= 1e-5

@@ -176,6 +176,16 @@ class Phi3Model(nn.Module):
         self.norm = make_norm(cfg)
 
 
+def _checkpointed(layer: nn.Module, h: mx.array, *args) -> mx.array:
+    """``layer(h, *args)`` under mx.checkpoint; only arrays cross it (masks, caches, flags are closed over)."""
+
+    def inner(params, h):
+        layer.update(params)
+        return layer(h, *args)
+
+    return mx.checkpoint(inner)(layer.trainable_parameters(), h)
+
+
 class Model(nn.Module):
     """Phi-3 causal LM. ``model(ids)`` with ids (B, L) returns logits (B, L, vocab)."""
 
@@ -184,6 +194,7 @@ class Model(nn.Module):
         self.config = cfg
         self.model_type = cfg.model_type
         self.model = Phi3Model(cfg)
+        self.checkpoint_layers = False  # True: recompute each layer's activations in the backward pass
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=bool(cfg.extra.get("lm_head_bias")))
 
@@ -214,7 +225,8 @@ class Model(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             h = h * self.config.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, mask, cache[i] if cache else None, long_rope)
+            args = (mask, cache[i] if cache else None, long_rope)
+            h = _checkpointed(layer, h, *args) if self.checkpoint_layers else layer(h, *args)
         if last_only:
             h = h[:, -1:]
         h = self.model.norm(h)
