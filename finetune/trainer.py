@@ -20,23 +20,34 @@ Gradient checkpointing (``args.grad_checkpoint``) sets the model's ``checkpoint_
 run (each decoder layer's activations are recomputed in the backward pass) and restores it after.
 
 Data parallel: launched as several processes (``mlx.launch -n N ...``, or across Macs), each process
-takes its 1/N share of every micro-batch (the batch size must divide evenly), and gradients, losses
-and token counts are summed over the processes before the update, so N processes train exactly as one
-process with the same global batch. Only the first process writes checkpoints and reports.
+takes its share of every micro-batch's rows (as even as possible: a batch of 5 on 2 processes gives 3
+and 2), and gradients, losses and token counts are summed over the processes before the update, so N
+processes train exactly as one process with the same global batch (for a loss that is a mean over
+tokens, as SFT's). A micro-batch needs at least one row per process. Only the first process writes
+checkpoints, metrics and reports.
 
 Checkpoints (every ``args.save_every`` steps, at the end, and on Ctrl-C) hold the trained arrays,
 the optimizer state, the step and the number of micro-batches consumed, written to a temporary
 folder and renamed. ``resume=True`` restores them and skips the consumed batches, and the random
 state is reseeded per step (``args.seed + step``: dropout, MoE routing), so a resumed run reproduces
-an uninterrupted one. A loss that becomes NaN or infinite stops training with the last good
-checkpoint kept.
+an uninterrupted one. Ctrl-C in the middle of a step saves the state before that step (its
+micro-batches are given back); a Ctrl-C that arrives while the update is applied takes effect once
+the step is complete, so the checkpoint never holds an update its step count does not. A loss that
+becomes NaN or infinite stops training with the last good checkpoint kept.
+
+Every report (and validation) is also appended as one JSON object a line to ``out_dir/metrics.jsonl``;
+a resumed run first rewrites it from the checkpoint's history, so it never holds steps twice. Nothing
+is written into ``out_dir`` before the first report or checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +63,7 @@ from phi3mlx.errors import Phi3MLXError
 from . import lora
 
 CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -73,6 +85,12 @@ class TrainArgs:
     compile: bool = True  # compile the whole step, update included (mx.compile; traced once per batch shape)
 
     def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise Phi3MLXError.many(problems)
+
+    def problems(self) -> list[str]:
+        """Every bad setting, named by its flag."""
         problems = []
         for name in ("iters", "batch_size", "grad_accum", "val_every", "save_every", "report_every"):
             if getattr(self, name) <= 0:
@@ -85,8 +103,7 @@ class TrainArgs:
             problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
             problems.append(f"--grad-clip must be a positive number, got {self.grad_clip}")
-        if problems:
-            raise Phi3MLXError.many(problems)
+        return problems
 
 
 def lr_schedule(args: TrainArgs) -> Callable:
@@ -99,16 +116,55 @@ def lr_schedule(args: TrainArgs) -> Callable:
 
 
 def _shard(batch, rank: int, world: int):
-    """This process's rows of a micro-batch (arrays, tuples or dicts of them, batch axis first)."""
+    """This process's rows of a micro-batch (arrays, tuples or dicts of them, batch axis first): rows
+    ``rank * n // world`` up to ``(rank + 1) * n // world``, so the shares differ by one row at most."""
     def cut(x):
         n = x.shape[0]
-        if n % world:
-            raise Phi3MLXError(f"a batch of {n} cannot be split over {world} processes; use a --batch-size "
-                               f"divisible by {world}")
-        k = n // world
-        return x[rank * k:(rank + 1) * k]
+        if n < world:
+            raise Phi3MLXError(f"a micro-batch of {n} rows cannot be shared by {world} processes (each needs at "
+                               "least one row); with several processes the last, smaller batch of an epoch must "
+                               f"still hold {world} examples: change --batch-size or the number of examples")
+        return x[rank * n // world:(rank + 1) * n // world]
 
     return tree_map(cut, batch)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C inside the block takes effect when it ends: the update of a step is applied whole or not at all.
+
+    Only the main thread can handle signals; elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+class _MetricsLog:
+    """out_dir/metrics.jsonl: one JSON object per report; created at the first record, not before."""
+
+    def __init__(self, path: Path, earlier: list):
+        self.path = path
+        self.fresh = True  # the first write replaces the file: with ``earlier`` (a resumed run's history)
+        self.earlier = earlier
+
+    def write(self, rec: dict) -> None:
+        lines = [json.dumps(r) for r in (self.earlier if self.fresh else [])] + [json.dumps(rec)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w" if self.fresh else "a") as f:
+            f.write("\n".join(lines) + "\n")
+        self.fresh = False
 
 
 def _unpack(out):
@@ -227,10 +283,10 @@ def train(
     args.check()
     group = mx.distributed.init()
     world, rank = group.size(), group.rank()
-    if world > 1 and args.batch_size % world:
-        raise Phi3MLXError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    if args.batch_size < world:
+        raise Phi3MLXError(f"--batch-size {args.batch_size} is smaller than the {world} processes: each needs at "
+                           "least one row of every batch")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if rank != 0:
         report = None
     if optimizer is None:
@@ -241,7 +297,8 @@ def train(
         step, consumed, history = state["step"], state["consumed"], state["history"]
         for _ in range(consumed):
             next(batches)
-    else:
+    metrics = _MetricsLog(out_dir / METRICS, list(history)) if rank == 0 else None
+    if not resume:
         optimizer.init(model.trainable_parameters())  # the compiled step's state holds it from the start
     if args.grad_checkpoint and not hasattr(model, "checkpoint_layers"):
         raise Phi3MLXError(f"{type(model).__name__} has no checkpoint_layers flag: it cannot use --grad-checkpoint")
@@ -254,8 +311,10 @@ def train(
         state = [model.state, optimizer.state, mx.random.state]
         step_fn = mx.compile(step_fn, inputs=state, outputs=state)
 
+    done = consumed  # micro-batches of the completed steps (a checkpoint's position in the data)
+
     def state_now():
-        return {"step": step, "consumed": consumed, "history": history, "args": asdict(args)}
+        return {"step": step, "consumed": done, "history": history, "args": asdict(args)}
 
     window_tokens, window_loss, window_t0 = 0, 0.0, time.perf_counter()
     window_metrics: dict = {}
@@ -263,7 +322,7 @@ def train(
     try:
         while step < args.iters:
             mx.random.seed(args.seed + step)
-            sums = None
+            sums, rec = None, None
             for i in range(args.grad_accum):
                 try:
                     batch = next(batches)
@@ -272,36 +331,45 @@ def train(
                 consumed += 1
                 if world > 1:
                     batch = _shard(batch, rank, world)
-                sums = step_fn(batch, sums, i == args.grad_accum - 1)
-                mx.eval(sums)  # one micro-batch's activations at a time
-            mx.eval(model.state, optimizer.state)
-            total_tok = int(sums["tokens"])
-            step_loss = float(sums["loss"]) / max(total_tok, 1)
-            if not math.isfinite(step_loss):
-                where = out_dir / CHECKPOINT
-                kept = f"the last good checkpoint is {where}" if where.exists() else "no checkpoint was saved yet"
-                raise Phi3MLXError(f"the loss became {step_loss} at step {step + 1}; stopped, {kept} "
-                                   "(try a lower --lr)")
-            step += 1
-            window_tokens += total_tok
-            window_loss += step_loss * total_tok
-            for k, v in sums["metrics"].items():
-                window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
-            rec = None
-            if step % args.report_every == 0 or step == args.iters:
-                dt = time.perf_counter() - window_t0
-                rec = {"step": step, "loss": window_loss / max(1, window_tokens),
-                       "lr": float(optimizer.learning_rate), "tokens_per_sec": window_tokens / max(dt, 1e-9),
-                       "peak_gb": mx.get_peak_memory() / 1e9,
-                       **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
-                window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
+                if i < args.grad_accum - 1:
+                    sums = step_fn(batch, sums, False)
+                    mx.eval(sums)  # one micro-batch's activations at a time
+                    continue
+                # the update and its bookkeeping: a Ctrl-C arriving in here takes effect at the end
+                with _interrupts_deferred():
+                    sums = step_fn(batch, sums, True)
+                    mx.eval(sums, model.state, optimizer.state)
+                    step, done = step + 1, consumed
+                    total_tok = int(sums["tokens"])
+                    step_loss = float(sums["loss"]) / max(total_tok, 1)
+                    if not math.isfinite(step_loss):
+                        where = out_dir / CHECKPOINT
+                        kept = (f"the last good checkpoint is {where}" if where.exists()
+                                else "no checkpoint was saved yet")
+                        raise Phi3MLXError(f"the loss became {step_loss} at step {step}; stopped, {kept} "
+                                           "(try a lower --lr)")
+                    window_tokens += total_tok
+                    window_loss += step_loss * total_tok
+                    for k, v in sums["metrics"].items():
+                        window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
+                    if step % args.report_every == 0 or step == args.iters:
+                        dt = time.perf_counter() - window_t0
+                        rec = {"step": step, "loss": window_loss / max(1, window_tokens),
+                               "lr": float(optimizer.learning_rate), "tokens_per_sec": window_tokens / max(dt, 1e-9),
+                               "peak_gb": mx.get_peak_memory() / 1e9,
+                               **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
+                        window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
+                        history.append(rec)
             if val_batches is not None and (step % args.val_every == 0 or step == args.iters):
                 val = evaluate(model, loss_fn, val_batches(), args.val_batches)
-                rec = rec or {"step": step}
+                if rec is None:
+                    rec = {"step": step}
+                    history.append(rec)
                 rec.update({f"val_{k}": v for k, v in val.items()})
                 window_t0 = time.perf_counter()
             if rec is not None:
-                history.append(rec)
+                if metrics:
+                    metrics.write(rec)
                 if report:
                     report(rec)
             if rank == 0 and (step % args.save_every == 0 or step == args.iters):

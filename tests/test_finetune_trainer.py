@@ -310,3 +310,109 @@ def test_the_compiled_step_holds_the_update_and_equals_the_plain_one(folders, tm
     assert calls_p == 4 and calls_c == 1  # traced once: the update lives in the compiled step
     assert np.allclose(lc, lp, atol=1e-5, rtol=0)
     assert max(np.abs(pc[k] - pp[k]).max() for k in pc) <= 1e-5
+
+
+def _interrupted_then_resumed(folders, tmp_path, name, interrupt, **kw):
+    """Train 6 steps uninterrupted, and again with ``interrupt`` stopping it, then --resume: both results."""
+    import mlx.optimizers as optim
+
+    class SGD(optim.SGD):  # plain SGD that can fire ``interrupt`` from inside the update
+        def apply_gradients(self, gradients, parameters):
+            interrupt("update")
+            return super().apply_gradients(gradients, parameters)
+
+    seqs = task(16, 12)
+    args = dict(batch_size=2, grad_accum=2, save_every=100, report_every=1, compile=False, seed=3)
+    whole, cfg = trained(folders["phi3"], tmp_path)
+    want = train(whole, sft_loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / f"{name}-whole", cfg,
+                 optimizer=optim.SGD(learning_rate=0.5))
+    part, cfg = trained(folders["phi3"], tmp_path)
+
+    def loss(m, b):
+        interrupt("loss")
+        return sft_loss(m, b)
+
+    with pytest.raises(Phi3MLXError, match="interrupted at step") as e:
+        train(part, loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / name, cfg,
+              optimizer=SGD(learning_rate=0.5))
+    state = json.loads((tmp_path / name / "checkpoint" / "trainer_state.json").read_text())
+    again, cfg = trained(folders["phi3"], tmp_path)
+    got = train(again, sft_loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / name, cfg, resume=True,
+                optimizer=optim.SGD(learning_rate=0.5))
+    return str(e.value), state, (whole, want), (again, got)
+
+
+def _same_training(a, b):
+    (ma, ha), (mb, hb) = a, b
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose([h["loss"] for h in ha], [h["loss"] for h in hb], atol=1e-6, rtol=0)
+    pa, pb = _params(ma), _params(mb)
+    assert max(np.abs(pa[k] - pb[k]).max() for k in pa) <= 1e-6
+
+
+def test_ctrl_c_in_the_middle_of_a_step_gives_its_micro_batches_back(folders, tmp_path):
+    """Interrupted in the second micro-batch of step 4: the checkpoint is step 3 at micro-batch 6, and the
+    resumed run equals the uninterrupted one (before the fix it said 7 and skipped a batch)."""
+    calls = {"loss": 0}
+
+    def interrupt(where):
+        if where == "loss":
+            calls["loss"] += 1
+            if calls["loss"] == 8:  # step 4, micro-batch 2
+                raise KeyboardInterrupt
+
+    msg, state, whole, resumed = _interrupted_then_resumed(folders, tmp_path, "mid", interrupt)
+    assert "interrupted at step 3;" in msg
+    assert (state["step"], state["consumed"]) == (3, 6)
+    _same_training(whole, resumed)
+
+
+def test_ctrl_c_during_the_update_counts_the_applied_step(folders, tmp_path):
+    """A real SIGINT while step 4's update is applied: the step completes and is counted (step 4), so
+    --resume does not apply it twice (before the fix: step 3 saved with 4 updates in the weights)."""
+    import os
+    import signal
+
+    calls = {"update": 0}
+
+    def interrupt(where):
+        if where == "update":
+            calls["update"] += 1
+            if calls["update"] == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # Python runs the handler at the next check: give it many chances
+                    pass
+
+    msg, state, whole, resumed = _interrupted_then_resumed(folders, tmp_path, "upd", interrupt)
+    assert "interrupted at step 4;" in msg
+    assert (state["step"], state["consumed"]) == (4, 8)
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]  # its report is kept too
+    _same_training(whole, resumed)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_metrics_jsonl_has_one_line_per_report_across_a_resume(folders, tmp_path):
+    calls = {"loss": 0}
+
+    def interrupt(where):
+        if where == "loss":
+            calls["loss"] += 1
+            if calls["loss"] == 7:  # step 4, micro-batch 1
+                raise KeyboardInterrupt
+
+    _, _, (_, want), (_, got) = _interrupted_then_resumed(folders, tmp_path, "met", interrupt)
+    lines = [json.loads(x) for x in (tmp_path / "met" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose([r["loss"] for r in lines], [h["loss"] for h in want], atol=1e-6, rtol=0)
+    assert set(lines[0]) >= {"step", "loss", "lr", "tokens_per_sec", "peak_gb"}
+
+
+def test_nothing_is_written_before_the_first_report(folders, tmp_path):
+    model, cfg = trained(folders["phi3"], tmp_path)
+
+    def broken(m, b):
+        raise ValueError("shape trouble")
+
+    with pytest.raises(ValueError):
+        train(model, broken, batches(task(4, 5), 2), TrainArgs(iters=2, batch_size=2, compile=False), tmp_path / "no", cfg)
+    assert not (tmp_path / "no").exists()
