@@ -96,3 +96,68 @@ def test_finetune_lora_reexports_the_adapter_layer():
     for name in ("LoRALinear", "LoRASwitchLinear", "load_adapters", "read_adapter_config", "adapters_disabled",
                  "fuse", "ADAPTER_FILE", "CONFIG_FILE", "DEFAULT_TARGETS"):
         assert getattr(lora, name) is getattr(adapters, name), name
+
+
+def _imports(path: Path):
+    """(module imported, line, at module top level?, comment on that line or the one above) per import."""
+    src = path.read_text()
+    lines = src.splitlines()
+    tree = ast.parse(src)
+    top = {id(n) for n in tree.body}
+    pkg = ".".join(("phi3mlx",) + path.relative_to(ROOT).with_suffix("").parts[:-1])
+    pkg = pkg.replace("phi3mlx.phi3mlx", "phi3mlx")  # phi3mlx/x.py -> phi3mlx; finetune/x.py -> phi3mlx.finetune
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        near = " ".join(lines[max(0, node.lineno - 4): node.lineno])  # the comment over a group of imports
+        for name in names:
+            out.append((name, node.lineno, id(node) in top, near))
+    return out
+
+
+MINE = sorted(ROOT.glob("finetune/*.py")) + [ROOT / "phi3mlx" / f for f in ("benchkit.py", "adapters.py", "quant.py")]
+
+
+@pytest.mark.parametrize("path", MINE, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_hides_in_a_function(path):
+    """Project imports at module top; a lazy third-party import says why ("lazy: ...") next to it."""
+    for name, line, at_top, near in _imports(path):
+        if at_top:
+            continue
+        assert not name.startswith("phi3mlx"), f"{path.name}:{line} imports {name} inside a function"
+        assert "lazy" in near, f"{path.name}:{line} imports {name} inside a function without saying why"
+
+
+# Imports of phi3mlx.convert that the core's moves (hub -> phi3mlx/hub.py, maps -> phi3mlx/models/maps.py,
+# copy_tokenizer_files -> phi3mlx/tokenizer.py) remove; none may be added.
+CONVERT_PENDING = {"loader.py", "tiny.py", "bench.py", "models/phimoe.py"}
+
+
+def test_the_core_does_not_reach_up_to_finetune_or_convert():
+    """No module under phi3mlx/ but cli.py imports phi3mlx.finetune (anywhere, functions included); the
+    loading layer's adapters and quant import no command or job module at all."""
+    for path in sorted((ROOT / "phi3mlx").rglob("*.py")):
+        rel = str(path.relative_to(ROOT / "phi3mlx"))
+        if rel == "cli.py":
+            continue
+        for name, line, _, _ in _imports(path):
+            assert not name.startswith("phi3mlx.finetune"), f"phi3mlx/{rel}:{line} imports {name}"
+            if rel not in CONVERT_PENDING:
+                assert not name.startswith("phi3mlx.convert"), f"phi3mlx/{rel}:{line} imports {name}"
+    high = ("phi3mlx.finetune", "phi3mlx.convert", "phi3mlx.cli", "phi3mlx.chat", "phi3mlx.bench",
+            "phi3mlx.generate", "phi3mlx.loader")
+    for f in ("adapters.py", "quant.py"):
+        for name, line, _, _ in _imports(ROOT / "phi3mlx" / f):
+            assert not name.startswith(high), f"phi3mlx/{f}:{line} imports {name}"
+    for name, line, _, _ in _imports(ROOT / "phi3mlx" / "benchkit.py"):
+        assert not name.startswith(("phi3mlx.finetune", "phi3mlx.cli", "phi3mlx.chat", "phi3mlx.bench")) or \
+            name.startswith("phi3mlx.benchkit"), f"phi3mlx/benchkit.py:{line} imports {name}"
