@@ -93,7 +93,7 @@ def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     p.add_argument("--max-seq-length", type=int, default=2048, help="longer examples are truncated (one warning)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory, ~30%% slower")
     p.add_argument("--grad-clip", type=float, default=None,
-                   help="clip each step's gradient to this global norm (default: no clipping)")
+                   help="clip each step's gradient to this global norm (without it: no clipping)")
     p.add_argument("--val-every", type=int, default=100, help="validate every N steps (and at the end)")
     p.add_argument("--val-batches", type=int, default=25, help="validation batches (-1: all)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
@@ -121,7 +121,7 @@ def add_parsers(sub, formatter) -> None:
     p = sub.add_parser("fuse", help="merge adapters into the model and save it", formatter_class=formatter,
                        description="Write a model folder with the adapters merged into its weights.")
     p.add_argument("--model", default=None,
-                   help="the base model folder or hub id (default: the base_model adapter_config.json records)")
+                   help="the base model folder or hub id; without it, the base_model adapter_config.json records")
     p.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors + adapter_config.json")
     p.add_argument("--save-path", required=True, help="the new model folder")
     p.add_argument("--dequantize", action="store_true", help="write float weights even if the base is quantized")
