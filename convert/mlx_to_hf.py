@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.loader import load_model
+from phi3mlx.quant import dequantize
 from phi3mlx.weights import atomic_dir, check_output, save_weights
 
 from phi3mlx.models.maps import mlx_to_hf
@@ -19,43 +18,6 @@ from phi3mlx.tokenizer import copy_tokenizer_files
 from .hf_to_mlx import DTYPES, _progress
 
 _HF_ARCH = {"phi3": "Phi3ForCausalLM", "phi3small": "Phi3SmallForCausalLM", "phimoe": "PhimoeForCausalLM"}
-
-
-def dequantize(model: nn.Module) -> nn.Module:
-    """Replace quantized layers by float ones holding the dequantized weights."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-
-    swaps = []
-    for name, m in model.named_modules():
-        if isinstance(m, QuantizedSwitchLinear):  # stacked experts (phimoe)
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-            sl = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
-            sl.weight = w
-            if "bias" in m:
-                sl.bias = m.bias
-            swaps.append((name, sl))
-            continue
-        if isinstance(m, nn.QuantizedLinear):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-            lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-            lin.weight = w
-            if "bias" in m:
-                lin.bias = m.bias
-            swaps.append((name, lin))
-        elif isinstance(m, nn.QuantizedEmbedding):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
-            emb = nn.Embedding(w.shape[0], w.shape[1])
-            emb.weight = w
-            swaps.append((name, emb))
-    if swaps:
-        model.update_modules(_unflatten(swaps))
-    return model
-
-
-def _unflatten(pairs):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(pairs)
 
 
 def export_hf(mlx_path: str, hf_path: str, *, dtype: str | None = None, force: bool = False, show_progress: bool = True) -> Path:

@@ -1,18 +1,51 @@
 """``phi3mlx lora``, ``phi3mlx dpo`` and ``phi3mlx fuse``.
 
 Any flag can also come from a YAML file given with ``--config`` (keys as the flags' long names,
-with ``-`` or ``_``); flags given on the command line win. Unknown keys are an error.
+with ``-`` or ``_``); flags given on the command line win, and one that excludes a key of the file
+clears it (``--iters`` clears the file's ``epochs`` and the other way round, ``--dora`` its ``full``
+and the other way round). Unknown keys are an error.
+
+Everything that can be checked before the model loads is, and every problem is named at once: the
+flags, the data (format, sizes against ``--batch-size``, a last batch too small for the processes of
+``mlx.launch``) and ``--adapter-path`` (a folder holding an earlier run's adapters is replaced only
+with ``--force``, continued only with ``--resume``). Nothing is written before training starts.
+A ``--warmup`` longer than the run is shortened to the run, with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import mlx.core as mx
+import yaml
+from mlx.utils import tree_flatten
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from phi3mlx.convert.mlx_to_hf import export_hf
 from phi3mlx.errors import Phi3MLXError
+from phi3mlx.hub import resolve
+from phi3mlx.loader import load, load_model
+from phi3mlx.models.maps import mlx_to_folder
+from phi3mlx.tokenizer import copy_tokenizer_files
+from phi3mlx.weights import atomic_dir, check_output, save_weights
+
+from . import data as D
+from . import lora
+from .losses import make_dpo_loss, sft_loss
+from .trainer import CHECKPOINT, METRICS, TrainArgs, train
+
+# What a training run writes into --adapter-path (--force replaces exactly these).
+RUN_FILES = (lora.ADAPTER_FILE, lora.CONFIG_FILE, CHECKPOINT, METRICS, CHECKPOINT + ".tmp", CHECKPOINT + ".old")
+# Flags that exclude each other: one given on the command line clears the other from a --config file.
+EXCLUSIVE = (("iters", "epochs"), ("dora", "full"))
 
 TRAIN_HELP = """\
 Data: a folder with train.jsonl (and valid.jsonl, test.jsonl) or one .jsonl file. One JSON object a line:
@@ -22,6 +55,8 @@ Data: a folder with train.jsonl (and valid.jsonl, test.jsonl) or one .jsonl file
 QLoRA: give a quantized (4-bit) model folder; the packed weights stay frozen.
 Adapters are written to --adapter-path as adapters.safetensors + adapter_config.json; a resumable
 checkpoint (adapters, optimizer state, step) is kept in --adapter-path/checkpoint. Ctrl-C saves it.
+Every report is also a line of --adapter-path/metrics.jsonl. An earlier run's files there are replaced
+only with --force (or continued with --resume).
 """
 
 DPO_HELP = """\
@@ -51,16 +86,21 @@ def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     p.add_argument("--iters", type=int, default=None, help="optimizer steps (default 1000 unless --epochs)")
     p.add_argument("--epochs", type=float, default=None, help="passes over the training data (instead of --iters)")
     p.add_argument("--lr", type=float, default=1e-4 if not dpo else 1e-5, help="peak learning rate (AdamW)")
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine decay")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="linear warmup steps, then cosine decay (longer than the run: shortened to it, with a warning)")
     p.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine decays to lr x this")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-seq-length", type=int, default=2048, help="longer examples are truncated (one warning)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory, ~30%% slower")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="clip each step's gradient to this global norm (without it: no clipping)")
     p.add_argument("--val-every", type=int, default=100, help="validate every N steps (and at the end)")
     p.add_argument("--val-batches", type=int, default=25, help="validation batches (-1: all)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--report-every", type=int, default=10, help="print training loss every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --adapter-path/checkpoint")
+    p.add_argument("--force", action="store_true",
+                   help="replace the adapters, checkpoint and metrics of an earlier run in --adapter-path")
     p.add_argument("--seed", type=int, default=0, help="seed for data order, dropout and initialisation")
     if dpo:
         p.add_argument("--beta", type=float, default=0.1, help="DPO beta (strength of the KL anchor)")
@@ -80,7 +120,8 @@ def add_parsers(sub, formatter) -> None:
     _train_args(p, dpo=True)
     p = sub.add_parser("fuse", help="merge adapters into the model and save it", formatter_class=formatter,
                        description="Write a model folder with the adapters merged into its weights.")
-    p.add_argument("--model", required=True, help="the base model folder or hub id")
+    p.add_argument("--model", default=None,
+                   help="the base model folder or hub id; without it, the base_model adapter_config.json records")
     p.add_argument("--adapter-path", required=True, help="folder with adapters.safetensors + adapter_config.json")
     p.add_argument("--save-path", required=True, help="the new model folder")
     p.add_argument("--dequantize", action="store_true", help="write float weights even if the base is quantized")
@@ -88,13 +129,32 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --save-path")
 
 
+_UNSET = object()
+
+
+def _given(parser: argparse.ArgumentParser, target: argparse.ArgumentParser, argv) -> set:
+    """The dests of ``target`` (a subcommand's parser) that ``argv`` gives on the command line."""
+    saved = {a: a.default for a in target._actions}
+    saved_defaults = dict(target._defaults)
+    try:
+        target.set_defaults(**{a.dest: _UNSET for a in target._actions if a.default is not argparse.SUPPRESS})
+        parsed = vars(parser.parse_args(argv))
+    finally:
+        for a, d in saved.items():
+            a.default = d
+        target._defaults.clear()
+        target._defaults.update(saved_defaults)
+    return {k for k, v in parsed.items() if v is not _UNSET}
+
+
 def apply_yaml(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
-    """Parse ``argv``; when it names --config, the YAML values become defaults and argv is parsed again."""
+    """Parse ``argv``; when it names --config, the YAML values become defaults and argv is parsed again.
+
+    A flag on the command line wins over the file's value, and clears the file's value of a flag it
+    excludes (``EXCLUSIVE``: ``--iters 2`` with a file holding ``epochs: 2`` trains 2 steps)."""
     args = parser.parse_args(argv)
     if not getattr(args, "config", None):
         return args
-    import yaml
-
     path = Path(args.config)
     if not path.is_file():
         raise Phi3MLXError(f"config file {path} does not exist")
@@ -113,14 +173,43 @@ def apply_yaml(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
     if unknown:
         raise Phi3MLXError(f"{path}: unknown keys {', '.join(unknown)}")
+    given = _given(parser, target, argv)
+    for a, b in EXCLUSIVE:
+        for flag, other in ((a, b), (b, a)):
+            if flag in given:
+                values.pop(other, None)
     target.set_defaults(**values)
     return parser.parse_args(argv)
 
 
-def _progress_report(total: int):
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _val_line(rec: dict) -> str:
+    return (f"step {rec['step']}: val loss {rec['val_loss']:.4f}"
+            + "".join(f", {k[4:]} {v:.4f}" for k, v in rec.items() if k.startswith("val_") and k != "val_loss"))
 
+
+REPORT_KEYS = ("step", "loss", "lr", "tokens_per_sec", "peak_gb")
+
+
+def _plain_line(rec: dict, total: int) -> str:
+    """One report as a plain line (logs, pipes): step, loss, lr, tokens/s, peak memory, other metrics."""
+    extra = "".join(f", {k} {v:.4f}" for k, v in rec.items() if k not in REPORT_KEYS and not k.startswith("val_"))
+    return (f"step {rec['step']}/{total}: loss {rec['loss']:.4f}{extra}, lr {rec['lr']:.2e}, "
+            f"{rec['tokens_per_sec']:.0f} tok/s, peak {rec['peak_gb']:.2f} GB")
+
+
+def _progress_report(total: int, show: bool = True):
+    """(context, report callback): a rich progress bar on a terminal, plain lines on stderr otherwise
+    (one per report, one per validation), nothing at all when not ``show`` (the other processes)."""
+    if not show:
+        return contextlib.nullcontext(), None
+    if not sys.stderr.isatty():
+        def plain(rec: dict) -> None:
+            if "loss" in rec:
+                print(_plain_line(rec, total), file=sys.stderr, flush=True)
+            if "val_loss" in rec:
+                print(_val_line(rec), file=sys.stderr, flush=True)
+
+        return contextlib.nullcontext(), plain
     prog = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), transient=False, console=Console(stderr=True))
     task = prog.add_task("train", total=total, info="")
@@ -138,14 +227,12 @@ def _progress_report(total: int):
                 info.append(f"{k[4:]} {last[k]:.3f}")
         prog.update(task, completed=rec["step"], info="  ".join(i for i in info if i))
         if "val_loss" in rec:
-            prog.console.print(f"step {rec['step']}: val loss {rec['val_loss']:.4f}"
-                               + "".join(f", {k[4:]} {v:.4f}" for k, v in rec.items()
-                                         if k.startswith("val_") and k != "val_loss"))
+            prog.console.print(_val_line(rec))
 
     return prog, report
 
 
-def _check(a, dpo: bool) -> None:
+def _flag_problems(a, dpo: bool) -> list[str]:
     problems = []
     if not a.data:
         problems.append("--data is required (a folder with train.jsonl or a .jsonl file)")
@@ -159,24 +246,54 @@ def _check(a, dpo: bool) -> None:
         problems.append(f"--max-seq-length must be at least 2, got {a.max_seq_length}")
     if dpo and not (a.beta > 0 and math.isfinite(a.beta)):
         problems.append(f"--beta must be a positive number, got {a.beta}")
-    if problems:
-        raise Phi3MLXError.many(problems)
+    return problems
 
 
-def run_training(a, dpo: bool = False) -> list[dict]:
-    """The body of ``phi3mlx lora`` / ``phi3mlx dpo``."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+def _adapter_path_problems(a) -> list[str]:
+    """--adapter-path against --force / --resume: an earlier run's files are never replaced silently."""
+    out = Path(a.adapter_path)
+    if out.exists() and not out.is_dir():
+        return [f"--adapter-path {out} exists and is not a folder"]
+    if a.force and a.resume:
+        return ["--force and --resume exclude each other (--resume continues the run in --adapter-path, "
+                "--force starts it again)"]
+    if a.resume:
+        if not (out / CHECKPOINT / "trainer_state.json").exists():
+            return [f"nothing to resume in {out}: no {CHECKPOINT}/trainer_state.json"]
+        return []
+    earlier = [n for n in RUN_FILES if (out / n).exists()]
+    if earlier and not a.force:
+        return [f"--adapter-path {out} already holds {', '.join(earlier)} from an earlier run; pass --force to "
+                "replace them or --resume to continue it"]
+    return []
 
-    from phi3mlx.loader import load
 
-    from . import data as D
-    from . import lora
-    from .losses import make_dpo_loss, sft_loss
-    from .trainer import TrainArgs, train
+def _size_problems(n_train: int, n_val: int, batch_size: int, world: int, what: str = "example") -> list[str]:
+    """Data too small for --batch-size, or a last batch of an epoch too small to share over the processes."""
+    def count(n):
+        return f"{n} {what}{'' if n == 1 else 's'}"
 
-    _check(a, dpo)
-    tune = "full" if a.full else "dora" if a.dora else "lora"
+    problems = []
+    if batch_size <= 0:
+        return problems  # TrainArgs names it
+    if n_train < batch_size:
+        problems.append(f"the training set has {count(n_train)}, fewer than --batch-size {batch_size}")
+    if 0 < n_val < batch_size:
+        problems.append(f"the validation set has {count(n_val)}, fewer than --batch-size {batch_size} "
+                        "(validation uses whole batches); add validation data or lower --batch-size")
+    if world > 1:
+        left = n_train % batch_size
+        if batch_size < world:
+            problems.append(f"--batch-size {batch_size} is smaller than the {world} processes: each needs at least "
+                            "one row of every batch")
+        elif 0 < left < world:
+            problems.append(f"with {count(n_train)} and --batch-size {batch_size} the last batch of each epoch holds "
+                            f"{left}, fewer than the {world} processes that share it (each needs a row); use a "
+                            f"--batch-size that leaves 0 or at least {world} over")
+    return problems
+
+
+def _read_data(a, dpo: bool):
     rows = D.load_split(a.data, "train")
     fmt = D.detect_format(rows, a.data)
     want = D.PREFERENCE_FORMATS if dpo else D.SFT_FORMATS
@@ -189,6 +306,51 @@ def run_training(a, dpo: bool = False) -> list[dict]:
         vfmt = D.detect_format(val_rows, a.data)
         if vfmt != fmt:
             raise Phi3MLXError(f"valid.jsonl holds {vfmt} data but train.jsonl holds {fmt}")
+    return rows, val_rows, fmt
+
+
+def _clear_earlier_run(out: Path) -> None:
+    for name in RUN_FILES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def run_training(a, dpo: bool = False) -> list[dict]:
+    """The body of ``phi3mlx lora`` / ``phi3mlx dpo``."""
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    say = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
+    # before the model loads: flags, --adapter-path, the data and its sizes, all problems at once
+    problems = _flag_problems(a, dpo) + _adapter_path_problems(a)
+    try:
+        rows, val_rows, fmt = _read_data(a, dpo) if a.data else ([], [], None)
+    except Phi3MLXError as e:
+        raise Phi3MLXError.many(problems + [str(e)]) from None
+    if not a.data:
+        raise Phi3MLXError.many(problems)
+    tune = "full" if a.full else "dora" if a.dora else "lora"
+    steps_per_epoch = max(1, math.ceil(len(rows) / max(1, a.batch_size * a.grad_accum)))
+    iters = a.iters if a.iters is not None else (
+        max(1, math.ceil(a.epochs * steps_per_epoch)) if a.epochs is not None and a.epochs > 0 else 1000)
+    warmup = a.warmup
+    if iters > 0 and warmup > iters:
+        warmup = iters
+    args = TrainArgs(iters=iters, batch_size=a.batch_size, grad_accum=a.grad_accum, learning_rate=a.lr,
+                     warmup=warmup, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
+                     val_every=a.val_every, val_batches=a.val_batches, save_every=a.save_every,
+                     report_every=a.report_every, grad_checkpoint=a.grad_checkpoint, grad_clip=a.grad_clip,
+                     seed=a.seed)
+    problems += args.problems()
+    problems += _size_problems(len(rows), len(val_rows), a.batch_size, world)
+    if problems:
+        raise Phi3MLXError.many(problems)
+    if warmup != a.warmup:
+        say(f"phi3mlx: warning: --warmup {a.warmup} is longer than the run ({iters} steps); warming up over all "
+            f"{iters} steps")
+
     mx.random.seed(a.seed)
     model, tok = load(a.model)
     if dpo:
@@ -197,15 +359,19 @@ def run_training(a, dpo: bool = False) -> list[dict]:
     else:
         train_ex = [D.encode_sft(r, fmt, tok, a.mask_prompt) for r in rows]
         val_ex = [D.encode_sft(r, fmt, tok, a.mask_prompt) for r in val_rows]
+    if not dpo and a.pack:  # packed windows are counted only now
+        problems = _size_problems(D.sequence_count(train_ex, a.max_seq_length, True),
+                                  D.sequence_count(val_ex, a.max_seq_length, True) if val_ex else 0,
+                                  a.batch_size, world, what="packed sequence")
+        if problems:
+            raise Phi3MLXError.many(problems)
     warning = D.truncation_warning(train_ex, a.max_seq_length)
     if warning:
-        print(f"phi3mlx: warning: {warning}", file=sys.stderr)
-    steps_per_epoch = max(1, math.ceil(len(train_ex) / (a.batch_size * a.grad_accum)))
-    iters = a.iters if a.iters is not None else (
-        max(1, math.ceil(a.epochs * steps_per_epoch)) if a.epochs is not None else 1000)
+        say(f"phi3mlx: warning: {warning}")
     cfg = lora.apply_adapters(model, {"fine_tune_type": tune, "rank": a.rank, "alpha": a.alpha, "dropout": a.dropout,
                                       "targets": a.targets, "num_layers": a.num_layers})
-    cfg["base_model"] = str(a.model)
+    local = Path(str(a.model)).expanduser()
+    cfg["base_model"] = str(local.resolve()) if local.exists() else str(a.model)  # what fuse loads by default
     if dpo:
         reference = None
         if a.reference_model:
@@ -220,38 +386,35 @@ def run_training(a, dpo: bool = False) -> list[dict]:
         batches = D.iterate_batches(train_ex, a.batch_size, a.max_seq_length, seed=a.seed, loop=True, pack=a.pack)
         val = (lambda: D.iterate_batches(val_ex, a.batch_size, a.max_seq_length, shuffle=False, pack=a.pack)) \
             if val_ex else None
-    args = TrainArgs(iters=iters, batch_size=a.batch_size, grad_accum=a.grad_accum, learning_rate=a.lr,
-                     warmup=a.warmup, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
-                     val_every=a.val_every, val_batches=a.val_batches, save_every=a.save_every,
-                     report_every=a.report_every, grad_checkpoint=a.grad_checkpoint, seed=a.seed)
+    if val is not None:
+        val()  # its checks raise now, not after the first steps
     info = D.summarize(train_ex)
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    print(f"{tune}{' (DPO, ' + a.loss + ')' if dpo else ''}: {len(train_ex)} training examples "
-          f"({info['tokens']} tokens), {len(val_ex)} validation; {iters} steps of {a.batch_size} x {a.grad_accum}; "
-          f"{n_train / 1e6:.3f}M trainable parameters", file=sys.stderr)
-    prog, report = _progress_report(iters)
+    say(f"{tune}{' (DPO, ' + a.loss + ')' if dpo else ''}: {len(train_ex)} training examples "
+        f"({info['tokens']} tokens), {len(val_ex)} validation; {iters} steps of {a.batch_size} x {a.grad_accum}"
+        f"{f' over {world} processes' if world > 1 else ''}; {n_train / 1e6:.3f}M trainable parameters")
+    out = Path(a.adapter_path)
+    if a.force and rank == 0:
+        _clear_earlier_run(out)
+    prog, report = _progress_report(iters, show=rank == 0)
     with prog:
-        history = train(model, loss_fn, batches, args, Path(a.adapter_path), cfg, val_batches=val,
-                        resume=a.resume, report=report)
-    print(f"adapters saved to {a.adapter_path}", file=sys.stderr)
+        history = train(model, loss_fn, batches, args, out, cfg, val_batches=val, resume=a.resume, report=report)
+    say(f"adapters saved to {a.adapter_path}")
     return history
 
 
 def run_fuse(a) -> Path:
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from phi3mlx.convert.hf_to_mlx import copy_tokenizer_files
-    from phi3mlx.hub import resolve
-    from phi3mlx.models.maps import mlx_to_folder
-    from phi3mlx.loader import load_model
-    from phi3mlx.weights import atomic_dir, check_output, save_weights
-
-    from . import lora
-
+    """The body of ``phi3mlx fuse``; the base model defaults to the one adapter_config.json records."""
     out = Path(a.save_path)
     check_output(out, a.force)
-    src = resolve(a.model)
+    base = a.model
+    if base is None:
+        recorded = lora.read_adapter_config(Path(a.adapter_path)).get("base_model")
+        if not recorded:
+            raise Phi3MLXError(f"--model is not given and {Path(a.adapter_path) / lora.CONFIG_FILE} records no "
+                               "base_model; pass --model")
+        base = recorded
+    src = resolve(base)
     model, cfg = load_model(src)
     lora.load_adapters(model, a.adapter_path)
     lora.fuse(model, dequantize=a.dequantize or a.export_hf)
@@ -262,10 +425,6 @@ def run_fuse(a) -> Path:
     weights = mlx_to_folder(cfg.model_type, dict(tree_flatten(model.parameters())))
     mx.eval(list(weights.values()))
     if a.export_hf:
-        import tempfile
-
-        from phi3mlx.convert.mlx_to_hf import export_hf
-
         with tempfile.TemporaryDirectory() as d:
             tmp = Path(d) / "fused"
             tmp.mkdir()

@@ -455,6 +455,11 @@ def _pack(examples: Sequence[SFTExample], max_seq_length: int) -> list[SFTExampl
             for s in range(0, len(ids) - 1, max_seq_length)]
 
 
+def sequence_count(examples: Sequence[SFTExample], max_seq_length: int, pack: bool = False) -> int:
+    """How many sequences ``iterate_batches`` cuts an epoch's batches from (the windows, with ``pack``)."""
+    return len(_pack(examples, max_seq_length)) if pack else len(examples)
+
+
 def iterate_batches(examples: Sequence[SFTExample], batch_size: int, max_seq_length: int, *, shuffle: bool = True,
                     seed: int = 0, loop: bool = False, pack: bool = False) -> Iterator[Batch]:
     """SFT batches ``(inputs (B, L) int32, targets (B, L) int32, loss_mask (B, L) float32)``.

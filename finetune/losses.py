@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from phi3mlx.adapters import adapters_disabled
 from phi3mlx.errors import Phi3MLXError
 
 Batch = Tuple[mx.array, mx.array, mx.array]
@@ -133,8 +134,6 @@ def reference_logps(model: nn.Module, reference: Optional[nn.Module], inputs: mx
     """Stop-gradient'ed (N,) sequence log-probs from ``reference``, else from ``model`` with adapters off."""
     if reference is not None:
         return mx.stop_gradient(sequence_logps(reference, inputs, targets, mask))
-    from phi3mlx.finetune.lora import adapters_disabled
-
     with adapters_disabled(model):
         logps = mx.stop_gradient(sequence_logps(model, inputs, targets, mask))
     return logps
@@ -151,7 +150,7 @@ def make_dpo_loss(
     batch: {"chosen": (inputs, targets, mask), "rejected": (inputs, targets, mask)}, each (B, L*) with
     its own length. The policy sees chosen and rejected in one forward pass of shape (2B, max L). The
     reference log-probs come from ``reference`` if given, else from ``model`` itself inside
-    ``phi3mlx.finetune.lora.adapters_disabled(model)``; either way without gradient. ntokens (int32
+    ``phi3mlx.adapters.adapters_disabled(model)``; either way without gradient. ntokens (int32
     scalar) counts the masked response tokens of chosen and rejected together.
     Settings are checked here, so a bad kind or beta fails before training starts.
     """

@@ -7,29 +7,49 @@ tokens. The accumulated update equals one step on the union of the micro-batches
 losses are weighted by their token counts and divided by the total.
 
 Learning rate: linear warmup over ``args.warmup`` steps, then cosine decay to
-``args.learning_rate * args.min_lr_ratio`` at ``args.iters``. AdamW (``args.weight_decay``).
+``args.learning_rate * args.min_lr_ratio`` at ``args.iters``. AdamW (``args.weight_decay``). With
+``args.grad_clip`` the accumulated gradient is scaled down to that global norm before the update.
+
+Compiled (``args.compile``, the default): each micro-batch's forward and backward pass, the token
+weighting and, on a step's last micro-batch, the update itself (gradient sum, clipping, optimizer)
+run as one ``mx.compile``d function whose state (the model's arrays, the optimizer's state and the
+random state) is its implicit input and output, as mlx-lm's trainer does. A loss with Python side
+effects (counters, prints) needs ``compile=False``, which runs the same function uncompiled.
+
+Gradient checkpointing (``args.grad_checkpoint``) sets the model's ``checkpoint_layers`` flag for the
+run (each decoder layer's activations are recomputed in the backward pass) and restores it after.
 
 Data parallel: launched as several processes (``mlx.launch -n N ...``, or across Macs), each process
-takes its 1/N share of every micro-batch (the batch size must divide evenly), and gradients, losses
-and token counts are summed over the processes before the update, so N processes train exactly as one
-process with the same global batch. Only the first process writes checkpoints and reports.
+takes its share of every micro-batch's rows (as even as possible: a batch of 5 on 2 processes gives 3
+and 2), and gradients, losses and token counts are summed over the processes before the update, so N
+processes train exactly as one process with the same global batch (for a loss that is a mean over
+tokens, as SFT's). A micro-batch needs at least one row per process. Only the first process writes
+checkpoints, metrics and reports.
 
 Checkpoints (every ``args.save_every`` steps, at the end, and on Ctrl-C) hold the trained arrays,
 the optimizer state, the step and the number of micro-batches consumed, written to a temporary
 folder and renamed. ``resume=True`` restores them and skips the consumed batches, and the random
 state is reseeded per step (``args.seed + step``: dropout, MoE routing), so a resumed run reproduces
-an uninterrupted one. A loss that becomes NaN or infinite stops training with the last good
-checkpoint kept.
+an uninterrupted one. Ctrl-C in the middle of a step saves the state before that step (its
+micro-batches are given back); a Ctrl-C that arrives while the update is applied takes effect once
+the step is complete, so the checkpoint never holds an update its step count does not. A loss that
+becomes NaN or infinite stops training with the last good checkpoint kept.
+
+Every report (and validation) is also appended as one JSON object a line to ``out_dir/metrics.jsonl``;
+a resumed run first rewrites it from the checkpoint's history, so it never holds steps twice. Nothing
+is written into ``out_dir`` before the first report or checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -43,6 +63,7 @@ from phi3mlx.errors import Phi3MLXError
 from . import lora
 
 CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -59,10 +80,17 @@ class TrainArgs:
     save_every: int = 100
     report_every: int = 10
     grad_checkpoint: bool = False
+    grad_clip: Optional[float] = None  # clip the step's gradient to this global norm (None: no clipping)
     seed: int = 0
-    compile: bool = True  # trace each micro-batch's loss and gradient once per shape (mx.compile)
+    compile: bool = True  # compile the whole step, update included (mx.compile; traced once per batch shape)
 
     def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise Phi3MLXError.many(problems)
+
+    def problems(self) -> list[str]:
+        """Every bad setting, named by its flag."""
         problems = []
         for name in ("iters", "batch_size", "grad_accum", "val_every", "save_every", "report_every"):
             if getattr(self, name) <= 0:
@@ -73,8 +101,9 @@ class TrainArgs:
             problems.append(f"--warmup must be between 0 and --iters ({self.iters}), got {self.warmup}")
         if not (0.0 <= self.min_lr_ratio <= 1.0):
             problems.append(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if problems:
-            raise Phi3MLXError.many(problems)
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            problems.append(f"--grad-clip must be a positive number, got {self.grad_clip}")
+        return problems
 
 
 def lr_schedule(args: TrainArgs) -> Callable:
@@ -86,49 +115,98 @@ def lr_schedule(args: TrainArgs) -> Callable:
                                 [args.warmup])
 
 
-def grad_checkpoint(model) -> None:
-    """Recompute each decoder layer in the backward pass instead of keeping its activations."""
-    cls = type(model.model.layers[0])
-    if getattr(cls, "_checkpointed", False):
-        return
-    fn = cls.__call__
-
-    def checkpointed(self, x, *args, **kwargs):
-        def inner(params, x):  # only arrays cross mx.checkpoint; masks, caches and flags are closed over
-            self.update(params)
-            return fn(self, x, *args, **kwargs)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), x)
-
-    cls._plain_call = fn
-    cls.__call__ = checkpointed
-    cls._checkpointed = True
-
-
-def undo_grad_checkpoint(model) -> None:
-    cls = type(model.model.layers[0])
-    if getattr(cls, "_checkpointed", False):
-        cls.__call__ = cls._plain_call
-        del cls._checkpointed
-
-
 def _shard(batch, rank: int, world: int):
-    """This process's rows of a micro-batch (arrays, tuples or dicts of them, batch axis first)."""
+    """This process's rows of a micro-batch (arrays, tuples or dicts of them, batch axis first): rows
+    ``rank * n // world`` up to ``(rank + 1) * n // world``, so the shares differ by one row at most."""
     def cut(x):
         n = x.shape[0]
-        if n % world:
-            raise Phi3MLXError(f"a batch of {n} cannot be split over {world} processes; use a --batch-size "
-                               f"divisible by {world}")
-        k = n // world
-        return x[rank * k:(rank + 1) * k]
+        if n < world:
+            raise Phi3MLXError(f"a micro-batch of {n} rows cannot be shared by {world} processes (each needs at "
+                               "least one row); with several processes the last, smaller batch of an epoch must "
+                               f"still hold {world} examples: change --batch-size or the number of examples")
+        return x[rank * n // world:(rank + 1) * n // world]
 
     return tree_map(cut, batch)
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C inside the block takes effect when it ends: the update of a step is applied whole or not at all.
+
+    Only the main thread can handle signals; elsewhere the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        if callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+class _MetricsLog:
+    """out_dir/metrics.jsonl: one JSON object per report; created at the first record, not before."""
+
+    def __init__(self, path: Path, earlier: list):
+        self.path = path
+        self.fresh = True  # the first write replaces the file: with ``earlier`` (a resumed run's history)
+        self.earlier = earlier
+
+    def write(self, rec: dict) -> None:
+        lines = [json.dumps(r) for r in (self.earlier if self.fresh else [])] + [json.dumps(rec)]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w" if self.fresh else "a") as f:
+            f.write("\n".join(lines) + "\n")
+        self.fresh = False
 
 
 def _unpack(out):
     loss, ntok = out[0], out[1]
     metrics = out[2] if len(out) > 2 else {}
     return loss, ntok, metrics
+
+
+def make_step(model, loss_fn: Callable, optimizer: optim.Optimizer, grad_clip: Optional[float] = None,
+              group=None) -> Callable:
+    """The training step as one function ``step(batch, sums, last) -> sums`` (what ``train`` compiles).
+
+    Each call runs one micro-batch's forward and backward pass and adds its token-weighted gradient,
+    loss and metrics to ``sums`` (None for a step's first micro-batch): ``{"grads", "loss", "tokens",
+    "metrics"}``, each loss-like value multiplied by the micro-batch's token count. With ``last`` the
+    sums are also summed over the processes of ``group``, the gradient is divided by the total token
+    count (the update of one big batch), clipped to the global norm ``grad_clip`` if given, and
+    applied by ``optimizer``; the gradient is then left out of the returned sums.
+    """
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(batch, sums: Optional[dict], last: bool) -> dict:
+        out, grads = value_and_grad(model, batch)
+        loss, ntok, metrics = _unpack(out)
+        weight = ntok.astype(mx.float32)
+        new = {"grads": tree_map(lambda g: g * weight, grads), "loss": loss * weight, "tokens": ntok,
+               "metrics": {k: v * weight for k, v in metrics.items()}}
+        if sums is not None:
+            new = tree_map(mx.add, sums, new)
+        if not last:
+            return new
+        if group is not None:  # sums over the processes: the update of one process holding the global batch
+            new = tree_map(lambda x: mx.distributed.all_sum(x, group=group), new)
+        grads = new.pop("grads")
+        denom = new["tokens"].astype(mx.float32)
+        grads = tree_map(lambda g: g / denom, grads)
+        if grad_clip is not None:
+            grads, _ = optim.clip_grad_norm(grads, grad_clip)
+        optimizer.update(model, grads)
+        return new
+
+    return step
 
 
 def evaluate(model, loss_fn, batches: Iterator, limit: int = -1) -> dict:
@@ -205,10 +283,10 @@ def train(
     args.check()
     group = mx.distributed.init()
     world, rank = group.size(), group.rank()
-    if world > 1 and args.batch_size % world:
-        raise Phi3MLXError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    if args.batch_size < world:
+        raise Phi3MLXError(f"--batch-size {args.batch_size} is smaller than the {world} processes: each needs at "
+                           "least one row of every batch")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if rank != 0:
         report = None
     if optimizer is None:
@@ -219,26 +297,24 @@ def train(
         step, consumed, history = state["step"], state["consumed"], state["history"]
         for _ in range(consumed):
             next(batches)
+    metrics = _MetricsLog(out_dir / METRICS, list(history)) if rank == 0 else None
+    if not resume:
+        optimizer.init(model.trainable_parameters())  # the compiled step's state holds it from the start
+    if args.grad_checkpoint and not hasattr(model, "checkpoint_layers"):
+        raise Phi3MLXError(f"{type(model).__name__} has no checkpoint_layers flag: it cannot use --grad-checkpoint")
+    checkpointing = getattr(model, "checkpoint_layers", False)
     if args.grad_checkpoint:
-        grad_checkpoint(model)
+        model.checkpoint_layers = True
     model.train()
-    value_and_grad = nn.value_and_grad(model, lambda m, b: loss_fn(m, b))
+    step_fn = make_step(model, loss_fn, optimizer, args.grad_clip, group if world > 1 else None)
     if args.compile:
-        # the model's arrays and the random state are the compiled function's implicit inputs and outputs;
-        # a loss with Python side effects (counters, prints) needs compile=False
-        state = [model.state, mx.random.state]
+        state = [model.state, optimizer.state, mx.random.state]
+        step_fn = mx.compile(step_fn, inputs=state, outputs=state)
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def compiled(batch):
-            return value_and_grad(model, batch)
-
-        def loss_and_grad(_model, batch):
-            return compiled(batch)
-    else:
-        loss_and_grad = value_and_grad
+    done = consumed  # micro-batches of the completed steps (a checkpoint's position in the data)
 
     def state_now():
-        return {"step": step, "consumed": consumed, "history": history, "args": asdict(args)}
+        return {"step": step, "consumed": done, "history": history, "args": asdict(args)}
 
     window_tokens, window_loss, window_t0 = 0, 0.0, time.perf_counter()
     window_metrics: dict = {}
@@ -246,8 +322,8 @@ def train(
     try:
         while step < args.iters:
             mx.random.seed(args.seed + step)
-            grads, total_loss, total_tok, metric_sums = None, 0.0, 0, {}
-            for _ in range(args.grad_accum):
+            sums, rec = None, None
+            for i in range(args.grad_accum):
                 try:
                     batch = next(batches)
                 except StopIteration:
@@ -255,51 +331,45 @@ def train(
                 consumed += 1
                 if world > 1:
                     batch = _shard(batch, rank, world)
-                out, g = loss_and_grad(model, batch)
-                loss, ntok, metrics = _unpack(out)
-                ntok_f = ntok.astype(mx.float32)
-                g = tree_map(lambda x: x * ntok_f, g)
-                grads = g if grads is None else tree_map(mx.add, grads, g)
-                total_loss = total_loss + loss * ntok_f
-                total_tok = total_tok + ntok
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + v * ntok_f
-            if world > 1:  # sums over the processes: the update of one process holding the global batch
-                grads = tree_map(lambda x: mx.distributed.all_sum(x, group=group), grads)
-                total_loss = mx.distributed.all_sum(total_loss, group=group)
-                total_tok = mx.distributed.all_sum(total_tok, group=group)
-                metric_sums = {k: mx.distributed.all_sum(v, group=group) for k, v in metric_sums.items()}
-            denom = total_tok.astype(mx.float32)
-            grads = tree_map(lambda x: x / denom, grads)
-            optimizer.update(model, grads)
-            mx.eval(model.parameters(), optimizer.state, total_loss, total_tok, metric_sums)
-            step_loss = float(total_loss / denom)
-            if not math.isfinite(step_loss):
-                where = out_dir / CHECKPOINT
-                kept = f"the last good checkpoint is {where}" if where.exists() else "no checkpoint was saved yet"
-                raise Phi3MLXError(f"the loss became {step_loss} at step {step + 1}; stopped, {kept} "
-                                   "(try a lower --lr)")
-            step += 1
-            n = int(total_tok)
-            window_tokens += n
-            window_loss += step_loss * n
-            for k, v in metric_sums.items():
-                window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
-            rec = None
-            if step % args.report_every == 0 or step == args.iters:
-                dt = time.perf_counter() - window_t0
-                rec = {"step": step, "loss": window_loss / max(1, window_tokens),
-                       "lr": float(optimizer.learning_rate), "tokens_per_sec": window_tokens / max(dt, 1e-9),
-                       "peak_gb": mx.get_peak_memory() / 1e9,
-                       **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
-                window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
+                if i < args.grad_accum - 1:
+                    sums = step_fn(batch, sums, False)
+                    mx.eval(sums)  # one micro-batch's activations at a time
+                    continue
+                # the update and its bookkeeping: a Ctrl-C arriving in here takes effect at the end
+                with _interrupts_deferred():
+                    sums = step_fn(batch, sums, True)
+                    mx.eval(sums, model.state, optimizer.state)
+                    step, done = step + 1, consumed
+                    total_tok = int(sums["tokens"])
+                    step_loss = float(sums["loss"]) / max(total_tok, 1)
+                    if not math.isfinite(step_loss):
+                        where = out_dir / CHECKPOINT
+                        kept = (f"the last good checkpoint is {where}" if where.exists()
+                                else "no checkpoint was saved yet")
+                        raise Phi3MLXError(f"the loss became {step_loss} at step {step}; stopped, {kept} "
+                                           "(try a lower --lr)")
+                    window_tokens += total_tok
+                    window_loss += step_loss * total_tok
+                    for k, v in sums["metrics"].items():
+                        window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
+                    if step % args.report_every == 0 or step == args.iters:
+                        dt = time.perf_counter() - window_t0
+                        rec = {"step": step, "loss": window_loss / max(1, window_tokens),
+                               "lr": float(optimizer.learning_rate), "tokens_per_sec": window_tokens / max(dt, 1e-9),
+                               "peak_gb": mx.get_peak_memory() / 1e9,
+                               **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
+                        window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
+                        history.append(rec)
             if val_batches is not None and (step % args.val_every == 0 or step == args.iters):
                 val = evaluate(model, loss_fn, val_batches(), args.val_batches)
-                rec = rec or {"step": step}
+                if rec is None:
+                    rec = {"step": step}
+                    history.append(rec)
                 rec.update({f"val_{k}": v for k, v in val.items()})
                 window_t0 = time.perf_counter()
             if rec is not None:
-                history.append(rec)
+                if metrics:
+                    metrics.write(rec)
                 if report:
                     report(rec)
             if rank == 0 and (step % args.save_every == 0 or step == args.iters):
@@ -309,6 +379,5 @@ def train(
             save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
     finally:
-        if args.grad_checkpoint:
-            undo_grad_checkpoint(model)
+        model.checkpoint_layers = checkpointing
     return history

@@ -19,29 +19,24 @@ How the numbers are taken (the same for both engines):
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
+from .benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
+                       fmt, params_bytes, progress_printer, ratio, ratio_line, report_console,
+                       run_alternating)
 from .errors import Phi3MLXError
+from .generate import generate_step
+from .hub import resolve
+from .loader import load
+from .models import read_model_config
+from .quant import estimate_memory
+from .weights import folder_bytes
 
-OURS = "phi3mlx"
-MLX_LM = "mlx-lm"
 WARMUP_TOKENS = 2
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    line = text.splitlines()[0].strip() if text else ""
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
-
-
-def _params_bytes(model) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def check_bench_args(prompt_tokens: int, gen_tokens: int, repeats: int, context_length: Optional[int] = None) -> None:
@@ -81,7 +76,7 @@ class _Engine:
         self.name = name
         self.model = model
         self.stream = stream
-        self.weights_bytes = _params_bytes(model)
+        self.weights_bytes = params_bytes(model)
         self.sync_streams = list(sync_streams)
         self.runs: List[dict] = []
 
@@ -92,8 +87,6 @@ class _Engine:
 
 
 def _ours(model) -> _Engine:
-    from .generate import generate_step
-
     def stream(ids: List[int], n: int) -> Iterator[int]:
         for tok, _ in generate_step(ids, model, max_tokens=n):
             yield tok
@@ -107,11 +100,11 @@ def _mlx_lm(path: Path) -> _Engine:
         import mlx_lm.utils
         from mlx_lm.generate import generate_step, generation_stream
     except Exception as e:  # not installed or broken install
-        raise Phi3MLXError(f"--compare-mlx-lm needs mlx-lm, which cannot be imported ({_first_line(e)})") from None
+        raise Phi3MLXError(f"--compare-mlx-lm needs mlx-lm, which cannot be imported ({first_line(e)})") from None
     try:  # the model only: the benchmark feeds token ids, and mlx-lm cannot read every tokenizer (tiktoken)
         model, _config = mlx_lm.utils.load_model(Path(path))
     except Exception as e:
-        raise Phi3MLXError(f"mlx-lm cannot load {path} ({_first_line(e)})") from None
+        raise Phi3MLXError(f"mlx-lm cannot load {path} ({first_line(e)})") from None
 
     def stream(ids: List[int], n: int) -> Iterator[int]:
         prompt = mx.array(ids, dtype=mx.uint32)
@@ -126,26 +119,21 @@ def _mlx_lm(path: Path) -> _Engine:
 
 
 def _timed_run(engine: _Engine, ids: List[int], gen_tokens: int) -> dict:
-    engine.synchronize()
-    mx.clear_cache()
-    active0 = mx.get_active_memory()
-    mx.reset_peak_memory()
     tokens: List[int] = []
     t_first = None
-    it = engine.stream(ids, gen_tokens)
-    t0 = time.perf_counter()
-    try:
-        for tok in it:
-            tokens.append(tok)
-            if t_first is None:
-                t_first = time.perf_counter()
-            if len(tokens) >= gen_tokens:
-                break
-        t_end = time.perf_counter()
-    finally:
-        it.close()
-        engine.synchronize()
-    process_peak = mx.get_peak_memory()
+    with MemoryWatch(engine.synchronize) as mem:
+        it = engine.stream(ids, gen_tokens)
+        t0 = time.perf_counter()
+        try:
+            for tok in it:
+                tokens.append(tok)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if len(tokens) >= gen_tokens:
+                    break
+            t_end = time.perf_counter()
+        finally:
+            it.close()
     if t_first is None:
         raise Phi3MLXError(f"{engine.name} produced no tokens")
     prefill_s = t_first - t0
@@ -156,30 +144,27 @@ def _timed_run(engine: _Engine, ids: List[int], gen_tokens: int) -> dict:
         "prefill_tps": len(ids) / max(prefill_s, 1e-9),
         "decode_s": decode_s,
         "decode_tps": n_decode / max(decode_s, 1e-9) if n_decode > 0 else None,
-        "peak_gb": (engine.weights_bytes + max(0, process_peak - active0)) / 1e9,
-        "process_peak_gb": process_peak / 1e9,
+        "peak_gb": mem.peak_gb(engine.weights_bytes),
+        "process_peak_gb": mem.process_peak_gb,
         "tokens": tokens,
     }
 
 
 def _summary(engine: _Engine) -> dict:
     runs = engine.runs
-    decode = [r["decode_tps"] for r in runs if r["decode_tps"] is not None]
+    prefill, prefill_median = best_and_median(r["prefill_tps"] for r in runs)
+    decode, decode_median = best_and_median(r["decode_tps"] for r in runs)
     return {
-        "prefill_tps": max(r["prefill_tps"] for r in runs),
-        "prefill_tps_median": statistics.median(r["prefill_tps"] for r in runs),
-        "decode_tps": max(decode) if decode else None,
-        "decode_tps_median": statistics.median(decode) if decode else None,
+        "prefill_tps": prefill,
+        "prefill_tps_median": prefill_median,
+        "decode_tps": decode,
+        "decode_tps_median": decode_median,
         "peak_gb": max(r["peak_gb"] for r in runs),
         "process_peak_gb": max(r["process_peak_gb"] for r in runs),
         "weights_gb": engine.weights_bytes / 1e9,
         "tokens": runs[0]["tokens"],
         "runs": [{k: v for k, v in r.items() if k != "tokens"} for r in runs],
     }
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
 
 
 # ---------------------------------------------------------------- public API
@@ -206,13 +191,6 @@ def run_bench(
     (ours / mlx-lm; None without ``compare_mlx_lm``), ``tokens_agree`` (leading greedy tokens the two
     engines agree on) and ``warnings``.
     """
-    from phi3mlx.hub import resolve
-
-    from .models import read_model_config
-    from .loader import load
-    from .quant import estimate_memory
-    from .weights import folder_bytes
-
     say = progress or (lambda msg: None)
     check_bench_args(prompt_tokens, gen_tokens, repeats)
     if context is not None and context <= 0:
@@ -246,16 +224,12 @@ def run_bench(
         except Exception as ex:
             if e.name != MLX_LM:
                 raise
-            raise Phi3MLXError(f"mlx-lm failed while generating ({_first_line(ex)})") from None
+            raise Phi3MLXError(f"mlx-lm failed while generating ({first_line(ex)})") from None
 
     for e in engines:
         say(f"warming up {e.name}")
         run(e, min(gen_tokens, WARMUP_TOKENS))
-    for i in range(repeats):
-        order = engines if i % 2 == 0 else engines[::-1]
-        for e in order:
-            say(f"run {i + 1}/{repeats}: {e.name}")
-            e.runs.append(run(e, gen_tokens))
+    run_alternating(engines, repeats, lambda e: run(e, gen_tokens), say)
 
     results = {e.name: _summary(e) for e in engines}
     ours, ref = results[OURS], results.get(MLX_LM)
@@ -276,27 +250,19 @@ def run_bench(
         "repeats": repeats,
         "seed": seed,
         "engines": results,
-        "ratio_prefill": _ratio(ours["prefill_tps"], ref["prefill_tps"]) if ref else None,
-        "ratio_decode": _ratio(ours["decode_tps"], ref["decode_tps"]) if ref else None,
+        "ratio_prefill": ratio(ours["prefill_tps"], ref["prefill_tps"]) if ref else None,
+        "ratio_decode": ratio(ours["decode_tps"], ref["decode_tps"]) if ref else None,
         "tokens_agree": agree,
         "warnings": warnings,
     }
 
 
-def _fmt(x: Optional[float], spec: str = ".1f", suffix: str = "") -> str:
-    return "n/a" if x is None else f"{x:{spec}}{suffix}"
-
-
 def format_ratio_line(res: dict) -> str:
-    return f"ratio prefill {_fmt(res['ratio_prefill'], '.2f', 'x')} decode {_fmt(res['ratio_decode'], '.2f', 'x')}"
+    return ratio_line("ratio", [("prefill", res["ratio_prefill"]), ("decode", res["ratio_decode"])])
 
 
 def print_report(res: dict, console=None) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or report_console()
     console.print(f"model: {res['path']}")
     console.print(f"size on disk: {res['disk_bytes'] / 1e9:.3f} GB")
     console.print(f"device: {res['device']}")
@@ -307,38 +273,28 @@ def print_report(res: dict, console=None) -> None:
     for w in res["warnings"]:
         console.print(f"warning: {w}")
 
-    table = Table(box=box.SIMPLE_HEAD)
-    table.add_column("engine", no_wrap=True)
-    table.add_column("prefill tok/s", justify="right", no_wrap=True)
-    table.add_column("prefill s", justify="right", no_wrap=True)
-    table.add_column("decode tok/s", justify="right", no_wrap=True)
-    table.add_column("peak GB", justify="right", no_wrap=True)
+    table = engine_table(("engine", "prefill tok/s", "prefill s", "decode tok/s", "peak GB"))
     for name, r in res["engines"].items():
         best_prefill_s = min(x["prefill_s"] for x in r["runs"])
-        table.add_row(name, _fmt(r["prefill_tps"]), _fmt(best_prefill_s, ".3f"), _fmt(r["decode_tps"]),
-                      _fmt(r["peak_gb"], ".3f"))
+        table.add_row(name, fmt(r["prefill_tps"]), fmt(best_prefill_s, ".3f"), fmt(r["decode_tps"]),
+                      fmt(r["peak_gb"], ".3f"))
     if res["ratio_prefill"] is not None:
-        table.add_row("ours / mlx-lm", _fmt(res["ratio_prefill"], ".2f", "x"), "",
-                      _fmt(res["ratio_decode"], ".2f", "x"), "", style="bold")
+        add_ratio_row(table, "ours / mlx-lm", fmt(res["ratio_prefill"], ".2f", "x"), "",
+                      fmt(res["ratio_decode"], ".2f", "x"), "")
     console.print(table)
     if res["tokens_agree"] is not None:
         console.print(f"greedy tokens agree: {res['tokens_agree']}/{res['gen_tokens']}")
     # Plain, grep-friendly lines.
     for name, r in res["engines"].items():
-        console.print(f"{name} prefill {_fmt(r['prefill_tps'])} tok/s decode {_fmt(r['decode_tps'])} tok/s "
-                      f"peak {_fmt(r['peak_gb'], '.3f')} GB")
+        console.print(f"{name} prefill {fmt(r['prefill_tps'])} tok/s decode {fmt(r['decode_tps'])} tok/s "
+                      f"peak {fmt(r['peak_gb'], '.3f')} GB")
     if res["ratio_prefill"] is not None:
         console.print(format_ratio_line(res))
 
 
 def main(args) -> None:
     """Entry point for ``phi3mlx bench`` (``args`` from the CLI parser)."""
-    import sys
-
-    from rich.console import Console
-
-    err = Console(stderr=True, highlight=False)
-    progress = (lambda msg: err.print(f"[dim]{msg}…[/dim]")) if sys.stderr.isatty() else None
+    progress = progress_printer()
     res = run_bench(
         args.model,
         prompt_tokens=args.prompt_tokens,

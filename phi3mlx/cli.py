@@ -26,6 +26,8 @@ from .chat import main as chat_main
 from .convert.hf_to_mlx import convert
 from .convert.mlx_to_hf import export_hf
 from .errors import Phi3MLXError
+from .finetune.bench import add_train_args
+from .finetune.bench import main as bench_train_main
 from .finetune.cli import add_parsers, apply_yaml, run_fuse, run_training
 from .generate import format_stats, stream_generate
 from .loader import load
@@ -215,8 +217,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate")
     p.add_argument("--seed", type=int, default=0, help="seed for the random prompt")
-    from .bench_train import add_train_args
-
     add_train_args(p)  # phi3mlx bench --train
 
     add_parsers(sub, _Formatter)
@@ -327,8 +327,6 @@ def _cmd_chat(a):
 
 def _cmd_bench(a):
     if a.train:
-        from .bench_train import main as bench_train_main
-
         return bench_train_main(a)
     _note_tiny(a)
     bench_main(a)

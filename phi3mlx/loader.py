@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .adapters import load_adapters
 from .config import ModelConfig, read_config
 from .hub import resolve
 from .models import Model, build_model, parse_config
@@ -53,8 +54,6 @@ def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, Bas
     model, cfg = load_model(path)
     tokenizer = load_tokenizer(path, cfg.raw)
     if adapter_path is not None:  # unfused: the adapters run beside the frozen base layers
-        from phi3mlx.finetune.lora import load_adapters
-
         load_adapters(model, adapter_path)
         model.eval()
     return model, tokenizer

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ModelConfig
 from .errors import Phi3MLXError
@@ -90,6 +90,38 @@ def use_cpu_prefill_path(model: nn.Module) -> None:
     for _, m in model.named_modules():
         if type(m) is nn.QuantizedLinear and getattr(m, "mode", "affine") == "affine":
             m.__class__ = CpuPrefillQuantizedLinear
+
+
+def dequantize(model: nn.Module) -> nn.Module:
+    """Replace quantized layers by float ones holding the dequantized weights."""
+    # lazy: importing mlx_lm takes seconds (it pulls in transformers) and loading a model does not need it
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    swaps = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedSwitchLinear):  # stacked experts (phimoe)
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            sl = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+            sl.weight = w
+            if "bias" in m:
+                sl.bias = m.bias
+            swaps.append((name, sl))
+            continue
+        if isinstance(m, nn.QuantizedLinear):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
+            lin.weight = w
+            if "bias" in m:
+                lin.bias = m.bias
+            swaps.append((name, lin))
+        elif isinstance(m, nn.QuantizedEmbedding):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+            emb = nn.Embedding(w.shape[0], w.shape[1])
+            emb.weight = w
+            swaps.append((name, emb))
+    if swaps:
+        model.update_modules(tree_unflatten(swaps))
+    return model
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -60,7 +60,7 @@ def test_bench_train_compare_mlx_lm(deep_folder, capsys):
 
 
 def test_run_train_bench_ours_only(deep_folder):
-    from phi3mlx.bench_train import TrainBenchArgs, run_train_bench
+    from phi3mlx.finetune.bench import TrainBenchArgs, run_train_bench
 
     res = run_train_bench(deep_folder, TrainBenchArgs(batch_size=1, seq_len=32, steps=3, repeats=2,
                                                       grad_checkpoint="off", num_layers=2, targets="qkv_proj"))
@@ -75,14 +75,19 @@ def test_run_train_bench_ours_only(deep_folder):
     assert res["tokens_per_step"] == 32
 
 
-def test_grad_checkpoint_patch_is_undone(deep_folder):
-    from phi3mlx.bench_train import TrainBenchArgs, run_train_bench
+def test_grad_checkpoint_leaves_no_trace(deep_folder):
+    """Ours checkpoints through the model instance's flag (no class patch); mlx-lm's class patch is undone."""
+    from mlx_lm.models.phi3 import TransformerBlock
+
+    from phi3mlx.finetune.bench import TrainBenchArgs, run_train_bench
     from phi3mlx.models.decoder import DecoderLayer
 
     before = DecoderLayer.__dict__["__call__"]
-    run_train_bench(deep_folder, TrainBenchArgs(batch_size=1, seq_len=16, steps=2, repeats=1, grad_checkpoint="on"))
+    theirs = TransformerBlock.__dict__["__call__"]
+    run_train_bench(deep_folder, TrainBenchArgs(batch_size=1, seq_len=16, steps=2, repeats=1, grad_checkpoint="on"),
+                    compare_mlx_lm=True)
     assert DecoderLayer.__dict__["__call__"] is before
-    assert "_checkpointed" not in DecoderLayer.__dict__
+    assert TransformerBlock.__dict__["__call__"] is theirs
 
 
 @pytest.mark.parametrize(

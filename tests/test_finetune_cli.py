@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +46,13 @@ def test_lora_fuse_generate_end_to_end(folders, chat_data, tmp_path, capsys):
                        "--report-every", 2, "--rank", 4)
     assert code == 0, err
     assert "20 training examples" in err and "val loss" in err
+    # stderr is not a terminal here: one plain line per report and per validation, nothing cut short
+    lines = err.splitlines()
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("step ")] == [
+        "step 2/6", "step 3", "step 4/6", "step 6/6", "step 6"]
+    assert re.search(r"^step 4/6: loss \d+\.\d{4}, lr \d\.\d\de-\d\d, \d+ tok/s, peak \d+\.\d\d GB$", err, re.M), err
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 3, 4, 6] and "val_loss" in metrics[1] and "loss" in metrics[0]
     assert (out / lora.ADAPTER_FILE).exists() and (out / "checkpoint" / "optimizer.safetensors").exists()
     cfg = json.loads((out / lora.CONFIG_FILE).read_text())
     assert cfg["rank"] == 4 and cfg["fine_tune_type"] == "lora"
@@ -52,8 +61,8 @@ def test_lora_fuse_generate_end_to_end(folders, chat_data, tmp_path, capsys):
     unfused = np.array(model(ids))
     base, _ = load(folders["phi3"])
     assert np.abs(unfused - np.array(base(ids))).max() > 1e-4  # the adapters changed something
-    code, _, err = cli(capsys, "fuse", "--model", folders["phi3"], "--adapter-path", out, "--save-path",
-                       tmp_path / "fused")
+    assert cfg["base_model"] == str(folders["phi3"].resolve())
+    code, _, err = cli(capsys, "fuse", "--adapter-path", out, "--save-path", tmp_path / "fused")  # the recorded base
     assert code == 0, err
     fused, _ = load(tmp_path / "fused")
     assert np.abs(np.array(fused(ids)) - unfused).max() <= 1e-5
@@ -130,3 +139,113 @@ def test_dpo_raises_margin_and_accuracy_on_held_out_pairs(folders, tmp_path):
           f"{after['val_loss']:.3f}")
     assert after["val_reward_margin"] > 0.5 and after["val_accuracy"] >= 0.9
     assert after["val_loss"] < before["loss"] - 0.2
+
+
+def _no_model_load(monkeypatch):
+    """Make loading a model fail loudly: what is checked before the model loads must not reach it."""
+    from phi3mlx.finetune import cli as fcli
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(fcli, "load", refuse)
+
+
+def _files(d):
+    return {p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_an_earlier_run_is_replaced_only_with_force(folders, chat_data, tmp_path, capsys, monkeypatch):  # noqa: F811
+    out = tmp_path / "ad"
+    run = ("lora", "--model", folders["phi3"], "--data", chat_data, "--adapter-path", out, "--iters", 2,
+           "--batch-size", 2, "--rank", 2, "--val-every", 2, "--report-every", 1)
+    code, _, err = cli(capsys, *run)
+    assert code == 0, err
+    before = _files(out)
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        code, _, err = cli(capsys, *run)
+        assert code == 1 and len(err.strip().splitlines()) == 1, err
+        assert (f"--adapter-path {out} already holds adapters.safetensors, adapter_config.json, checkpoint, "
+                "metrics.jsonl from an earlier run; pass --force to replace them or --resume to continue it") in err
+        assert _files(out) == before  # untouched
+        code, _, err = cli(capsys, *run, "--force", "--resume")
+        assert code == 1 and "--force and --resume exclude each other" in err
+        code, _, err = cli(capsys, *run[:-6], "--adapter-path", tmp_path / "none", "--resume")
+        assert code == 1 and "nothing to resume in" in err
+    (out / "notes.txt").write_text("mine")
+    code, _, err = cli(capsys, *run, "--force", "--seed", 5)
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"  # --force replaces the run's files only
+    assert _files(out)[Path(lora.ADAPTER_FILE)] != before[Path(lora.ADAPTER_FILE)]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    code, _, err = cli(capsys, *run[:-6], "--iters", 3, "--resume")  # continue the run: one more step
+    assert code == 0, err
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+
+
+def test_data_too_small_fails_before_anything_loads_or_is_written(folders, tmp_path, capsys, monkeypatch):  # noqa: F811
+    d = tmp_path / "small"
+    d.mkdir()
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in CHATS[:5]) + "\n")
+    (d / "valid.jsonl").write_text(json.dumps(CHATS[5]) + "\n")
+    _no_model_load(monkeypatch)
+    out = tmp_path / "ad"
+    code, _, err = cli(capsys, "lora", "--data", d, "--adapter-path", out, "--iters", 2, "--batch-size", 2,
+                       "--grad-clip", 0, "--lr", -1)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    for needle in ("the validation set has 1 example, fewer than --batch-size 2", "--grad-clip must be a positive",
+                   "--lr must be a positive number"):
+        assert needle in err, err  # every problem at once
+    code, _, err = cli(capsys, "lora", "--data", d, "--adapter-path", out, "--iters", 2, "--batch-size", 6)
+    assert code == 1 and "the training set has 5 examples, fewer than --batch-size 6" in err
+    assert not out.exists()
+
+
+def test_sizes_for_several_processes():
+    from phi3mlx.finetune.cli import _size_problems
+
+    assert _size_problems(9, 0, 3, 2) == []  # batches of 3 shared 2 + 1
+    (msg,) = _size_problems(10, 0, 3, 2)
+    assert msg == ("with 10 examples and --batch-size 3 the last batch of each epoch holds 1, fewer than the 2 "
+                   "processes that share it (each needs a row); use a --batch-size that leaves 0 or at least 2 over")
+    assert "smaller than the 4 processes" in _size_problems(8, 0, 2, 4)[0]
+    assert _size_problems(10, 0, 3, 1) == []
+
+
+def test_yaml_values_give_way_to_the_command_line(folders, chat_data, tmp_path, capsys):  # noqa: F811
+    """examples/lora.yaml (epochs 2, warmup 20) with --iters 2: two steps, warmup shortened with a warning."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "lora.yaml"
+    out = tmp_path / "y"
+    code, _, err = cli(capsys, "lora", "--config", example, "--model", folders["phi3"], "--data", chat_data,
+                       "--adapter-path", out, "--iters", 2, "--rank", 2)
+    assert code == 0, err
+    assert "warning: --warmup 20 is longer than the run (2 steps); warming up over all 2 steps" in err
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["args"]["warmup"] == 2 and state["args"]["grad_accum"] == 4  # the rest: YAML
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {folders['phi3']}\ndata: {chat_data}\niters: 50\nbatch-size: 4\nrank: 2\n"
+                 f"adapter_path: {tmp_path / 'e'}\nfull: true\n")
+    code, _, err = cli(capsys, "lora", "--config", y, "--epochs", 0.4, "--dora")  # 20 examples, 5 steps an epoch
+    assert code == 0, err
+    state = json.loads((tmp_path / "e" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    assert json.loads((tmp_path / "e" / lora.CONFIG_FILE).read_text())["fine_tune_type"] == "dora"
+    code, _, err = cli(capsys, "lora", "--config", y, "--epochs", 1, "--iters", 3)  # both on the command line
+    assert code == 1 and "give --iters or --epochs, not both" in err
+
+
+def test_fuse_without_model_needs_a_recorded_base(folders, tmp_path, capsys):  # noqa: F811
+    model, _ = load(folders["phi3"])
+    cfg = lora.apply_adapters(model, {"rank": 2, "alpha": 4.0})
+    lora.save_adapters(tmp_path / "ad", model, cfg)  # saved through the API: no base_model recorded
+    code, _, err = cli(capsys, "fuse", "--adapter-path", tmp_path / "ad", "--save-path", tmp_path / "f")
+    assert code == 1
+    assert err.strip() == (f"phi3mlx: error: --model is not given and {tmp_path / 'ad' / lora.CONFIG_FILE} records no "
+                           "base_model; pass --model")
+    assert not (tmp_path / "f").exists()
+    code, _, err = cli(capsys, "fuse", "--model", folders["phi3"], "--adapter-path", tmp_path / "ad", "--save-path",
+                       tmp_path / "f")
+    assert code == 0, err

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 from contextlib import contextmanager
 
@@ -304,7 +303,8 @@ class AdapterLM(nn.Module):
 
 @pytest.fixture
 def stand_in_lora(monkeypatch):
-    """Replace phi3mlx.finetune.lora with a module whose adapters_disabled flips ``adapters_on``."""
+    """Replace the adapters_disabled that phi3mlx.finetune.losses uses (phi3mlx.adapters') by one that flips
+    ``adapters_on``."""
 
     @contextmanager
     def adapters_disabled(model):
@@ -314,9 +314,9 @@ def stand_in_lora(monkeypatch):
         finally:
             model.adapters_on = True
 
-    fake = types.ModuleType("phi3mlx.finetune.lora")
-    fake.adapters_disabled = adapters_disabled
-    monkeypatch.setitem(sys.modules, "phi3mlx.finetune.lora", fake)
+    from phi3mlx.finetune import losses
+
+    monkeypatch.setattr(losses, "adapters_disabled", adapters_disabled)
     return adapters_disabled
 
 

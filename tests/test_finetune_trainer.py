@@ -191,26 +191,218 @@ def test_ctrl_c_saves_a_resumable_checkpoint(folders, tmp_path):
 
 
 def test_grad_checkpoint_gives_the_same_gradients(folders):
+    """model.checkpoint_layers (what --grad-checkpoint sets) recomputes the layers: the same gradients."""
     import mlx.nn as nn
 
-    from phi3mlx.finetune.trainer import grad_checkpoint, undo_grad_checkpoint
+    from phi3mlx.models.decoder import DecoderLayer
 
     seqs = task(4, 7)
     batch = next(batches(seqs, 4))
+    plain_call = DecoderLayer.__dict__["__call__"]
     grads = []
     for ckpt in (False, True):
         model, _ = trained(folders["phi3"], None)
+        assert model.checkpoint_layers is False  # off unless asked for
         model.update(tree_map_add(model.trainable_parameters()))
-        if ckpt:
-            grad_checkpoint(model)
+        model.checkpoint_layers = ckpt
         _, g = nn.value_and_grad(model, lambda m, b: sft_loss(m, b)[0])(model, batch)
         grads.append(dict(tree_flatten(g)))
-    undo_grad_checkpoint(model)  # the patch is per class: restore it for the other tests
+    assert DecoderLayer.__dict__["__call__"] is plain_call  # a flag on the instance, not a patched class
     assert max(float(mx.abs(grads[0][k] - grads[1][k]).max()) for k in grads[0]) <= 1e-6
     assert max(float(mx.abs(v).max()) for v in grads[0].values()) > 1e-4
+
+
+def test_grad_checkpoint_flag_is_set_for_the_run_only(folders, tmp_path, monkeypatch):
+    """train(grad_checkpoint=True) runs the layers under mx.checkpoint and restores the flag afterwards."""
+    import phi3mlx.models.decoder as decoder
+
+    calls = {"n": 0}
+    real = decoder._checkpointed
+
+    def counting(*a):
+        calls["n"] += 1
+        return real(*a)
+
+    monkeypatch.setattr(decoder, "_checkpointed", counting)
+    model, cfg = trained(folders["phi3"], tmp_path)
+    train(model, sft_loss, batches(task(4, 8), 2), TrainArgs(iters=2, batch_size=2, save_every=100, report_every=1,
+          grad_checkpoint=True, compile=False), tmp_path / "gc", cfg)
+    assert calls["n"] == 2 * len(model.model.layers)  # every layer of both steps
+    assert model.checkpoint_layers is False
+    model(mx.array([[1, 2, 3]]))
+    assert calls["n"] == 2 * len(model.model.layers)  # inference afterwards: plain layers
 
 
 def tree_map_add(params):
     from mlx.utils import tree_map
     mx.random.seed(1)
     return tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), params)
+
+
+def _params(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def test_grad_clip_bounds_the_update_to_the_hand_computed_one(folders, tmp_path):
+    """SGD with a huge lr: the clipped update is -lr * g * clip / ||g|| exactly, with ||g|| the global norm."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    seqs = task(2, 10)
+    batch = next(batches(seqs, 2))
+    model, cfg = trained(folders["phi3"], tmp_path)
+    model.update(tree_map_add(model.trainable_parameters()))  # lora_b != 0: every array gets a gradient
+    before = _params(model)
+    model.train()
+    _, g = nn.value_and_grad(model, lambda m, b: sft_loss(m, b)[0])(model, batch)
+    g = {k: np.array(v, dtype=np.float64) for k, v in tree_flatten(g)}
+    norm = np.sqrt(sum((v ** 2).sum() for v in g.values()))
+    lr, clip = 1000.0, 0.1
+    assert norm > 4 * clip  # clipping is active: unclipped, the update would be > 4x longer
+    train(model, sft_loss, iter([batch]), TrainArgs(iters=1, batch_size=2, grad_clip=clip, save_every=100,
+          report_every=1), tmp_path / "clip", cfg, optimizer=optim.SGD(learning_rate=lr))
+    after = _params(model)
+    step = {k: after[k].astype(np.float64) - before[k] for k in before}
+    assert abs(np.sqrt(sum((v ** 2).sum() for v in step.values())) - lr * clip) <= 1e-3 * lr * clip
+    for k in before:
+        want = -lr * g[k] * clip / (norm + 1e-6)
+        assert np.abs(step[k] - want).max() <= 1e-4 * lr * clip, k
+
+
+def test_bad_grad_clip_is_named(folders, tmp_path):
+    model, cfg = trained(folders["phi3"], tmp_path)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(Phi3MLXError, match=f"--grad-clip must be a positive number, got {bad}"):
+            train(model, sft_loss, batches(task(4, 5), 2), TrainArgs(iters=1, batch_size=2, grad_clip=bad),
+                  tmp_path / "x", cfg)
+
+
+def test_the_compiled_step_holds_the_update_and_equals_the_plain_one(folders, tmp_path):
+    """compile=True traces the optimizer update into the step (it runs in Python once per trace, not once
+    per step) and trains exactly as the uncompiled step: AdamW, clipping and accumulation included."""
+    import mlx.optimizers as optim
+
+    class CountingAdamW(optim.AdamW):
+        def apply_gradients(self, gradients, parameters):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().apply_gradients(gradients, parameters)
+
+    seqs = task(8, 11)
+    out = {}
+    for compiled in (True, False):
+        model, cfg = trained(folders["phi3"], tmp_path)
+        opt = CountingAdamW(learning_rate=1e-2)
+        hist = train(model, sft_loss, batches(seqs, 2), TrainArgs(iters=4, batch_size=2, grad_accum=2, grad_clip=1.0,
+                     save_every=100, report_every=1, compile=compiled), tmp_path / f"c{compiled}", cfg, optimizer=opt)
+        out[compiled] = (_params(model), [h["loss"] for h in hist], opt.calls, int(opt.step))
+    (pc, lc, calls_c, steps_c), (pp, lp, calls_p, steps_p) = out[True], out[False]
+    assert steps_c == steps_p == 4
+    assert calls_p == 4 and calls_c == 1  # traced once: the update lives in the compiled step
+    assert np.allclose(lc, lp, atol=1e-5, rtol=0)
+    assert max(np.abs(pc[k] - pp[k]).max() for k in pc) <= 1e-5
+
+
+def _interrupted_then_resumed(folders, tmp_path, name, interrupt, **kw):
+    """Train 6 steps uninterrupted, and again with ``interrupt`` stopping it, then --resume: both results."""
+    import mlx.optimizers as optim
+
+    class SGD(optim.SGD):  # plain SGD that can fire ``interrupt`` from inside the update
+        def apply_gradients(self, gradients, parameters):
+            interrupt("update")
+            return super().apply_gradients(gradients, parameters)
+
+    seqs = task(16, 12)
+    args = dict(batch_size=2, grad_accum=2, save_every=100, report_every=1, compile=False, seed=3)
+    whole, cfg = trained(folders["phi3"], tmp_path)
+    want = train(whole, sft_loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / f"{name}-whole", cfg,
+                 optimizer=optim.SGD(learning_rate=0.5))
+    part, cfg = trained(folders["phi3"], tmp_path)
+
+    def loss(m, b):
+        interrupt("loss")
+        return sft_loss(m, b)
+
+    with pytest.raises(Phi3MLXError, match="interrupted at step") as e:
+        train(part, loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / name, cfg,
+              optimizer=SGD(learning_rate=0.5))
+    state = json.loads((tmp_path / name / "checkpoint" / "trainer_state.json").read_text())
+    again, cfg = trained(folders["phi3"], tmp_path)
+    got = train(again, sft_loss, batches(seqs, 2), TrainArgs(iters=6, **args), tmp_path / name, cfg, resume=True,
+                optimizer=optim.SGD(learning_rate=0.5))
+    return str(e.value), state, (whole, want), (again, got)
+
+
+def _same_training(a, b):
+    (ma, ha), (mb, hb) = a, b
+    assert [h["step"] for h in ha] == [h["step"] for h in hb] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose([h["loss"] for h in ha], [h["loss"] for h in hb], atol=1e-6, rtol=0)
+    pa, pb = _params(ma), _params(mb)
+    assert max(np.abs(pa[k] - pb[k]).max() for k in pa) <= 1e-6
+
+
+def test_ctrl_c_in_the_middle_of_a_step_gives_its_micro_batches_back(folders, tmp_path):
+    """Interrupted in the second micro-batch of step 4: the checkpoint is step 3 at micro-batch 6, and the
+    resumed run equals the uninterrupted one (before the fix it said 7 and skipped a batch)."""
+    calls = {"loss": 0}
+
+    def interrupt(where):
+        if where == "loss":
+            calls["loss"] += 1
+            if calls["loss"] == 8:  # step 4, micro-batch 2
+                raise KeyboardInterrupt
+
+    msg, state, whole, resumed = _interrupted_then_resumed(folders, tmp_path, "mid", interrupt)
+    assert "interrupted at step 3;" in msg
+    assert (state["step"], state["consumed"]) == (3, 6)
+    _same_training(whole, resumed)
+
+
+def test_ctrl_c_during_the_update_counts_the_applied_step(folders, tmp_path):
+    """A real SIGINT while step 4's update is applied: the step completes and is counted (step 4), so
+    --resume does not apply it twice (before the fix: step 3 saved with 4 updates in the weights)."""
+    import os
+    import signal
+
+    calls = {"update": 0}
+
+    def interrupt(where):
+        if where == "update":
+            calls["update"] += 1
+            if calls["update"] == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(1000):  # Python runs the handler at the next check: give it many chances
+                    pass
+
+    msg, state, whole, resumed = _interrupted_then_resumed(folders, tmp_path, "upd", interrupt)
+    assert "interrupted at step 4;" in msg
+    assert (state["step"], state["consumed"]) == (4, 8)
+    assert [h["step"] for h in state["history"]] == [1, 2, 3, 4]  # its report is kept too
+    _same_training(whole, resumed)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_metrics_jsonl_has_one_line_per_report_across_a_resume(folders, tmp_path):
+    calls = {"loss": 0}
+
+    def interrupt(where):
+        if where == "loss":
+            calls["loss"] += 1
+            if calls["loss"] == 7:  # step 4, micro-batch 1
+                raise KeyboardInterrupt
+
+    _, _, (_, want), (_, got) = _interrupted_then_resumed(folders, tmp_path, "met", interrupt)
+    lines = [json.loads(x) for x in (tmp_path / "met" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert np.allclose([r["loss"] for r in lines], [h["loss"] for h in want], atol=1e-6, rtol=0)
+    assert set(lines[0]) >= {"step", "loss", "lr", "tokens_per_sec", "peak_gb"}
+
+
+def test_nothing_is_written_before_the_first_report(folders, tmp_path):
+    model, cfg = trained(folders["phi3"], tmp_path)
+
+    def broken(m, b):
+        raise ValueError("shape trouble")
+
+    with pytest.raises(ValueError):
+        train(model, broken, batches(task(4, 5), 2), TrainArgs(iters=2, batch_size=2, compile=False), tmp_path / "no", cfg)
+    assert not (tmp_path / "no").exists()

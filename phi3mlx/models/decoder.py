@@ -93,6 +93,16 @@ class Phi3Model(nn.Module):
         self.norm = make_norm(cfg)
 
 
+def _checkpointed(layer: nn.Module, h: mx.array, *args) -> mx.array:
+    """``layer(h, *args)`` under mx.checkpoint; only arrays cross it (masks, caches, flags are closed over)."""
+
+    def inner(params, h):
+        layer.update(params)
+        return layer(h, *args)
+
+    return mx.checkpoint(inner)(layer.trainable_parameters(), h)
+
+
 class Model(nn.Module):
     """Phi-3 causal LM. ``model(ids)`` with ids (B, L) returns logits (B, L, V).
 
@@ -146,7 +156,7 @@ class Model(nn.Module):
         if cfg.embedding_multiplier != 1.0:
             h = h * cfg.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
-            if self.checkpoint_layers and self.training and cache is None:
+            if self.checkpoint_layers and cache is None:
                 h = _checkpointed(layer, h, p)
             else:
                 h = layer(h, p, cache[i] if cache is not None else None)

@@ -1,4 +1,4 @@
-"""``phi3mlx bench --train``: LoRA training speed and peak memory, optionally against mlx-lm's trainer.
+"""``phi3mlx bench --train`` (``phi3mlx.finetune.bench``): LoRA training speed and peak memory, optionally against mlx-lm's trainer.
 
 What runs (the same for both engines, in one process):
 
@@ -37,16 +37,15 @@ How the numbers are taken:
   before the run (buffer cache cleared, garbage collected). Both models live in one process, so the raw
   process peak would also count the other engine's weights; it is kept as ``process_peak_gb``.
 * Gradient checkpointing (``grad_checkpoint`` "both", the default): each engine also runs with its own
-  ``--grad-checkpoint``. Both trainers implement it by patching the decoder layer *class*; the patch is
-  undone after each run, so the runs without it (and the rest of the process) are unaffected.
+  ``--grad-checkpoint``. Ours sets the model instance's ``checkpoint_layers`` flag for the run only.
+  mlx-lm's trainer patches its decoder layer *class* (again on every call, nesting); that patch is
+  undone after each of its runs, so its runs without checkpointing (and its later runs) are unaffected.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -54,10 +53,21 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .bench import MLX_LM, OURS, _first_line, _fmt, _params_bytes, _ratio
-from .errors import Phi3MLXError
+from phi3mlx.benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
+                              fmt, params_bytes, progress_printer, ratio, ratio_line, report_console, run_alternating)
+from phi3mlx.errors import Phi3MLXError
+from phi3mlx.hub import resolve
+from phi3mlx.loader import load_model
+from phi3mlx.models import read_model_config
+from phi3mlx.tiny import TINY_ID
+
+from . import data, lora
+from .losses import sft_loss
+from .trainer import TrainArgs, lr_schedule, train
 
 GC = " +gc"  # engine-name suffix of the gradient-checkpointed runs
 GRAD_CHECKPOINT_MODES = ("both", "off", "on")
@@ -97,24 +107,22 @@ class TrainBenchArgs:
 
 def random_batches(steps: int, batch_size: int, seq_len: int, vocab_size: int, seed: int = 0):
     """(steps, batch_size, seq_len + 1) int32 numpy token ids from ``default_rng(seed)``."""
-    import numpy as np
-
     return np.random.default_rng(seed).integers(0, vocab_size, size=(steps, batch_size, seq_len + 1),
                                                 dtype=np.int32)
 
 
 @contextlib.contextmanager
-def _class_call_restored(cls):
-    """Undo a trainer's grad-checkpoint patch of ``cls.__call__`` (and our ``_checkpointed`` flag) on exit."""
-    saved = {k: cls.__dict__[k] for k in ("__call__", "_checkpointed") if k in cls.__dict__}
+def _mlx_lm_class_restored(cls):
+    """Undo mlx-lm's grad-checkpoint patch of its layer class's ``__call__`` on exit (its trainer patches the
+    class on every call with ``grad_checkpoint``; left alone, later runs would nest checkpoints)."""
+    saved = cls.__dict__.get("__call__")
     try:
         yield
     finally:
-        for k in ("__call__", "_checkpointed"):
-            if k in saved:
-                setattr(cls, k, saved[k])
-            elif k in cls.__dict__:
-                delattr(cls, k)
+        if saved is not None:
+            cls.__call__ = saved
+        elif "__call__" in cls.__dict__:
+            del cls.__call__
 
 
 # ---------------------------------------------------------------- engines
@@ -138,18 +146,10 @@ class _Engine:
 
 def _optimizer(s: TrainBenchArgs):
     """What ``trainer.train`` makes by default: AdamW with the warmup + cosine schedule, weight decay 0."""
-    import mlx.optimizers as optim
-
-    from phi3mlx.finetune.trainer import TrainArgs, lr_schedule
-
     return optim.AdamW(learning_rate=lr_schedule(TrainArgs(iters=s.steps, learning_rate=s.lr)), weight_decay=0.0)
 
 
 def _train_ours(engine: _Engine, ids, s: TrainBenchArgs):
-    from phi3mlx.finetune import data
-    from phi3mlx.finetune.losses import sft_loss
-    from phi3mlx.finetune.trainer import TrainArgs, train
-
     examples = [(row.tolist(), [1] * len(row)) for batch in ids for row in batch]
     batches = data.iterate_batches(examples, s.batch_size, s.seq_len, shuffle=False)
     args = TrainArgs(iters=s.steps, batch_size=s.batch_size, learning_rate=s.lr, val_every=s.steps,
@@ -160,8 +160,7 @@ def _train_ours(engine: _Engine, ids, s: TrainBenchArgs):
         times.append(time.perf_counter())
         losses.append(rec["loss"])
 
-    cls = type(engine.model.model.layers[0])
-    with tempfile.TemporaryDirectory() as out, _class_call_restored(cls):
+    with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         train(engine.model, sft_loss, batches, args, Path(out), engine.adapter_config, report=report,
               optimizer=_optimizer(s))
@@ -169,8 +168,10 @@ def _train_ours(engine: _Engine, ids, s: TrainBenchArgs):
 
 
 def _train_mlx_lm(engine: _Engine, ids, s: TrainBenchArgs):
+    # lazy: only --compare-mlx-lm needs mlx-lm, whose import takes seconds (it pulls in transformers)
     from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import train as mlx_lm_train
 
     times, losses = [], []
     n_rows, width = ids.shape[1], ids.shape[2]
@@ -186,7 +187,7 @@ def _train_mlx_lm(engine: _Engine, ids, s: TrainBenchArgs):
             yield mx.array(batch), lengths
 
     cls = type(engine.model.layers[0])
-    with tempfile.TemporaryDirectory() as out, _class_call_restored(cls), \
+    with tempfile.TemporaryDirectory() as out, _mlx_lm_class_restored(cls), \
             contextlib.redirect_stdout(io.StringIO()):  # its progress table
         args = TrainingArgs(batch_size=s.batch_size, iters=s.steps, val_batches=0, steps_per_report=1,
                             steps_per_eval=s.steps + 1, steps_per_save=s.steps + 1, max_seq_length=width,
@@ -194,18 +195,14 @@ def _train_mlx_lm(engine: _Engine, ids, s: TrainBenchArgs):
                             grad_checkpoint=engine.grad_checkpoint)
         t0 = time.perf_counter()
         try:
-            train(model=engine.model, optimizer=_optimizer(s), train_dataset=list(range(len(ids) * n_rows)),
+            mlx_lm_train(model=engine.model, optimizer=_optimizer(s), train_dataset=list(range(len(ids) * n_rows)),
                   val_dataset=None, args=args, iterate_batches=iterate_batches, training_callback=Callback())
         except Exception as e:
-            raise Phi3MLXError(f"mlx-lm failed while training ({_first_line(e)})") from None
+            raise Phi3MLXError(f"mlx-lm failed while training ({first_line(e)})") from None
     return times, losses, t0
 
 
 def _load_ours(path: Path, s: TrainBenchArgs):
-    from phi3mlx.finetune import lora
-
-    from .loader import load_model
-
     model, cfg = load_model(path)
     mx.random.seed(s.seed)
     acfg = lora.apply_adapters(model, {"fine_tune_type": "lora", "rank": s.rank, "alpha": s.alpha, "dropout": 0.0,
@@ -216,11 +213,9 @@ def _load_ours(path: Path, s: TrainBenchArgs):
 
 def _adapted_keys(model) -> tuple[list[str], int]:
     """Paths of our adapters inside a decoder layer (mlx-lm's ``keys``) and how many adapters there are."""
-    from phi3mlx.finetune.lora import ADAPTER_CLASSES
-
     keys, n = set(), 0
     for path, m in model.named_modules():
-        if isinstance(m, ADAPTER_CLASSES):
+        if isinstance(m, lora.ADAPTER_CLASSES):
             parts = path.split(".")  # model.layers.{i}.rest
             keys.add(".".join(parts[3:]))
             n += 1
@@ -228,22 +223,22 @@ def _adapted_keys(model) -> tuple[list[str], int]:
 
 
 def _load_mlx_lm(path: Path, s: TrainBenchArgs, keys: list[str], n_ours: int, n_layers: int):
-    try:
+    try:  # lazy, as in _train_mlx_lm
         import mlx_lm.utils
         from mlx_lm.tuner.utils import linear_to_lora_layers
     except Exception as e:
-        raise Phi3MLXError(f"--compare-mlx-lm needs mlx-lm, which cannot be imported ({_first_line(e)})") from None
+        raise Phi3MLXError(f"--compare-mlx-lm needs mlx-lm, which cannot be imported ({first_line(e)})") from None
     try:
         model, _ = mlx_lm.utils.load_model(Path(path))
     except Exception as e:
-        raise Phi3MLXError(f"mlx-lm cannot load {path} ({_first_line(e)})") from None
+        raise Phi3MLXError(f"mlx-lm cannot load {path} ({first_line(e)})") from None
     model.freeze()
     num_layers = n_layers if s.num_layers in (None, -1) else s.num_layers
     try:
         linear_to_lora_layers(model, num_layers, {"rank": s.rank, "scale": s.alpha / s.rank, "dropout": 0.0,
                                                   "keys": keys})
     except Exception as e:
-        raise Phi3MLXError(f"mlx-lm cannot add LoRA layers ({_first_line(e)})") from None
+        raise Phi3MLXError(f"mlx-lm cannot add LoRA layers ({first_line(e)})") from None
     n = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_a"))
     if n != n_ours:
         raise Phi3MLXError(f"mlx-lm adapted {n} layers with keys {', '.join(keys)}, phi3mlx {n_ours}: the settings "
@@ -253,14 +248,8 @@ def _load_mlx_lm(path: Path, s: TrainBenchArgs, keys: list[str], n_ours: int, n_
 
 def _timed_run(engine: _Engine, ids, s: TrainBenchArgs) -> dict:
     engine.reset()
-    gc.collect()
-    mx.synchronize()
-    mx.clear_cache()
-    active0 = mx.get_active_memory()
-    mx.reset_peak_memory()
-    times, losses, t0 = engine.train_fn(engine, ids, s)
-    mx.synchronize()
-    process_peak = mx.get_peak_memory()
+    with MemoryWatch(collect=True) as mem:
+        times, losses, t0 = engine.train_fn(engine, ids, s)
     if len(times) != s.steps:
         raise Phi3MLXError(f"{engine.name} reported {len(times)} of {s.steps} steps")
     steady = times[-1] - times[0]
@@ -269,8 +258,8 @@ def _timed_run(engine: _Engine, ids, s: TrainBenchArgs) -> dict:
         "tokens_per_sec": tokens / max(steady, 1e-9),
         "step_s": steady / (s.steps - 1),
         "first_step_s": times[0] - t0,
-        "peak_gb": (engine.weights_bytes + max(0, process_peak - active0)) / 1e9,
-        "process_peak_gb": process_peak / 1e9,
+        "peak_gb": mem.peak_gb(engine.weights_bytes),
+        "process_peak_gb": mem.process_peak_gb,
         "first_loss": losses[0],
         "last_loss": losses[-1],
     }
@@ -278,9 +267,10 @@ def _timed_run(engine: _Engine, ids, s: TrainBenchArgs) -> dict:
 
 def _summary(engine: _Engine) -> dict:
     runs = engine.runs
+    best, median = best_and_median(r["tokens_per_sec"] for r in runs)
     return {
-        "tokens_per_sec": max(r["tokens_per_sec"] for r in runs),
-        "tokens_per_sec_median": statistics.median(r["tokens_per_sec"] for r in runs),
+        "tokens_per_sec": best,
+        "tokens_per_sec_median": median,
         "step_s": min(r["step_s"] for r in runs),
         "first_step_s": min(r["first_step_s"] for r in runs),
         "peak_gb": max(r["peak_gb"] for r in runs),
@@ -308,11 +298,6 @@ def run_train_bench(model_path, settings: Optional[TrainBenchArgs] = None, compa
     mlx-lm without checkpointing; None without ``compare_mlx_lm``), ``ratio_tps_gc`` / ``ratio_peak_gc``
     (the same with it), ``gc_peak_ratio`` (ours with / without checkpointing) and ``warnings``.
     """
-    from phi3mlx.hub import resolve
-
-    from .models import read_model_config
-    from .tiny import TINY_ID
-
     s = settings or TrainBenchArgs()
     s.check()
     say = progress or (lambda msg: None)
@@ -336,7 +321,7 @@ def run_train_bench(model_path, settings: Optional[TrainBenchArgs] = None, compa
     initial = tree_flatten(model.trainable_parameters())
     trainable = sum(v.size for _, v in initial)
     modes = {"both": (False, True), "off": (False,), "on": (True,)}[s.grad_checkpoint]
-    engines = [_Engine(OURS + (GC if g else ""), model, g, _train_ours, initial, _params_bytes(model), acfg)
+    engines = [_Engine(OURS + (GC if g else ""), model, g, _train_ours, initial, params_bytes(model), acfg)
                for g in modes]
     loss_note = None
     if compare_mlx_lm:
@@ -351,23 +336,19 @@ def run_train_bench(model_path, settings: Optional[TrainBenchArgs] = None, compa
             loss_note = "mlx-lm's adapter arrays differ in name or shape from ours: started from its own"
             warnings.append(loss_note)
         for g in modes:
-            engines.append(_Engine(MLX_LM + (GC if g else ""), ref, g, _train_mlx_lm, ref_initial, _params_bytes(ref)))
+            engines.append(_Engine(MLX_LM + (GC if g else ""), ref, g, _train_mlx_lm, ref_initial, params_bytes(ref)))
         # order: ours, mlx-lm, ours +gc, mlx-lm +gc
         engines.sort(key=lambda e: (e.grad_checkpoint, e.name.startswith(MLX_LM)))
 
     ids = random_batches(s.steps, s.batch_size, s.seq_len, cfg.vocab_size, s.seed)
-    for i in range(s.repeats):
-        order = engines if i % 2 == 0 else engines[::-1]
-        for e in order:
-            say(f"run {i + 1}/{s.repeats}: {e.name}")
-            e.runs.append(_timed_run(e, ids, s))
+    run_alternating(engines, s.repeats, lambda e: _timed_run(e, ids, s), say)
     for e in engines:
         e.reset()
 
     res = {e.name: _summary(e) for e in engines}
 
-    def ratio(key, a, b):
-        return _ratio(res[a][key], res[b][key]) if a in res and b in res else None
+    def engines_ratio(key, a, b):
+        return ratio(res[a][key], res[b][key]) if a in res and b in res else None
 
     return {
         "path": str(path),
@@ -379,27 +360,23 @@ def run_train_bench(model_path, settings: Optional[TrainBenchArgs] = None, compa
         "mlx_lm_keys": keys,
         "mlx_lm_scale": s.alpha / s.rank,
         "engines": res,
-        "ratio_tps": ratio("tokens_per_sec", OURS, MLX_LM),
-        "ratio_peak": ratio("peak_gb", OURS, MLX_LM),
-        "ratio_tps_gc": ratio("tokens_per_sec", OURS + GC, MLX_LM + GC),
-        "ratio_peak_gc": ratio("peak_gb", OURS + GC, MLX_LM + GC),
-        "gc_peak_ratio": ratio("peak_gb", OURS + GC, OURS),
-        "gc_tps_ratio": ratio("tokens_per_sec", OURS + GC, OURS),
+        "ratio_tps": engines_ratio("tokens_per_sec", OURS, MLX_LM),
+        "ratio_peak": engines_ratio("peak_gb", OURS, MLX_LM),
+        "ratio_tps_gc": engines_ratio("tokens_per_sec", OURS + GC, MLX_LM + GC),
+        "ratio_peak_gc": engines_ratio("peak_gb", OURS + GC, MLX_LM + GC),
+        "gc_peak_ratio": engines_ratio("peak_gb", OURS + GC, OURS),
+        "gc_tps_ratio": engines_ratio("tokens_per_sec", OURS + GC, OURS),
         "loss_note": loss_note,
         "warnings": warnings,
     }
 
 
 def format_ratio_line(res: dict) -> str:
-    return f"train ratio tokens/s {_fmt(res['ratio_tps'], '.2f', 'x')} peak memory {_fmt(res['ratio_peak'], '.2f', 'x')}"
+    return ratio_line("train ratio", [("tokens/s", res["ratio_tps"]), ("peak memory", res["ratio_peak"])])
 
 
 def print_report(res: dict, console=None) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(highlight=False, soft_wrap=True)
+    console = console or report_console()
     s = res["settings"]
     console.print(f"model: {res['path']}")
     console.print(f"device: {res['device']}")
@@ -412,34 +389,32 @@ def print_report(res: dict, console=None) -> None:
     for w in res["warnings"]:
         console.print(f"warning: {w}")
 
-    table = Table(box=box.SIMPLE_HEAD)
-    for col in ("engine", "tok/s", "median", "step s", "1st step s", "peak GB", "loss"):
-        table.add_column(col, justify="left" if col == "engine" else "right", no_wrap=True)
+    table = engine_table(("engine", "tok/s", "median", "step s", "1st step s", "peak GB", "loss"))
     for name, r in res["engines"].items():
-        table.add_row(name, _fmt(r["tokens_per_sec"]), _fmt(r["tokens_per_sec_median"]), _fmt(r["step_s"], ".3f"),
-                      _fmt(r["first_step_s"], ".2f"), _fmt(r["peak_gb"], ".3f"), _fmt(r["last_loss"], ".4f"))
+        table.add_row(name, fmt(r["tokens_per_sec"]), fmt(r["tokens_per_sec_median"]), fmt(r["step_s"], ".3f"),
+                      fmt(r["first_step_s"], ".2f"), fmt(r["peak_gb"], ".3f"), fmt(r["last_loss"], ".4f"))
     for label, tps, peak in (("ours / mlx-lm", res["ratio_tps"], res["ratio_peak"]),
                              ("ours/mlx-lm +gc", res["ratio_tps_gc"], res["ratio_peak_gc"]),
                              ("ours +gc / ours", res["gc_tps_ratio"], res["gc_peak_ratio"])):
         if tps is not None:
-            table.add_row(label, _fmt(tps, ".2f", "x"), "", "", "", _fmt(peak, ".2f", "x"), "", style="bold")
+            add_ratio_row(table, label, fmt(tps, ".2f", "x"), "", "", "", fmt(peak, ".2f", "x"), "")
     console.print(table)
     console.print("+gc: with gradient checkpointing; tok/s: best run, median: median run; step s: mean steady step of "
                   "the best run; 1st step s: graph building / compile included")
     # Plain, grep-friendly lines.
     for name, r in res["engines"].items():
-        console.print(f"{name} train {_fmt(r['tokens_per_sec'])} tok/s peak {_fmt(r['peak_gb'], '.3f')} GB "
-                      f"loss {_fmt(r['first_loss'], '.4f')} -> {_fmt(r['last_loss'], '.4f')}")
+        console.print(f"{name} train {fmt(r['tokens_per_sec'])} tok/s peak {fmt(r['peak_gb'], '.3f')} GB "
+                      f"loss {fmt(r['first_loss'], '.4f')} -> {fmt(r['last_loss'], '.4f')}")
     if res["gc_peak_ratio"] is not None:
         e = res["engines"]
-        console.print(f"grad checkpoint phi3mlx peak {_fmt(e[OURS]['peak_gb'], '.3f')} GB -> "
-                      f"{_fmt(e[OURS + GC]['peak_gb'], '.3f')} GB ({_fmt(res['gc_peak_ratio'], '.2f', 'x')}), "
-                      f"tokens/s {_fmt(res['gc_tps_ratio'], '.2f', 'x')}")
+        console.print(f"grad checkpoint phi3mlx peak {fmt(e[OURS]['peak_gb'], '.3f')} GB -> "
+                      f"{fmt(e[OURS + GC]['peak_gb'], '.3f')} GB ({fmt(res['gc_peak_ratio'], '.2f', 'x')}), "
+                      f"tokens/s {fmt(res['gc_tps_ratio'], '.2f', 'x')}")
     if res["ratio_tps"] is not None:
         console.print(format_ratio_line(res))
     if res["ratio_tps_gc"] is not None:
-        console.print(f"train ratio with grad checkpoint tokens/s {_fmt(res['ratio_tps_gc'], '.2f', 'x')} "
-                      f"peak memory {_fmt(res['ratio_peak_gc'], '.2f', 'x')}")
+        console.print(ratio_line("train ratio with grad checkpoint", [("tokens/s", res["ratio_tps_gc"]),
+                                                                      ("peak memory", res["ratio_peak_gc"])]))
 
 
 # ---------------------------------------------------------------- CLI
@@ -465,15 +440,9 @@ def add_train_args(p) -> None:
 
 def main(args) -> None:
     """``phi3mlx bench --train``."""
-    import sys
-
-    from rich.console import Console
-
     if getattr(args, "adapter_path", None):
         raise Phi3MLXError("--adapter-path does not apply to --train (the benchmark trains fresh adapters)")
     s = TrainBenchArgs(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, repeats=args.repeats,
                        rank=args.rank, alpha=args.alpha, num_layers=args.num_layers, targets=args.targets,
                        lr=args.lr, grad_checkpoint=args.grad_checkpoint, seed=args.seed)
-    err = Console(stderr=True, highlight=False)
-    progress = (lambda msg: err.print(f"[dim]{msg}…[/dim]")) if sys.stderr.isatty() else None
-    print_report(run_train_bench(args.model, s, compare_mlx_lm=args.compare_mlx_lm, progress=progress))
+    print_report(run_train_bench(args.model, s, compare_mlx_lm=args.compare_mlx_lm, progress=progress_printer()))
