@@ -13,12 +13,12 @@ reproducible stream without touching MLX's global random state.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_repetition_penalty
 
 from .cache import ModelCache
 from .errors import Phi3MLXError
@@ -44,6 +44,32 @@ def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
         raise Phi3MLXError.many(problems)
 
 
+NEG_INF = float("-inf")
+
+
+def top_k_filter(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens. logprobs (B, V)."""
+    if k >= logprobs.shape[-1]:
+        return logprobs
+    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logprobs, drop, mx.array(NEG_INF, logprobs.dtype), axis=-1)
+
+
+def min_p_filter(logprobs: mx.array, min_p: float) -> mx.array:
+    """Drop tokens less likely than min_p times the most likely one."""
+    top = logprobs.max(axis=-1, keepdims=True)
+    return mx.where(logprobs < top + math.log(min_p), NEG_INF, logprobs)
+
+
+def top_p_filter(logprobs: mx.array, top_p: float) -> mx.array:
+    """Keep the smallest set of most likely tokens holding top_p of the probability (the top one always)."""
+    order = mx.argsort(logprobs, axis=-1)  # ascending: the most likely token last
+    probs = mx.take_along_axis(mx.exp(logprobs), order, axis=-1)
+    keep = (mx.cumsum(probs, axis=-1) > 1.0 - top_p) | (mx.arange(probs.shape[-1]) == probs.shape[-1] - 1)
+    kept = mx.where(keep, mx.take_along_axis(logprobs, order, axis=-1), NEG_INF)
+    return mx.put_along_axis(mx.full(logprobs.shape, NEG_INF, logprobs.dtype), order, kept, axis=-1)
+
+
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: Optional[int] = None) -> Sampler:
     """logprobs (B, V) -> tokens (B,). Greedy when temperature is 0.
@@ -55,11 +81,11 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
         return greedy
     filters = []
     if 0.0 < top_p < 1.0:
-        filters.append(lambda x: apply_top_p(x, top_p))
+        filters.append(lambda x: top_p_filter(x, top_p))
     if min_p > 0.0:
-        filters.append(lambda x: apply_min_p(x, min_p))
+        filters.append(lambda x: min_p_filter(x, min_p))
     if top_k > 0:
-        filters.append(lambda x: apply_top_k(x, top_k))
+        filters.append(lambda x: top_k_filter(x, top_k))
     key = [mx.random.key(seed)] if seed is not None else None
 
     def sampler(logprobs: mx.array) -> mx.array:
@@ -80,7 +106,20 @@ def make_logits_processors(repetition_penalty: Optional[float] = None, repetitio
         return []
     if repetition_penalty <= 0:
         raise Phi3MLXError(f"repetition penalty must be positive, got {repetition_penalty}")
-    return [make_repetition_penalty(repetition_penalty, repetition_context_size)]
+
+    def penalize(history: mx.array, logits: mx.array) -> mx.array:
+        """Tokens among the last repetition_context_size: positive logits divided by the penalty,
+        negative ones multiplied (less likely either way)."""
+        recent = history[-repetition_context_size:]
+        if recent.size == 0:
+            return logits
+        seen = mx.take(logits, recent, axis=-1)
+        seen = mx.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
+        logits = mx.array(logits)
+        logits[..., recent] = seen
+        return logits
+
+    return [penalize]
 
 
 def _ids(prompt_ids: Union[Sequence[int], mx.array]) -> List[int]:

@@ -140,3 +140,28 @@ def test_prefilled_cache_crosses_longrope_threshold_by_reencoding(tmp_path):
     for t in cont:  # every token is the argmax of a full forward pass over the sequence so far
         assert int(mx.argmax(model(mx.array([seq]))[0, -1])) == t
         seq = seq + [t]
+
+
+def test_sampling_filters_match_their_definitions():
+    """top-k, min-p and top-p keep exactly the tokens their definitions name; repetition penalty as mlx-lm's."""
+    import numpy as np
+    from mlx_lm.sample_utils import make_repetition_penalty
+
+    from phi3mlx.generate import min_p_filter, top_k_filter, top_p_filter
+
+    rng = np.random.default_rng(0)
+    lp = rng.normal(size=(1, 50)).astype(np.float32) * 3
+    lp = lp - np.log(np.exp(lp).sum())
+    x = mx.array(lp)
+    order = np.argsort(-lp[0])
+    kept = lambda a: set(np.nonzero(np.isfinite(np.array(a)[0]))[0])  # noqa: E731
+    assert kept(top_k_filter(x, 7)) == set(order[:7])
+    assert kept(min_p_filter(x, 0.05)) == set(np.nonzero(np.exp(lp[0]) >= 0.05 * np.exp(lp[0]).max())[0])
+    p = np.exp(lp[0])[order]
+    n = int(np.searchsorted(np.cumsum(p), 0.8) + 1)  # smallest prefix of the sorted tokens holding 0.8
+    assert kept(top_p_filter(x, 0.8)) == set(order[:n])
+    assert np.allclose(np.array(top_p_filter(x, 0.8))[0, order[:n]], lp[0, order[:n]])
+    hist = mx.array([3, 7, 7, 11])
+    ours = make_logits_processors(1.3, 20)[0](hist, x)
+    theirs = make_repetition_penalty(1.3, 20)(hist, x)
+    assert np.allclose(np.array(ours), np.array(theirs))

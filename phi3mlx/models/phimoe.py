@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchGLU
 
 from ..config import ModelConfig, Section
 
@@ -230,6 +229,9 @@ class PhimoeSparseMoe(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        # lazy: importing mlx_lm takes seconds (it pulls in transformers); only MoE models need SwitchGLU
+        from mlx_lm.models.switch_layers import SwitchGLU
+
         sec = cfg.section
         self.num_experts, self.top_k = sec.num_local_experts, sec.num_experts_per_tok
         self.jitter_eps, self.input_jitter = sec.router_jitter_noise, sec.input_jitter_noise
