@@ -28,6 +28,7 @@ import mlx.core as mx
 from .benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
                        fmt, params_bytes, progress_printer, ratio, ratio_line, report_console,
                        run_alternating)
+from .chat import Chat
 from .errors import Phi3MLXError
 from .generate import generate_step
 from .hub import resolve
@@ -94,21 +95,27 @@ def _ours(model) -> _Engine:
     return _Engine(OURS, model, stream)
 
 
-def _mlx_lm(path: Path) -> _Engine:
+def _import_mlx_lm():
+    """(mlx_lm.utils, mlx_lm's generate_step, its generation stream); lazy: importing mlx_lm takes seconds."""
     try:
-        import mlx_lm
         import mlx_lm.utils
-        from mlx_lm.generate import generate_step, generation_stream
+        from mlx_lm.generate import generate_step as mlx_lm_step
+        from mlx_lm.generate import generation_stream
     except Exception as e:  # not installed or broken install
         raise Phi3MLXError(f"--compare-mlx-lm needs mlx-lm, which cannot be imported ({first_line(e)})") from None
+    return mlx_lm.utils, mlx_lm_step, generation_stream
+
+
+def _mlx_lm(path: Path) -> _Engine:
+    mlx_lm_utils, mlx_lm_step, generation_stream = _import_mlx_lm()
     try:  # the model only: the benchmark feeds token ids, and mlx-lm cannot read every tokenizer (tiktoken)
-        model, _config = mlx_lm.utils.load_model(Path(path))
+        model, _config = mlx_lm_utils.load_model(Path(path))
     except Exception as e:
         raise Phi3MLXError(f"mlx-lm cannot load {path} ({first_line(e)})") from None
 
     def stream(ids: List[int], n: int) -> Iterator[int]:
         prompt = mx.array(ids, dtype=mx.uint32)
-        gen = generate_step(prompt, model, max_tokens=n)  # greedy (argmax) sampler by default
+        gen = mlx_lm_step(prompt, model, max_tokens=n)  # greedy (argmax) sampler by default
         try:
             for tok, _ in gen:
                 yield int(tok)
@@ -294,6 +301,11 @@ def print_report(res: dict, console=None) -> None:
 
 def main(args) -> None:
     """Entry point for ``phi3mlx bench`` (``args`` from the CLI parser)."""
+    if args.chat_turns:
+        return print_chat_report(run_chat_bench(args.model, turns=args.chat_turns, adapter_path=args.adapter_path))
+    if args.window_memory:
+        return print_window_report(run_window_bench(args.model, compare_mlx_lm=args.compare_mlx_lm, seed=args.seed,
+                                                    adapter_path=args.adapter_path))
     progress = progress_printer()
     res = run_bench(
         args.model,
@@ -307,3 +319,124 @@ def main(args) -> None:
         progress=progress,
     )
     print_report(res)
+
+
+# ----------------------------------------------------------------- chat turns and window-cache memory
+
+
+def chat_turn_latency(model, tokenizer, turns: int = 6, words: int = 60, answer_tokens: int = 16,
+                      keep_cache: bool = True) -> List[dict]:
+    """Time to the first answer token of each turn of a scripted chat with equal-length messages.
+
+    ``keep_cache`` False empties the cache before each turn, so the whole history is processed again
+    (how chat worked before it kept its cache), for comparison."""
+    chat = Chat(model, tokenizer, max_tokens=answer_tokens)
+    vocab = "sea sky river stone light wind field tree cloud road".split()
+    rows = []
+    for t in range(turns):
+        msg = " ".join(vocab[(t * 7 + i) % len(vocab)] for i in range(words))
+        if not keep_cache:
+            chat.cache.reset()
+        first: List[float] = []
+        mx.synchronize()
+        tic = time.perf_counter()
+        chat.ask(msg, lambda piece: first.append(time.perf_counter()) if not first else None)
+        last = chat.last
+        rows.append(dict(turn=t + 1, ttft_s=(first[0] if first else time.perf_counter()) - tic,
+                         prompt_tokens=last.prompt_tokens, processed=last.prompt_tokens - last.cached_tokens))
+    return rows
+
+
+def run_chat_bench(model_path, turns: int = 6, words: int = 60, answer_tokens: int = 16,
+                   adapter_path=None) -> dict:
+    if turns < 2 or words < 1 or answer_tokens < 1:
+        raise Phi3MLXError(f"--chat-turns must be at least 2 (got {turns})")
+    model, tokenizer = load(model_path, adapter_path=adapter_path)
+    chat_turn_latency(model, tokenizer, 1, words, 2)  # warm-up
+    kept = chat_turn_latency(model, tokenizer, turns, words, answer_tokens, keep_cache=True)
+    fresh = chat_turn_latency(model, tokenizer, turns, words, answer_tokens, keep_cache=False)
+    return dict(path=str(model_path), kept=kept, fresh=fresh,
+                last_over_second=kept[-1]["ttft_s"] / kept[1]["ttft_s"],
+                fresh_last_over_second=fresh[-1]["ttft_s"] / fresh[1]["ttft_s"])
+
+
+def print_chat_report(res: dict, console=None) -> None:
+    console = console or report_console()
+    console.print(f"model: {res['path']}; equal-length user messages; time to the first answer token per turn")
+    console.print("columns: prompt tokens, tokens processed with the cache kept, first-token seconds with the "
+                  "cache kept, and with the whole history processed again")
+    table = engine_table(("turn", "prompt", "processed", "kept s", "re-run s"))
+    for k, f in zip(res["kept"], res["fresh"]):
+        table.add_row(str(k["turn"]), str(k["prompt_tokens"]), str(k["processed"]), fmt(k["ttft_s"], ".3f"),
+                      fmt(f["ttft_s"], ".3f"))
+    console.print(table)
+    n = len(res["kept"])
+    console.print(f"turn {n} / turn 2 first-token time: cache kept {res['last_over_second']:.2f}x, "
+                  f"history re-processed {res['fresh_last_over_second']:.2f}x")
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for c in cache:
+        state = c.state
+        arrays = state if isinstance(state, list) else [a for a in state if isinstance(a, mx.array)]
+        total += sum(a.nbytes for a in arrays)
+    return total
+
+
+def run_window_bench(model_path, multiples=(1, 2, 4), prompt_tokens: int = 64, compare_mlx_lm: bool = False,
+                     seed: int = 0, adapter_path=None) -> dict:
+    """KV-cache size and peak memory after generating 1x, 2x and 4x a sliding-window model's window."""
+    model, _ = load(model_path, adapter_path=adapter_path)
+    cfg = model.config
+    W = cfg.sliding_window
+    if not W or W >= cfg.context_length:
+        raise Phi3MLXError(f"--window-memory needs a model whose sliding window is shorter than its context "
+                           f"({resolve(model_path)} has sliding_window {W}, context {cfg.context_length})")
+    ids = random_prompt(prompt_tokens, cfg.vocab_size, seed)
+    engines = [(OURS, model, model.make_cache, lambda m, c, n: generate_step(ids, m, max_tokens=n, cache=c))]
+    if compare_mlx_lm:
+        mlx_lm_utils, mlx_lm_step, _ = _import_mlx_lm()
+        from mlx_lm.models.cache import make_prompt_cache  # lazy: importing mlx_lm takes seconds
+
+        theirs, _ = mlx_lm_utils.load_model(Path(resolve(model_path)))
+        engines.append((MLX_LM, theirs, lambda: make_prompt_cache(theirs),
+                        lambda m, c, n: mlx_lm_step(mx.array(ids, dtype=mx.uint32), m, max_tokens=n, prompt_cache=c)))
+    rows = []
+    for mult in multiples:
+        n = mult * W
+        if prompt_tokens + n > cfg.context_length:
+            break
+        row = dict(multiple=mult, tokens=prompt_tokens + n)
+        for name, m, make, run in engines:
+            cache = make()
+            mx.synchronize()
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            for _ in run(m, cache, n):
+                pass
+            mx.synchronize()
+            row[name] = dict(cache_mb=_cache_bytes(cache) / 1e6, extra_peak_mb=(mx.get_peak_memory() - base) / 1e6)
+        rows.append(row)
+    return dict(path=str(model_path), window=W, rows=rows, engines=[e[0] for e in engines])
+
+
+def print_window_report(res: dict, console=None) -> None:
+    console = console or report_console()
+    console.print(f"model: {res['path']}; sliding window {res['window']}; greedy generation from a "
+                  f"{res['rows'][0]['tokens'] - res['window']}-token prompt")
+    cols = ["tokens"]
+    for e in res["engines"]:
+        cols += [f"{e} KV MB", f"{e} peak MB"]
+    table = engine_table(cols)
+    for r in res["rows"]:
+        cells = [str(r["tokens"])]
+        for e in res["engines"]:
+            cells += [fmt(r[e]["cache_mb"]), fmt(r[e]["extra_peak_mb"])]
+        table.add_row(*cells)
+    console.print(table)
+    first, last = res["rows"][0], res["rows"][-1]
+    for e in res["engines"]:
+        console.print(f"{e} KV cache at {last['tokens']} tokens / at {first['tokens']}: "
+                      f"{last[e]['cache_mb'] / first[e]['cache_mb']:.2f}x")

@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate")
     p.add_argument("--seed", type=int, default=0, help="seed for the random prompt")
+    p.add_argument("--chat-turns", type=int, default=0, metavar="N",
+                   help="instead: time to the first answer token in each of N chat turns of equal length, with "
+                   "the chat's cache kept and with the history processed again each turn")
+    p.add_argument("--window-memory", action="store_true",
+                   help="instead: KV-cache size and peak memory after generating 1x, 2x and 4x a sliding-window "
+                   "model's window (with --compare-mlx-lm, mlx-lm's too)")
     add_train_args(p)  # phi3mlx bench --train
 
     add_parsers(sub, _Formatter)

@@ -9,7 +9,11 @@ import re
 
 import pytest
 
+from rich.console import Console
+
 from phi3mlx.cli import main
+from phi3mlx.errors import Phi3MLXError
+from phi3mlx.tiny import make_tiny
 
 NUM = r"([0-9]+(?:\.[0-9]+)?)"
 
@@ -82,3 +86,31 @@ def test_bench_mlx_lm_cannot_load(tiny_folder, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0] == f"phi3mlx: error: mlx-lm cannot load {tiny_folder} (ValueError: Model type phi3 not supported.)"
+
+
+def test_chat_turn_bench_reports_processed_tokens(tmp_path):
+    from phi3mlx.bench import print_chat_report, run_chat_bench
+
+    res = run_chat_bench(make_tiny(tmp_path / "m"), turns=3, words=20, answer_tokens=4)
+    kept, fresh = res["kept"], res["fresh"]
+    assert [r["turn"] for r in kept] == [1, 2, 3]
+    assert kept[2]["prompt_tokens"] > kept[1]["prompt_tokens"] > kept[0]["prompt_tokens"]
+    assert kept[2]["processed"] < kept[2]["prompt_tokens"] // 2  # only the new turn was processed
+    assert fresh[2]["processed"] == fresh[2]["prompt_tokens"]  # the history processed again
+    con = Console(record=True, width=120)
+    print_chat_report(res, con)
+    assert "turn 3 / turn 2 first-token time" in con.export_text()
+
+
+def test_window_memory_bench_is_flat(tmp_path):
+    from phi3mlx.bench import print_window_report, run_window_bench
+
+    res = run_window_bench(make_tiny(tmp_path / "m", config={"sliding_window": 32}), multiples=(1, 2, 4),
+                           prompt_tokens=8)
+    sizes = [r["phi3mlx"]["cache_mb"] for r in res["rows"]]
+    assert len(sizes) == 3 and sizes[0] == sizes[-1] > 0
+    con = Console(record=True, width=120)
+    print_window_report(res, con)
+    assert "phi3mlx KV cache at 136 tokens / at 40: 1.00x" in con.export_text()
+    with pytest.raises(Phi3MLXError, match="sliding window"):
+        run_window_bench(make_tiny(tmp_path / "n", config={"sliding_window": None}))
