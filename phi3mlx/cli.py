@@ -286,6 +286,9 @@ def _cmd_generate(a):
     print()
     if a.verbose and last is not None:
         print(format_stats(last, model.config.context_length), file=sys.stderr)
+    elif last is not None and last.finish_reason == "context":
+        print(f"phi3mlx: note: generation stopped after {last.generation_tokens} tokens: the model's context of "
+              f"{model.config.context_length} tokens is full", file=sys.stderr)
 
 
 def _cmd_cache_prompt(a):

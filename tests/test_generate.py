@@ -165,3 +165,24 @@ def test_sampling_filters_match_their_definitions():
     ours = make_logits_processors(1.3, 20)[0](hist, x)
     theirs = make_repetition_penalty(1.3, 20)(hist, x)
     assert np.allclose(np.array(ours), np.array(theirs))
+
+
+def test_reaching_the_context_says_so_with_the_real_rate(tmp_path, capsys):
+    """A generation cut short by the context ends with finish_reason "context", a real rate, and the CLI
+    says why it stopped (with and without --verbose)."""
+    from phi3mlx.cli import main
+    from phi3mlx.generate import stream_generate
+    from phi3mlx.tiny import make_tiny
+
+    folder = make_tiny(tmp_path / "c", config={"max_position_embeddings": 40, "original_max_position_embeddings": 40,
+                                               "sliding_window": None})
+    model, tok = load(folder)
+    rs = list(stream_generate(model, tok, PROMPT, max_tokens=100))
+    assert rs[-1].finish_reason == "context" and rs[-1].generation_tokens == 40 - len(PROMPT) + 1
+    assert rs[-1].generation_tps > 0
+    assert main(["generate", "--model", str(folder), "-p", "hello", "--raw", "-m", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "generation stopped after" in err and "context of 40 tokens is full" in err
+    assert main(["generate", "--model", str(folder), "-p", "hello", "--raw", "-m", "100", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "stopped: the context of 40 tokens is full" in err and " 0.0 tok/s | peak" not in err
