@@ -214,3 +214,15 @@ def assert_streams_to_decode(tok, text: str) -> None:
     pieces.append(detok.finalize())
     assert "".join(pieces) == tok.decode(ids)
     assert not any("\ufffd" in p for p in pieces)
+
+
+def assert_error(code, err, *needles):
+    """Exit 1, stderr exactly one line ``phi3mlx: error: ...`` naming every needle."""
+    assert code == 1, f"exit code {code}, stderr: {err!r}"
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err!r}"
+    assert lines[0].startswith("phi3mlx: error: "), lines[0]
+    for n in needles:
+        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]

@@ -21,6 +21,8 @@ import phi3mlx.convert.hf_to_mlx as hf_to_mlx
 import phi3mlx.convert.mlx_to_hf as mlx_to_hf
 from phi3mlx.cli import main
 
+from .helpers import assert_error
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,16 +48,6 @@ def cli_subprocess(*args, stdin=None):
                           env=env, input=stdin, timeout=120)
 
 
-def assert_error(code, err, *needles):
-    """Exit 1, stderr exactly one line ``phi3mlx: error: ...`` naming every needle."""
-    assert code == 1, f"exit code {code}, stderr: {err!r}"
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}: {err!r}"
-    assert lines[0].startswith("phi3mlx: error: "), lines[0]
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def leftovers(parent: Path, name: str = "OUT") -> list[str]:

@@ -21,6 +21,8 @@ from phi3mlx.cli import TINY_NOTICE, build_parser, main  # noqa: E402
 from phi3mlx.errors import Phi3MLXError  # noqa: E402
 from phi3mlx.weights import atomic_dir  # noqa: E402
 
+from .helpers import assert_error as assert_one_error  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,15 +32,6 @@ def cli(capsys, *args):
     return code, out, err
 
 
-def assert_one_error(code, err, *needles):
-    """Exit 1 and exactly one line ``phi3mlx: error: ...`` on stderr naming every needle."""
-    assert code == 1, f"exit code {code}, stderr: {err!r}"
-    lines = err.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr: {err!r}"
-    assert lines[0].startswith("phi3mlx: error: "), lines[0]
-    for n in needles:
-        assert str(n) in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
 
 
 def run_python(code: str, *args, stdin: bytes | None = None, env: dict | None = None):
