@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -147,11 +147,17 @@ class ModelCache(list):
     the model re-encodes the prefix when a pass needs the other set (``Model.__call__``).
     """
 
-    def __init__(self, layers: Sequence[LayerCache], identity: Optional[dict] = None):
+    def __init__(self, layers: Sequence[LayerCache], identity: Union[None, dict, Callable[[], dict]] = None):
         super().__init__(layers)
-        self.identity = identity or {}
+        self._identity = identity  # a dict, or a function computing it when a file is written
         self.long_rope: Optional[bool] = None
         self._ids: List[mx.array] = []  # (B, L) id arrays in the order they were fed, possibly lazy
+
+    @property
+    def identity(self) -> dict:
+        if callable(self._identity):
+            self._identity = self._identity()
+        return self._identity or {}
 
     @property
     def offset(self) -> int:
@@ -348,7 +354,7 @@ def config_identity(cfg: ModelConfig) -> dict:
                 sliding_window=cfg.sliding_window, rope=cfg.rope.kind, rope_theta=cfg.rope.theta)
 
 def make_cache(cfg: ModelConfig, kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
-               window: bool = True, identity: Optional[dict] = None) -> ModelCache:
+               window: bool = True, identity: Union[None, dict, Callable[[], dict]] = None) -> ModelCache:
     """A ModelCache for a model with this config: a window cache where the model has a sliding window
     shorter than its context (``window`` False keeps every key), quantized with ``kv_bits``."""
     group = None

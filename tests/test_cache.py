@@ -177,6 +177,12 @@ def test_prompt_cache_from_another_model_is_refused(window_model, longrope_model
     with pytest.raises(Phi3MLXError, match="different model") as e:
         ModelCache.load(tmp_path / "c.safetensors", other.identity())
     assert "\n" not in str(e.value)
+    tuned, _ = load(make_tiny(tmp_path / "same", config={"sliding_window": 32}))  # the same weights...
+    assert tuned.identity() == model.identity()
+    w = tuned.model.layers[1].mlp.down_proj.weight
+    tuned.model.layers[1].mlp.down_proj.weight = w + 0.01  # ...fine-tuned deep inside: refused
+    with pytest.raises(Phi3MLXError, match="differs in weights"):
+        ModelCache.load(tmp_path / "c.safetensors", tuned.identity())
     (tmp_path / "bad.safetensors").write_bytes(b"not a cache")
     with pytest.raises(Phi3MLXError, match="not a phi3mlx prompt cache"):
         ModelCache.load(tmp_path / "bad.safetensors", model.identity())

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..cache import ModelCache, config_identity, make_cache
 from ..config import ModelConfig
@@ -174,24 +175,13 @@ class Model(nn.Module):
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None) -> ModelCache:
         """A KV cache for this model (a window cache for sliding-window models; ``kv_bits`` 4 or 8
         stores keys and values quantized)."""
-        return make_cache(self.config, kv_bits, kv_group_size, identity=self.identity())
+        return make_cache(self.config, kv_bits, kv_group_size, identity=self.identity)
 
     def identity(self) -> dict:
-        """What a saved prompt cache must match: the config's shape and a fingerprint of the weights."""
+        """What a saved prompt cache must match: the config's shape and a fingerprint of every weight
+        (the first values of each array: a fine-tuned or fused model differs from its base)."""
         ident = config_identity(self.config)
-        w = self.model.embed_tokens
-        probe = [w.weight[:2].astype(mx.float32).sum()] + (
-            [w.scales[:2].astype(mx.float32).sum()] if hasattr(w, "scales") else [])
-        probe.append(self.model.norm.weight.astype(mx.float32).sum())
-        ident["weights"] = [round(float(x), 4) for x in probe]
+        probes = [v.reshape(-1)[:64].astype(mx.float32).sum() * (i + 1)
+                  for i, (_, v) in enumerate(tree_flatten(self.parameters()))]
+        ident["weights"] = round(float(mx.stack(probes).sum()), 3) if probes else 0.0
         return ident
-
-
-def _checkpointed(layer: DecoderLayer, h: mx.array, p: Pass) -> mx.array:
-    """layer(h, p) recomputed in the backward pass; only arrays cross mx.checkpoint (p is closed over)."""
-
-    def inner(params, x):
-        layer.update(params)
-        return layer(x, p, None)
-
-    return mx.checkpoint(inner)(layer.trainable_parameters(), h)
