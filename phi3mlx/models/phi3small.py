@@ -45,6 +45,7 @@ class Phi3SmallSection(Section):
     def parse(cls, cfg: dict, fields: dict, problems: list) -> "Phi3SmallSection":
         fields["norm"] = "layer"
         fields["tie_word_embeddings"] = True
+        fields["sliding_window"] = None  # the blocksparse pattern is the model's only locality (and reads keys from 0)
         # muP: as the reference, a missing or non-positive embedding multiplier / width divisor is not applied
         emb = opt_number(cfg, "mup_embedding_multiplier", 1.0, problems, positive=None)
         width = opt_number(cfg, "mup_width_multiplier", 1.0, problems, positive=False)
