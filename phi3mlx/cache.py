@@ -220,7 +220,7 @@ class ModelCache(list):
         if model is None:
             raise ValueError("trimming this window cache needs the model to re-encode it")
         self._ids = [mx.array([ids[: len(ids) - n]])]
-        self.reencode(model, bool(self.long_rope))
+        self.reencode(model, model.config.rope.uses_long(len(ids) - n))  # the set the shorter sequence takes
 
     def reencode(self, model, long_rope: bool, step: int = 2048) -> None:
         """Run the held ids through ``model`` again (for example with the long LongRoPE factors)."""

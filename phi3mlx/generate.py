@@ -157,10 +157,12 @@ def generate_step(
     processors = list(logits_processors or [])
     progress = prompt_progress or (lambda done, total: None)
     generated: List[mx.array] = []  # tokens fed back so far, kept lazy (shape (1,) each)
+    # what processors see as history: the cached prefix too, so a cache changes nothing about the result
+    history = mx.array((cache.token_ids if processors and cache.offset else []) + ids)
 
     def sample(logits: mx.array) -> Tuple[mx.array, mx.array]:
         if processors:
-            hist = mx.concatenate([mx.array(ids)] + generated)
+            hist = mx.concatenate([history] + generated)
             for p in processors:
                 logits = p(hist, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -276,6 +278,10 @@ def stream_generate(
     ids = _prompt_ids(tokenizer, prompt)
     if not ids:
         raise Phi3MLXError("the prompt is empty")
+    if max_tokens < 0:
+        raise Phi3MLXError(f"max_tokens must be 0 or more, got {max_tokens}")
+    if max_tokens == 0:
+        return
     if sampler is None:
         sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
     processors = list(logits_processors or []) + make_logits_processors(repetition_penalty, repetition_context_size)

@@ -320,3 +320,28 @@ def test_cli_prompt_cache_round_trip(tmp_path, capsys):
     assert main(["generate", "--model", str(other), "--prompt", "x", "--prompt-cache", str(f)]) == 1
     err = capsys.readouterr().err
     assert "different model" in err and err.count("\n") == 1
+
+
+def test_logits_processors_see_the_cached_prefix(window_model):
+    """A repetition penalty gives the same tokens whether the prompt's prefix came from a cache or not."""
+    from phi3mlx.generate import make_logits_processors
+
+    model, tok = window_model
+    seen = []
+
+    def record(history, logits):
+        seen.append(history.size)
+        return logits
+
+    ids = _rand_ids(40, seed=11)
+    procs = [record] + make_logits_processors(1e6, 64)
+    fresh = [t for t, _ in generate_step(ids, model, max_tokens=6, logits_processors=procs)]
+    n_fresh = list(seen)
+    seen.clear()
+    cache = model.make_cache()
+    model(mx.array([ids[:30]]), cache=cache)
+    cached = [t for t, _ in generate_step(ids[30:], model, max_tokens=6, logits_processors=procs, cache=cache)]
+    assert seen == n_fresh == [40, 41, 42, 43, 44, 45]
+    assert cached == fresh
+    assert not set(cached) & set(ids)  # the huge penalty reached the cached prefix's ids too
+    assert list(stream_generate(model, tok, ids, max_tokens=0)) == []
