@@ -70,6 +70,13 @@ class LayerCache:
             return -(-L // self.step) * self.step
         return max(L, min(self.step, max(1, self.window // 4)))
 
+    def _drop(self, L: int) -> int:
+        """How many of the oldest stored positions storing L more drops: none while the buffer has room;
+        when it must grow, a window cache keeps only what a query at offset or later can see."""
+        if self.keys is None or self.window is None or self.length + L <= self.keys[0].shape[2]:
+            return 0
+        return max(0, self.length - (self.window - 1))
+
     def update_and_fetch(self, k: mx.array, v: mx.array):
         """Store k, v (B, K, L, D) at positions offset..offset+L-1; return every stored key and value.
 
@@ -84,17 +91,15 @@ class LayerCache:
             self.keys = [mx.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype) for a in kp]
             self.values = [mx.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype) for a in vp]
         elif n + L > self.keys[0].shape[2]:
-            drop = 0
-            if self.window is not None:  # keep only what a query at offset or later can see
-                drop = max(0, n - (self.window - 1))
+            drop = self._drop(L)
             keep = n - drop
             cap = keep + self._grow(L)
 
-            def regrow(parts, new):
+            def regrow(parts):
                 return [mx.concatenate([a[..., drop:n, :], mx.zeros(a.shape[:2] + (cap - keep,) + a.shape[3:], a.dtype)],
-                                       axis=2) for a, b in zip(parts, new)]
+                                       axis=2) for a in parts]
 
-            self.keys, self.values = regrow(self.keys, kp), regrow(self.values, vp)
+            self.keys, self.values = regrow(self.keys), regrow(self.values)
             self.start += drop
             n = keep
         for buf, new in ((self.keys, kp), (self.values, vp)):
@@ -105,9 +110,7 @@ class LayerCache:
 
     def key_start(self, L: int) -> int:
         """Absolute position of the first key ``update_and_fetch`` returns for L new positions."""
-        if self.keys is None or self.window is None or self.length + L <= self.keys[0].shape[2]:
-            return self.start
-        return self.start + max(0, self.length - (self.window - 1))
+        return self.start + self._drop(L)
 
     def can_trim(self, n: int) -> bool:
         """Whether dropping the last n positions leaves every key a later query may need."""
@@ -225,13 +228,23 @@ class ModelCache(list):
     def reencode(self, model, long_rope: bool, step: int = 2048) -> None:
         """Run the held ids through ``model`` again (for example with the long LongRoPE factors)."""
         ids = self.token_ids
-        for c in self:
-            c.reset()
-        self._ids = []
+        self.reset()
         self.long_rope = long_rope
+        self.extend(model, ids, step, long_rope)
+
+    def extend(self, model, ids: Sequence[int], step: int = 2048, long_rope: Optional[bool] = None,
+               progress: Optional[Callable[[int], None]] = None) -> None:
+        """Run ``ids`` through ``model`` into this cache, ``step`` at a time (each chunk evaluated, MLX's
+        buffer cache cleared after it). ``long_rope`` None takes the LongRoPE set the whole extended
+        sequence needs, for every chunk; ``progress(done)`` is called after each chunk."""
+        if long_rope is None:
+            long_rope = model.config.rope.uses_long(self.offset + len(ids))
         for s in range(0, len(ids), step):
             model(mx.array(ids[s : s + step])[None], cache=self, long_rope=long_rope)
             mx.eval([c.state for c in self])
+            if progress is not None:
+                progress(min(s + step, len(ids)))
+            mx.clear_cache()
 
     # ---------------------------------------------------------------------------------- files
 

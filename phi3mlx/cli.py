@@ -16,8 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-
 from . import __version__
 from .bench import check_bench_args
 from .bench import main as bench_main
@@ -317,9 +315,7 @@ def _cmd_cache_prompt(a):
     if len(ids) >= ctx:
         raise Phi3MLXError(f"the prefix has {len(ids)} tokens but the model's context is {ctx} tokens")
     cache = model.make_cache(a.kv_bits, a.kv_group_size)
-    for s in range(0, len(ids), a.prefill_step_size):
-        model(mx.array(ids[s : s + a.prefill_step_size])[None], cache=cache)
-        mx.eval([c.state for c in cache])
+    cache.extend(model, ids, a.prefill_step_size)
     cache.save(out, metadata={"model": str(a.model)})
     print(f"wrote {out} ({len(ids)} tokens)")
 

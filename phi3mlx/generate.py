@@ -172,16 +172,9 @@ def generate_step(
         """Process ids[:-1] in chunks, return logits (1, V) for the last one. The whole prompt takes
         the factor set its full length needs (no re-encoding midway)."""
         long = model.config.rope.uses_long(cache.offset + len(ids))
-        total, done = len(ids), 0
-        progress(0, total)
-        while total - done > 1:
-            n = min(prefill_step_size, total - done - 1)
-            model(mx.array(ids[done : done + n])[None], cache=cache, long_rope=long)
-            mx.eval([c.state for c in cache])
-            done += n
-            progress(done, total)
-            mx.clear_cache()
-        return model(mx.array(ids[done:])[None], cache=cache, long_rope=long, last_only=True)[:, -1, :]
+        progress(0, len(ids))
+        cache.extend(model, ids[:-1], prefill_step_size, long, lambda done: progress(done, len(ids)))
+        return model(mx.array(ids[-1:])[None], cache=cache, long_rope=long, last_only=True)[:, -1, :]
 
     if max_tokens == 0:
         return
