@@ -33,6 +33,8 @@ from .errors import Phi3MLXError
 from .generate import GenerationResponse, make_sampler, stream_generate
 from .tokenizer import utf8_problem
 
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed")  # make_sampler's arguments
+
 HELP = """commands:
   /help          this list
   /reset         clear the history (the system message stays)
@@ -73,9 +75,7 @@ class Chat:
         self.cache = model.make_cache(kv_bits, kv_group_size)
         self.gen_kwargs = gen_kwargs
         if "sampler" not in gen_kwargs:  # one sampler for the whole chat: a seed gives one stream, not a repeat per turn
-            self.gen_kwargs["sampler"] = make_sampler(*(gen_kwargs.pop(k, d) for k, d in
-                                                       (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0),
-                                                        ("min_p", 0.0), ("seed", None))))
+            self.gen_kwargs["sampler"] = make_sampler(**{k: gen_kwargs.pop(k) for k in SAMPLING if k in gen_kwargs})
         self.last: Optional[GenerationResponse] = None  # the last answer's final stats
 
     def reset(self, system: Optional[str] = ...) -> None:
@@ -175,11 +175,12 @@ def run(chat: Chat, ui) -> None:
         except UnicodeDecodeError as e:  # a strict stream; the CLI reads with surrogateescape (below)
             ui.notice(f"that line is not valid UTF-8 (byte 0x{e.object[e.start]:02x}); it was skipped")
             continue
-        if line is not None and utf8_problem(line):
-            ui.notice(utf8_problem(line, "that line") + "; it was skipped")
-            continue
         if line is None:
             return
+        problem = utf8_problem(line, "that line")
+        if problem:
+            ui.notice(problem + "; it was skipped")
+            continue
         line = line.strip()
         if not line:
             continue
@@ -214,8 +215,7 @@ def main(args, model, tokenizer, gen_kwargs: dict) -> None:
     (a seed seeds the chat's one sampler, so turns do not repeat the same random stream)."""
     if args.max_tokens < 1:
         raise Phi3MLXError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    kwargs = dict(gen_kwargs)
-    chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens, **kwargs)
+    chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens, **gen_kwargs)
     if not sys.stdin.isatty():
         return run(chat, PlainUI())
     from rich.markup import escape

@@ -254,6 +254,11 @@ def _read_stdin() -> str:
     return sys.stdin.read()
 
 
+def _messages(system, user) -> list[dict]:
+    """The conversation of one command: the system message and the user's prompt, each when given."""
+    return [{"role": r, "content": c} for r, c in (("system", system), ("user", user)) if c]
+
+
 def _note_tiny(a) -> None:
     """Say on stderr that the built-in random model's output is noise, when a command runs it."""
     if str(getattr(a, "model", None)) == TINY_ID:
@@ -272,8 +277,7 @@ def _cmd_generate(a):
     model, tok = load(a.model, adapter_path=a.adapter_path)
     _note_tiny(a)
     if not a.raw:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        prompt = tok.apply_chat_template(_messages(a.system, prompt), add_generation_prompt=True, tokenize=False)
     kwargs = sampling_kwargs(a)
     if a.prompt_cache:
         kwargs["cache"] = ModelCache.load(a.prompt_cache, model.identity())
@@ -308,9 +312,8 @@ def _cmd_cache_prompt(a):
     if a.raw:
         ids = tok.encode(prompt)
     else:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + (
-            [{"role": "user", "content": prompt}] if prompt else [])
-        ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=False, tokenize=False))
+        ids = tok.encode(tok.apply_chat_template(_messages(a.system, prompt), add_generation_prompt=False,
+                                                 tokenize=False))
     ctx = model.config.context_length
     if len(ids) >= ctx:
         raise Phi3MLXError(f"the prefix has {len(ids)} tokens but the model's context is {ctx} tokens")
