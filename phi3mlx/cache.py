@@ -311,13 +311,10 @@ class ModelCache(list):
 
 # ------------------------------------------------------------------------------ construction
 
-def default_kv_group_size(head_dim: int) -> int:
-    return 64 if head_dim % 64 == 0 else 32
-
 def check_kv_quant(head_dim: int, bits: int, group_size: Optional[int]) -> int:
     """Validate KV-cache quantization settings; return the group size to use."""
     if group_size is None:
-        group_size = default_kv_group_size(head_dim)
+        group_size = 64 if head_dim % 64 == 0 else 32
     problems = []
     if bits not in (4, 8):
         problems.append(f"kv_bits must be 4 or 8, got {bits}")

@@ -228,10 +228,6 @@ class ModelConfig:
             raise Phi3MLXError.many(problems, f"{source}: ")
         return cls(**fields)
 
-    @classmethod
-    def from_path(cls, path: str | Path, sections: Mapping[str, type]) -> "ModelConfig":
-        return cls.from_dict(read_config(path), sections, source=str(Path(path) / "config.json"))
-
 
 def opt_number(cfg: dict, key: str, default, problems: list, integer: bool = False,
                 positive: Optional[bool] = True, where: str = ""):

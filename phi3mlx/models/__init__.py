@@ -31,7 +31,6 @@ VARIANTS: dict[str, Variant] = {
                                            head_bias=head_bias)),
 }
 SECTIONS: dict[str, type] = {name: v.section for name, v in VARIANTS.items()}
-SUPPORTED_MODEL_TYPES = list(VARIANTS)
 
 
 def parse_config(raw: dict, source: str = "config.json") -> ModelConfig:
@@ -49,5 +48,5 @@ def build_model(cfg: ModelConfig) -> Model:
     return Model(cfg, VARIANTS[cfg.model_type].parts)
 
 
-__all__ = ["MLP", "Model", "ModelConfig", "Parts", "Section", "SUPPORTED_MODEL_TYPES", "VARIANTS", "build_model",
+__all__ = ["MLP", "Model", "ModelConfig", "Parts", "Section", "VARIANTS", "build_model",
            "maps", "parse_config", "read_model_config"]
