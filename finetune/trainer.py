@@ -231,33 +231,80 @@ def evaluate(model, loss_fn, batches: Iterator, limit: int = -1) -> dict:
     return {"loss": total / ntok, **{k: v / ntok for k, v in sums.items()}}
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, adapter_config: dict, state: dict) -> None:
-    """out_dir/checkpoint: adapters, optimizer state and trainer state; replaced atomically."""
+class AdapterStore:
+    """What a fine-tuning checkpoint holds: the trained adapter arrays (``lora.save_adapters``), also
+    published at the top of ``out_dir`` (adapters.safetensors + adapter_config.json, what a user loads)."""
+
+    def __init__(self, adapter_config: dict):
+        self.adapter_config = adapter_config
+
+    def save(self, folder: Path, model) -> None:
+        lora.save_adapters(folder, model, self.adapter_config)
+
+    def restore(self, folder: Path, model) -> None:
+        weights = mx.load(str(folder / lora.ADAPTER_FILE))
+        model.load_weights(list(weights.items()), strict=False)
+
+    def publish(self, out_dir: Path, model) -> None:
+        lora.save_adapters(out_dir, model, self.adapter_config)
+
+
+def _checkpoint_folder(out_dir: Path) -> Path:
+    """The checkpoint to resume: out_dir/checkpoint, or checkpoint.old when a save stopped between its renames."""
+    out_dir = Path(out_dir)
+    final, old = out_dir / CHECKPOINT, out_dir / (CHECKPOINT + ".old")
+    if not (final / "trainer_state.json").exists() and (old / "trainer_state.json").exists():
+        return old
+    return final
+
+
+def read_trainer_state(out_dir: Path) -> Optional[dict]:
+    """The trainer state of the checkpoint in out_dir (step, consumed, history, args, meta), or None."""
+    f = _checkpoint_folder(out_dir) / "trainer_state.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, store, state: dict) -> None:
+    """out_dir/checkpoint: the trained arrays, optimizer state and trainer state, replaced atomically;
+    then ``store.publish`` (what a user loads). A failed save (a full disk) removes its partial files and
+    keeps the last good checkpoint."""
+    if isinstance(store, dict):  # an adapter config
+        store = AdapterStore(store)
     out_dir = Path(out_dir)
     tmp = out_dir / (CHECKPOINT + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    lora.save_adapters(tmp, model, adapter_config)
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     final = out_dir / CHECKPOINT
     old = out_dir / (CHECKPOINT + ".old")
-    if final.exists():
-        final.replace(old)
-    tmp.replace(final)
-    if old.exists():
-        shutil.rmtree(old)
-    # the adapters a user loads (adapters.safetensors + adapter_config.json at the top)
-    lora.save_adapters(out_dir, model, adapter_config)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        store.save(tmp, model)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            final.replace(old)
+        tmp.replace(final)
+        if old.exists():
+            shutil.rmtree(old)
+        store.publish(out_dir, model)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = _checkpoint_folder(out_dir)
+        last = (f"the last good checkpoint ({kept}, step {read_trainer_state(out_dir)['step']}) is kept"
+                if (kept / "trainer_state.json").exists() else "no earlier checkpoint exists")
+        raise Phi3MLXError(f"cannot save the checkpoint at step {state['step']} in {out_dir}: "
+                           f"{e.strerror or e}; {last}") from None
 
 
-def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
-    ck = Path(out_dir) / CHECKPOINT
+def load_checkpoint(out_dir: Path, model, optimizer, store=None) -> dict:
+    if store is None or isinstance(store, dict):
+        store = AdapterStore(store or {})
+    ck = _checkpoint_folder(out_dir)
     if not (ck / "trainer_state.json").exists():
         raise Phi3MLXError(f"nothing to resume in {out_dir}: no {CHECKPOINT}/trainer_state.json")
-    weights = mx.load(str(ck / lora.ADAPTER_FILE))
-    model.load_weights(list(weights.items()), strict=False)
+    store.restore(ck, model)
     optimizer.init(model.trainable_parameters())
     optimizer.state = tree_unflatten(list(mx.load(str(ck / "optimizer.safetensors")).items()))
     mx.eval(model.parameters(), optimizer.state)
@@ -276,10 +323,19 @@ def train(
     resume: bool = False,
     report: Optional[Callable[[dict], None]] = None,
     optimizer: Optional[optim.Optimizer] = None,
+    store=None,
+    annotate: Optional[Callable[[int], dict]] = None,
+    meta: Optional[dict] = None,
 ) -> list[dict]:
     """Train; return the reports (step, loss, val_loss, lr, tokens_per_sec, peak_gb, metrics...).
 
-    ``optimizer`` defaults to AdamW with the warmup + cosine schedule of ``args``."""
+    ``optimizer`` defaults to AdamW with the warmup + cosine schedule of ``args``. ``store`` says what a
+    checkpoint holds and what is published in ``out_dir`` (default: the adapters, ``AdapterStore``).
+    ``val_batches`` is a callable giving a validation iterator, or a dict of them by name (each report
+    gets ``val_<name>_loss``, and ``val_loss`` is that of the set ``annotate`` names as "phase", else the
+    first). ``annotate(step)`` adds fields to each report (the pretraining phase). ``meta`` is kept in
+    the checkpoint's trainer state (what a resumed run must match). A ``batches`` iterator with a
+    ``seek(n)`` method is positioned after ``n`` micro-batches on resume instead of being read through."""
     args.check()
     group = mx.distributed.init()
     world, rank = group.size(), group.rank()
@@ -291,12 +347,18 @@ def train(
         report = None
     if optimizer is None:
         optimizer = optim.AdamW(learning_rate=lr_schedule(args), weight_decay=args.weight_decay)
+    if store is None:
+        store = AdapterStore(adapter_config)
+    val_sets = val_batches if isinstance(val_batches, dict) or val_batches is None else {"": val_batches}
     step, consumed, history = 0, 0, []
     if resume:
-        state = load_checkpoint(out_dir, model, optimizer)
+        state = load_checkpoint(out_dir, model, optimizer, store)
         step, consumed, history = state["step"], state["consumed"], state["history"]
-        for _ in range(consumed):
-            next(batches)
+        if hasattr(batches, "seek"):
+            batches.seek(consumed)
+        else:
+            for _ in range(consumed):
+                next(batches)
     metrics = _MetricsLog(out_dir / METRICS, list(history)) if rank == 0 else None
     if not resume:
         optimizer.init(model.trainable_parameters())  # the compiled step's state holds it from the start
@@ -314,7 +376,7 @@ def train(
     done = consumed  # micro-batches of the completed steps (a checkpoint's position in the data)
 
     def state_now():
-        return {"step": step, "consumed": done, "history": history, "args": asdict(args)}
+        return {"step": step, "consumed": done, "history": history, "args": asdict(args), "meta": meta or {}}
 
     window_tokens, window_loss, window_t0 = 0, 0.0, time.perf_counter()
     window_metrics: dict = {}
@@ -354,18 +416,23 @@ def train(
                         window_metrics[k] = window_metrics.get(k, 0.0) + float(v)
                     if step % args.report_every == 0 or step == args.iters:
                         dt = time.perf_counter() - window_t0
-                        rec = {"step": step, "loss": window_loss / max(1, window_tokens),
+                        rec = {"step": step, **(annotate(step) if annotate else {}),
+                               "loss": window_loss / max(1, window_tokens),
                                "lr": float(optimizer.learning_rate), "tokens_per_sec": window_tokens / max(dt, 1e-9),
                                "peak_gb": mx.get_peak_memory() / 1e9,
                                **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
                         window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
                         history.append(rec)
-            if val_batches is not None and (step % args.val_every == 0 or step == args.iters):
-                val = evaluate(model, loss_fn, val_batches(), args.val_batches)
+            if val_sets and (step % args.val_every == 0 or step == args.iters):
                 if rec is None:
-                    rec = {"step": step}
+                    rec = {"step": step, **(annotate(step) if annotate else {})}
                     history.append(rec)
-                rec.update({f"val_{k}": v for k, v in val.items()})
+                for name, make in val_sets.items():
+                    val = evaluate(model, loss_fn, make(), args.val_batches)
+                    if name:
+                        rec.update({f"val_{name}_{k}": v for k, v in val.items()})
+                    if not name or "val_loss" not in rec or rec.get("phase") == name:
+                        rec.update({f"val_{k}": v for k, v in val.items()})
                 window_t0 = time.perf_counter()
             if rec is not None:
                 if metrics:
@@ -373,10 +440,10 @@ def train(
                 if report:
                     report(rec)
             if rank == 0 and (step % args.save_every == 0 or step == args.iters):
-                save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
+                save_checkpoint(out_dir, model, optimizer, store, state_now())
     except KeyboardInterrupt:
         if rank == 0:
-            save_checkpoint(out_dir, model, optimizer, adapter_config, state_now())
+            save_checkpoint(out_dir, model, optimizer, store, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
     finally:
         model.checkpoint_layers = checkpointing
