@@ -1,4 +1,4 @@
-"""``phi3mlx lora``, ``phi3mlx dpo`` and ``phi3mlx fuse``.
+"""``phi3mlx lora``, ``phi3mlx dpo``, ``phi3mlx fuse`` and the ``phi3mlx tokenizer`` group.
 
 Any flag can also come from a YAML file given with ``--config`` (keys as the flags' long names,
 with ``-`` or ``_``); flags given on the command line win, and one that excludes a key of the file
@@ -38,7 +38,7 @@ from phi3mlx.tokenizer import copy_tokenizer_files
 from phi3mlx.weights import atomic_dir, check_output, save_weights
 
 from . import data as D
-from . import lora
+from . import lora, tokenizer_train
 from .losses import make_dpo_loss, sft_loss
 from .trainer import CHECKPOINT, METRICS, TrainArgs, train
 
@@ -127,6 +127,11 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--dequantize", action="store_true", help="write float weights even if the base is quantized")
     p.add_argument("--export-hf", action="store_true", help="write a Hugging Face checkpoint instead of an MLX folder")
     p.add_argument("--force", action="store_true", help="replace an existing --save-path")
+    p = sub.add_parser("tokenizer", help="tokenizer tools (train)", formatter_class=formatter,
+                       description="Tokenizer tools.")
+    group = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
+    group.required = True
+    tokenizer_train.add_parser(group, formatter)
 
 
 _UNSET = object()
