@@ -39,6 +39,7 @@ from phi3mlx.weights import atomic_dir, check_output, save_weights
 
 from . import data as D
 from . import lora, tokenizer_train
+from . import pretrain as P
 from .losses import make_dpo_loss, sft_loss
 from .trainer import CHECKPOINT, METRICS, TrainArgs, train
 
@@ -127,11 +128,138 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--dequantize", action="store_true", help="write float weights even if the base is quantized")
     p.add_argument("--export-hf", action="store_true", help="write a Hugging Face checkpoint instead of an MLX folder")
     p.add_argument("--force", action="store_true", help="replace an existing --save-path")
+    _pretrain_parser(sub, formatter)
     p = sub.add_parser("tokenizer", help="tokenizer tools (train)", formatter_class=formatter,
                        description="Tokenizer tools.")
     group = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
     group.required = True
     tokenizer_train.add_parser(group, formatter)
+
+
+PRETRAIN_HELP = """\
+The YAML file (--config) holds any of these keys; a flag given on the command line wins; an unknown
+key is an error. Example (examples/embedded.yaml is the recipe of the built-in model):
+
+  out: runs/small
+  model: {model_type: phi3, hidden_size: 256, num_hidden_layers: 4, num_attention_heads: 4,
+          intermediate_size: 512}            # any config.json key; phi3small and phimoe work too
+  tokenizer: {vocab_size: 2048}              # trained on the sources (cached), or {path: FOLDER}
+  sources:
+    general: {builtin: general}              # Python standard-library docs, filtered and deduplicated
+    textbook: {builtin: textbook, docs: 20000, seed: 0}   # synthetic exercises and stories
+    chat: {builtin: dialogues, docs: 20000}  # synthetic dialogues in the Phi-3 chat template
+    mine: {paths: [notes/, extra.jsonl]}     # text files, JSONL ("text" or "messages"), folders
+  phases:
+    - {name: general, tokens: 500000, mix: {general: 1}}
+    - {name: textbook, tokens: 500000, mix: {general: 0.3, textbook: 0.5, chat: 0.2}}
+  seq_len: 128
+  batch_size: 16
+  lr: 3.0e-3
+  schedule: wsd                              # cosine | wsd (warmup-stable-decay) | constant
+
+Sources are tokenized once into memory-mapped caches (--cache-dir) and reused. --out becomes a normal
+model folder (config.json, model.safetensors, tokenizer, pretrain.yaml, metrics.jsonl, loss.png) at
+every checkpoint; out/checkpoint holds the optimizer state and the data position for --resume.
+Ctrl-C saves a checkpoint. Data parallel: mlx.launch -n N phi3mlx pretrain ...
+"""
+
+# flag -> (PretrainConfig key or "model.KEY", type, help)
+PRETRAIN_FLAGS = {
+    "--out": ("out", str, "the model folder to write (default: pretrained)"),
+    "--model-type": ("model.model_type", str, "architecture: phi3 (default), phi3small or phimoe"),
+    "--hidden-size": ("model.hidden_size", int, "model width"),
+    "--num-hidden-layers": ("model.num_hidden_layers", int, "decoder layers"),
+    "--num-attention-heads": ("model.num_attention_heads", int, "attention heads"),
+    "--vocab-size": ("tokenizer.vocab_size", int, "vocabulary of the tokenizer trained for the run"),
+    "--seq-len": ("seq_len", int, "tokens per training sequence (default 128)"),
+    "--batch-size": ("batch_size", int, "sequences per micro-batch (default 16)"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    "--lr": ("lr", float, "peak learning rate (default 3e-3)"),
+    "--schedule": ("schedule", str, "cosine, wsd (warmup-stable-decay; default) or constant"),
+    "--warmup": ("warmup", int, "linear warmup steps (default 50)"),
+    "--min-lr-ratio": ("min_lr_ratio", float, "the schedule decays to lr x this (default 0.1)"),
+    "--weight-decay": ("weight_decay", float, "AdamW decoupled weight decay, not on embeddings, norms, biases "
+                                              "(default 0.1)"),
+    "--grad-clip": ("grad_clip", float, "clip each step's gradient to this global norm (default 1.0)"),
+    "--base-width": ("base_width", int, "muP: the proxy width the hyperparameters were tuned at"),
+    "--seed": ("seed", int, "seed for initialisation and the data plan (default 0)"),
+    "--val-every": ("val_every", int, "validate every N steps (default 100)"),
+    "--save-every": ("save_every", int, "checkpoint (and publish --out) every N steps (default 100)"),
+    "--report-every": ("report_every", int, "report every N steps (default 10)"),
+    "--cache-dir": ("cache_dir", str, "where token caches and trained tokenizers are kept "
+                                      "(default ~/.cache/phi3mlx/pretrain)"),
+}
+
+
+def _pretrain_parser(sub, formatter) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a model from scratch in data phases (muP, tokenizer training)",
+                       formatter_class=formatter, description="Pretrain a Phi-3-architecture model from scratch.",
+                       epilog=PRETRAIN_HELP)
+    p.add_argument("--config", default=None, help="YAML file with the run's settings (see below)")
+    for flag, (key, typ, text) in PRETRAIN_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, dest="pt_" + key.replace(".", "__"), help=text)
+    p.add_argument("--mup", action="store_const", const=True, default=None,
+                   help="muP: hidden init variance and Adam rates scaled by --base-width / width, logits / "
+                   "(width / base), attention 1/head_dim (saved as a plain Phi-3 checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--force", action="store_true", help="replace an earlier run in --out")
+
+
+def pretrain_config(a) -> "P.PretrainConfig":
+    """The run's settings: the --config file with the flags given on top."""
+    overrides, model, tok = {}, {}, {}
+    for flag, (key, _, _) in PRETRAIN_FLAGS.items():
+        v = getattr(a, "pt_" + key.replace(".", "__"))
+        if v is None:
+            continue
+        if key.startswith("model."):
+            model[key[6:]] = v
+        elif key.startswith("tokenizer."):
+            tok[key[10:]] = v
+        else:
+            overrides[key] = v
+    if a.mup:
+        overrides["mup"] = True
+    c = P.PretrainConfig.from_yaml(Path(a.config) if a.config else None, overrides)
+    if model:
+        c.model = dict(c.model or {}, **model) if isinstance(c.model, dict) else model
+    if tok:
+        c.tokenizer = dict(c.tokenizer or {}, **tok) if isinstance(c.tokenizer, dict) else tok
+    return c
+
+
+def run_pretrain(a) -> list[dict]:
+    """The body of ``phi3mlx pretrain``."""
+    group = mx.distributed.init()
+    world, rank = group.size(), group.rank()
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    c = pretrain_config(a)
+    tok_prog = Progress(TextColumn("tokenizing {task.description}"), TextColumn("{task.completed} documents"),
+                        TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+                        disable=rank != 0 or not sys.stderr.isatty())
+    tasks: dict = {}
+
+    def tokenizing(name: str, docs: int) -> None:
+        if name not in tasks:
+            tasks[name] = tok_prog.add_task(name, total=None)
+        tok_prog.update(tasks[name], completed=docs)
+
+    with tok_prog:
+        prep = P.prepare(c, resume=a.resume, force=a.force, say=say, progress=tokenizing)
+    n_params = sum(v.size for _, v in tree_flatten(prep.model.parameters()))
+    say(f"pretrain {c.model_type}: {n_params / 1e6:.2f}M parameters, vocabulary {prep.tokenizer.vocab_size}, "
+        f"{sum(prep.steps)} steps of {c.batch_size} x {c.grad_accum} x {c.seq_len} tokens"
+        f"{f' over {world} processes' if world > 1 else ''}{', muP base width ' + str(c.base_width) if c.mup else ''}")
+    for phase, n in zip(prep.phases, prep.steps):
+        mix = ", ".join(f"{k} {v:g}" for k, v in phase.mix.items())
+        say(f"  phase {phase.name}: {n} steps, {n * c.seq_len * c.batch_size * c.grad_accum:,} tokens ({mix})")
+    reads = ", ".join(f"{k} {v:.2f}x" for k, v in prep.batches.epochs().items())
+    say(f"  sources read: {reads} (epochs over each source's training tokens)")
+    prog, report = _progress_report(sum(prep.steps), show=rank == 0)
+    with prog:
+        history = P.run(prep, resume=a.resume, report=report)
+    say(f"wrote {c.out} (a model folder: phi3mlx generate --model {c.out})")
+    return history
 
 
 _UNSET = object()
@@ -158,8 +286,8 @@ def apply_yaml(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     A flag on the command line wins over the file's value, and clears the file's value of a flag it
     excludes (``EXCLUSIVE``: ``--iters 2`` with a file holding ``epochs: 2`` trains 2 steps)."""
     args = parser.parse_args(argv)
-    if not getattr(args, "config", None):
-        return args
+    if not getattr(args, "config", None) or getattr(args, "command", None) == "pretrain":
+        return args  # pretrain reads its own (nested) config: pretrain.PretrainConfig
     path = Path(args.config)
     if not path.is_file():
         raise Phi3MLXError(f"config file {path} does not exist")
@@ -196,9 +324,11 @@ REPORT_KEYS = ("step", "loss", "lr", "tokens_per_sec", "peak_gb")
 
 
 def _plain_line(rec: dict, total: int) -> str:
-    """One report as a plain line (logs, pipes): step, loss, lr, tokens/s, peak memory, other metrics."""
-    extra = "".join(f", {k} {v:.4f}" for k, v in rec.items() if k not in REPORT_KEYS and not k.startswith("val_"))
-    return (f"step {rec['step']}/{total}: loss {rec['loss']:.4f}{extra}, lr {rec['lr']:.2e}, "
+    """One report as a plain line (logs, pipes): step, [phase,] loss, lr, tokens/s, peak memory, other metrics."""
+    extra = "".join(f", {k} {v:.4f}" for k, v in rec.items()
+                    if k not in REPORT_KEYS and not k.startswith("val_") and not isinstance(v, str))
+    phase = f" [{rec['phase']}]" if "phase" in rec else ""
+    return (f"step {rec['step']}/{total}{phase}: loss {rec['loss']:.4f}{extra}, lr {rec['lr']:.2e}, "
             f"{rec['tokens_per_sec']:.0f} tok/s, peak {rec['peak_gb']:.2f} GB")
 
 
@@ -222,7 +352,8 @@ def _progress_report(total: int, show: bool = True):
 
     def report(rec: dict) -> None:
         last.update({k: v for k, v in rec.items() if v is not None})
-        info = [f"loss {last['loss']:.3f}" if "loss" in last else "",
+        info = [f"{last['phase']}" if "phase" in last else "",
+                f"loss {last['loss']:.3f}" if "loss" in last else "",
                 f"val {last['val_loss']:.3f}" if "val_loss" in last else "",
                 f"lr {last['lr']:.2e}" if "lr" in last else "",
                 f"{last['tokens_per_sec']:.0f} tok/s" if "tokens_per_sec" in last else "",

@@ -73,7 +73,7 @@ A model config for this tokenizer needs vocab_size, bos_token_id 1 and eos_token
 # --- reading ------------------------------------------------------------------------------------------
 
 
-def _listed(problems: list[str]) -> list[str]:
+def listed(problems: list[str]) -> list[str]:
     rest = len(problems) - MAX_LISTED
     return problems[:MAX_LISTED] + ([f"and {rest} more problems"] if rest > 0 else [])
 
@@ -137,6 +137,31 @@ def _folder_files(folder: Path) -> list[Path]:
     return found
 
 
+def source_files(paths: list[Union[str, Path]], problems: list[str]) -> list[Path]:
+    """The files the paths name (a folder: its text and JSONL files, recursively, sorted); a missing
+    path or a folder without such files is added to ``problems``."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = _folder_files(p)
+            if not files:
+                problems.append(f"{p}: no {', '.join(TEXT_SUFFIXES)} or {JSONL_SUFFIX} files in this folder")
+            out += files
+        elif p.exists():
+            out.append(p)
+        else:
+            problems.append(f"{p}: no such file or folder")
+    return out
+
+
+def file_documents(f: Path, problems: list[str]) -> list[str]:
+    """The documents of one file (a JSONL file: one per row string; any other: the whole file)."""
+    if f.suffix.lower() == JSONL_SUFFIX:
+        return _read_jsonl(f, problems)
+    text = _read_text(f, problems)
+    return [] if text is None else [text]
+
+
 def read_texts(paths: list[Union[str, Path]]) -> Iterator[str]:
     """The documents of text files, JSONL files and folders (see ``HELP``), in the order given.
 
@@ -144,25 +169,10 @@ def read_texts(paths: list[Union[str, Path]]) -> Iterator[str]:
     line or a folder without such files raise one ``Phi3MLXError`` naming every problem."""
     problems: list[str] = []
     docs: list[str] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = _folder_files(p)
-            if not files:
-                problems.append(f"{p}: no {', '.join(TEXT_SUFFIXES)} or {JSONL_SUFFIX} files in this folder")
-        elif p.exists():
-            files = [p]
-        else:
-            problems.append(f"{p}: no such file or folder")
-            continue
-        for f in files:
-            if f.suffix.lower() == JSONL_SUFFIX:
-                docs += _read_jsonl(f, problems)
-            else:
-                text = _read_text(f, problems)
-                if text is not None:
-                    docs.append(text)
+    for f in source_files(paths, problems):
+        docs += file_documents(f, problems)
     if problems:
-        raise Phi3MLXError.many(_listed(problems))
+        raise Phi3MLXError.many(listed(problems))
     return iter(docs)
 
 

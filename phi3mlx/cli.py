@@ -1,4 +1,5 @@
-"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse, tokenizer train.
+"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse, pretrain,
+tokenizer train.
 
 Every user mistake is printed as one line ``phi3mlx: error: ...`` with exit code 1: a bad command line
 (argparse's errors: unknown flag, missing flag, bad value or choice; the line names the subcommand and
@@ -26,7 +27,7 @@ from .convert.mlx_to_hf import export_hf
 from .errors import Phi3MLXError
 from .finetune.bench import add_train_args
 from .finetune.bench import main as bench_train_main
-from .finetune.cli import add_parsers, apply_yaml, run_fuse, run_training
+from .finetune.cli import add_parsers, apply_yaml, run_fuse, run_pretrain, run_training
 from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
 from .loader import load
@@ -359,6 +360,10 @@ def _cmd_fuse(a):
     run_fuse(a)
 
 
+def _cmd_pretrain(a):
+    run_pretrain(a)
+
+
 def _cmd_tokenizer(a):
     run_tokenizer_train(a)  # "train" is the group's only command
 
@@ -366,7 +371,7 @@ def _cmd_tokenizer(a):
 COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate,
             "cache-prompt": _cmd_cache_prompt, "chat": _cmd_chat,
             "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse,
-            "tokenizer": _cmd_tokenizer}
+            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer}
 
 
 def check_args(a) -> None:
