@@ -1,4 +1,4 @@
-"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse.
+"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse, corpus.
 
 Every user mistake is printed as one line ``phi3mlx: error: ...`` with exit code 1: a bad command line
 (argparse's errors: unknown flag, missing flag, bad value or choice; the line names the subcommand and
@@ -26,7 +26,7 @@ from .convert.mlx_to_hf import export_hf
 from .errors import Phi3MLXError
 from .finetune.bench import add_train_args
 from .finetune.bench import main as bench_train_main
-from .finetune.cli import add_parsers, apply_yaml, run_fuse, run_training
+from .finetune.cli import add_parsers, apply_yaml, run_corpus, run_fuse, run_training
 from .generate import format_stats, stream_generate
 from .loader import load
 from .tiny import TINY_ID
@@ -76,15 +76,20 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
     def _chosen_subparser(self, ns):
+        """The innermost subcommand parser ``ns`` chose (``corpus textbook``'s, not ``corpus``'s)."""
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                return action.choices.get(getattr(ns, action.dest, None))
+                sub = action.choices.get(getattr(ns, action.dest, None))
+                return sub and (sub._chosen_subparser(ns) or sub)
         return None
+
+    def _all_parsers(self) -> list:
+        return [self] + [q for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                         for p in a.choices.values() for q in p._all_parsers()]
 
     def _unknown_args(self, args) -> list:
         """The arguments no parser recognises, found by parsing again with nothing required."""
-        parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
-                            for p in a.choices.values()]
+        parsers = self._all_parsers()
         relaxed = [a for p in parsers for a in p._actions if a.required]
         for a in relaxed:
             a.required = False
@@ -352,9 +357,14 @@ def _cmd_fuse(a):
     run_fuse(a)
 
 
+def _cmd_corpus(a):
+    run_corpus(a)
+
+
 COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate,
             "cache-prompt": _cmd_cache_prompt, "chat": _cmd_chat,
-            "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse}
+            "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse,
+            "corpus": _cmd_corpus}
 
 
 def check_args(a) -> None:
