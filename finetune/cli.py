@@ -1,4 +1,5 @@
-"""``phi3mlx lora``, ``phi3mlx dpo``, ``phi3mlx fuse`` and the ``phi3mlx tokenizer`` group.
+"""``phi3mlx lora``, ``phi3mlx dpo``, ``phi3mlx fuse``, ``phi3mlx pretrain``, ``phi3mlx corpus`` and the
+``phi3mlx tokenizer`` group.
 
 Any flag can also come from a YAML file given with ``--config`` (keys as the flags' long names,
 with ``-`` or ``_``); flags given on the command line win, and one that excludes a key of the file
@@ -40,6 +41,8 @@ from phi3mlx.weights import atomic_dir, check_output, save_weights
 from . import data as D
 from . import lora, tokenizer_train
 from . import pretrain as P
+from .corpus import general_corpus
+from .synthetic import chat_dialogues, textbook_documents, write_jsonl
 from .losses import make_dpo_loss, sft_loss
 from .trainer import CHECKPOINT, METRICS, TrainArgs, train
 
@@ -134,6 +137,7 @@ def add_parsers(sub, formatter) -> None:
     group = p.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
     group.required = True
     tokenizer_train.add_parser(group, formatter)
+    _corpus_parsers(sub, formatter)
 
 
 PRETRAIN_HELP = """\
@@ -260,6 +264,39 @@ def run_pretrain(a) -> list[dict]:
         history = P.run(prep, resume=a.resume, report=report)
     say(f"wrote {c.out} (a model folder: phi3mlx generate --model {c.out})")
     return history
+
+
+CORPUS_HELP = """\
+general:   docstrings of the installed Python standard library and pydoc's help topics, filtered
+           (length, character mix, repetition, exact and near duplicates); {"text": ...} rows
+textbook:  synthetic lessons (addition with carries, subtraction, comparisons, counting, units, the
+           invented valley and stories set in it); {"text": ...} rows
+dialogues: synthetic chats (additions, questions about the valley, questions it cannot answer);
+           DIR/train.jsonl and DIR/valid.jsonl of {"messages": [...]} rows, as 'phi3mlx lora --data DIR' reads
+Generated data never holds the held-out evaluation questions. The same --seed gives the same data.
+"""
+
+
+def _corpus_parsers(sub, formatter) -> None:
+    p = sub.add_parser("corpus", help="write the general, textbook or dialogue training data",
+                       formatter_class=formatter, epilog=CORPUS_HELP,
+                       description="Write training data made on this machine (nothing is downloaded).")
+    kinds = p.add_subparsers(dest="corpus", metavar="KIND")
+    kinds.required = True
+    g = kinds.add_parser("general", help="filtered standard-library docstrings (.jsonl)", formatter_class=formatter)
+    g.add_argument("--out", required=True, help="the .jsonl file to write")
+    t = kinds.add_parser("textbook", help="synthetic textbook documents (.jsonl)", formatter_class=formatter)
+    t.add_argument("--out", required=True, help="the .jsonl file to write")
+    t.add_argument("--docs", type=int, required=True, help="number of documents")
+    d = kinds.add_parser("dialogues", help="synthetic chats (a folder with train.jsonl, valid.jsonl)",
+                         formatter_class=formatter)
+    d.add_argument("--out", required=True, help="the folder to write")
+    d.add_argument("--examples", type=int, required=True, help="training dialogues")
+    d.add_argument("--valid", type=int, default=100, help="validation dialogues (0: no valid.jsonl)")
+    for q in (t, d):
+        q.add_argument("--seed", type=int, default=0, help="seed of the generator")
+    for q in (g, t, d):
+        q.add_argument("--force", action="store_true", help="replace the output if it exists")
 
 
 _UNSET = object()
@@ -576,3 +613,53 @@ def run_fuse(a) -> Path:
     print(f"wrote {out} (adapters from {a.adapter_path} merged{', Hugging Face layout' if a.export_hf else ''})",
           file=sys.stderr)
     return out
+
+
+def _file_problems(out: Path, force: bool) -> list[str]:
+    if out.is_dir():
+        return [f"--out {out} is a folder"]
+    if out.exists() and not force:
+        return [f"{out} already exists (pass --force to replace it)"]
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return [f"cannot create {out}: {parent} is not a folder"]
+    return []
+
+
+def run_corpus(a) -> dict:
+    """The body of ``phi3mlx corpus``: checks everything first, writes atomically, prints one summary line."""
+    out = Path(a.out)
+    if a.corpus == "dialogues":
+        problems = [f"--examples must be at least 1, got {a.examples}" if a.examples < 1 else None,
+                    f"--valid must be 0 or more, got {a.valid}" if a.valid < 0 else None]
+        if out.exists() and not out.is_dir():
+            problems.append(f"--out {out} exists and is not a folder")
+        elif out.exists() and not a.force:
+            problems.append(f"output folder {out} already exists (pass --force to replace it)")
+    else:
+        problems = _file_problems(out, a.force)
+        if a.corpus == "textbook" and a.docs < 1:
+            problems.append(f"--docs must be at least 1, got {a.docs}")
+    if any(problems):
+        raise Phi3MLXError.many(problems)
+    if a.corpus == "dialogues":
+        rows = chat_dialogues(a.examples + a.valid, seed=a.seed)
+        with atomic_dir(out, force=a.force) as tmp:
+            write_jsonl(({"messages": m} for m in rows[:a.examples]), tmp / "train.jsonl")
+            if a.valid:
+                write_jsonl(({"messages": m} for m in rows[a.examples:]), tmp / "valid.jsonl")
+        chars = sum(len(m["content"]) for r in rows for m in r)
+        info = {"train": a.examples, "valid": a.valid, "chars": chars}
+        print(f"wrote {out}: {a.examples} training and {a.valid} validation dialogues, {chars} characters")
+        return info
+    if a.corpus == "general":
+        docs, counts = general_corpus()
+        drops = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("in", "split", "kept"))
+        tail = f" (from {counts['in']} docstrings and topics; dropped: {drops})"
+    else:
+        docs, counts, tail = textbook_documents(a.docs, seed=a.seed), {}, ""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(({"text": d} for d in docs), out)
+    chars = sum(map(len, docs))
+    print(f"wrote {out}: {len(docs)} documents, {chars} characters{tail}")
+    return dict(counts, docs=len(docs), chars=chars)

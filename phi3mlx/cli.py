@@ -1,5 +1,5 @@
 """The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse, pretrain,
-tokenizer train.
+corpus, tokenizer train.
 
 Every user mistake is printed as one line ``phi3mlx: error: ...`` with exit code 1: a bad command line
 (argparse's errors: unknown flag, missing flag, bad value or choice; the line names the subcommand and
@@ -27,7 +27,7 @@ from .convert.mlx_to_hf import export_hf
 from .errors import Phi3MLXError
 from .finetune.bench import add_train_args
 from .finetune.bench import main as bench_train_main
-from .finetune.cli import add_parsers, apply_yaml, run_fuse, run_pretrain, run_training
+from .finetune.cli import add_parsers, apply_yaml, run_corpus, run_fuse, run_pretrain, run_training
 from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
 from .loader import load
@@ -78,15 +78,14 @@ class _Parser(argparse.ArgumentParser):
         return ns
 
     def _chosen_subparser(self, ns):
-        """The innermost subcommand's parser ``ns`` was parsed with (``tokenizer train``: train's)."""
+        """The innermost subcommand parser ``ns`` chose (``corpus textbook``'s, not ``corpus``'s)."""
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                chosen = action.choices.get(getattr(ns, action.dest, None))
-                return None if chosen is None else chosen._chosen_subparser(ns) or chosen
+                sub = action.choices.get(getattr(ns, action.dest, None))
+                return sub and (sub._chosen_subparser(ns) or sub)
         return None
 
     def _all_parsers(self) -> list:
-        """This parser and every subcommand's parser below it."""
         return [self] + [q for a in self._actions if isinstance(a, argparse._SubParsersAction)
                          for p in a.choices.values() for q in p._all_parsers()]
 
@@ -368,10 +367,14 @@ def _cmd_tokenizer(a):
     run_tokenizer_train(a)  # "train" is the group's only command
 
 
+def _cmd_corpus(a):
+    run_corpus(a)
+
+
 COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate,
             "cache-prompt": _cmd_cache_prompt, "chat": _cmd_chat,
             "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse,
-            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer}
+            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "corpus": _cmd_corpus}
 
 
 def check_args(a) -> None:
