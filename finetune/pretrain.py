@@ -468,17 +468,10 @@ def _tokenizer(c: PretrainConfig, sources: dict, cache: Path, say: Callable) -> 
     folder = cache / "tokenizers" / key
     if not (folder / "ids.json").exists():
         say(f"training a {vocab}-token BPE tokenizer on {', '.join(names)}")
-        texts = (d for n in names for d in sources[n].documents(_PlainText()))
+        texts = (d for n in names for d in sources[n].documents(PD.ContentOnly()))
         ids = train_tokenizer(texts, folder, vocab, force=True)
         (folder / "ids.json").write_text(json.dumps(ids))
     return folder, json.loads((folder / "ids.json").read_text())
-
-
-class _PlainText:
-    """Renders chat messages as their contents only (what a tokenizer is trained on before it exists)."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=False, **kw):
-        return "\n".join(m.get("content", "") for m in messages)
 
 
 def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: Callable = lambda m: None,
@@ -488,10 +481,13 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     check_output(c, resume, force)
     cache = Path(c.cache_dir).expanduser() if c.cache_dir else cache_dir() / "pretrain"
     used = [n for n in sources if any(p.mix.get(n, 0) > 0 for p in phases)]
+    problems = PD.empty_sources([sources[n] for n in used])
+    if problems:
+        raise Phi3MLXError.many(problems)
     tok_dir, ids = _tokenizer(c, sources, cache, say)
     tokenizer = load_tokenizer(tok_dir)
     tok_key = PD.tokenizer_key(tok_dir)
-    windows, problems = {}, []
+    windows = {}
     for n in used:
         stream = PD.tokenize_source(sources[n], tokenizer, tok_key, int(ids["eos_token_id"]), cache, progress)
         w = PD.Windows(stream, c.seq_len)

@@ -140,6 +140,24 @@ class Source:
             yield from docs
 
 
+def empty_sources(sources: list[Source]) -> list[str]:
+    """The problems of file sources without any text (read only up to each one's first non-blank document)."""
+    problems = []
+    for s in sources:
+        if s.builtin:
+            continue
+        if not any(d.strip() for d in s.documents(ContentOnly())):
+            problems.append(f"source {s.name!r} is empty: its files hold no text")
+    return problems
+
+
+class ContentOnly:
+    """Renders chat messages as their contents only."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, **kw):
+        return "\n".join(m.get("content", "") for m in messages)
+
+
 def tokenizer_key(folder: Path) -> str:
     """A hash of a tokenizer folder's files (what its ids depend on)."""
     h = hashlib.sha256()
