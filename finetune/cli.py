@@ -35,6 +35,7 @@ from phi3mlx.errors import Phi3MLXError
 from phi3mlx.hub import resolve
 from phi3mlx.loader import load, load_model
 from phi3mlx.models.maps import mlx_to_folder
+from phi3mlx.tiny import EMBEDDED_ID
 from phi3mlx.tokenizer import copy_tokenizer_files
 from phi3mlx.weights import atomic_dir, check_output, save_weights
 
@@ -73,7 +74,8 @@ copy in memory), or from --reference-model.
 
 def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     p.add_argument("--config", default=None, help="YAML file with any of these flags (flags on the command line win)")
-    p.add_argument("--model", default="phi3mlx:tiny", help="model folder or hub id (a quantized folder gives QLoRA)")
+    p.add_argument("--model", default=EMBEDDED_ID,
+                   help="model folder or hub id (a quantized folder gives QLoRA); default: the built-in model")
     p.add_argument("--data", default=None, help="folder with train.jsonl/valid.jsonl, or one .jsonl file (required)")
     p.add_argument("--adapter-path", default="adapters", help="where the adapters and checkpoints are written")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import mlx.core as mx
+
 from phi3mlx.generate import generate
 
 from .synthetic import addition_correct, says_unknown, world_correct
@@ -61,3 +63,31 @@ def evaluate_chat(model, tokenizer, sets: dict, limit: Optional[int] = None,
         out["n"][name] = len(items)
         out["failures"][name] = failures
     return out
+
+
+def teacher_forced(model, tokenizer, pairs: list[tuple[str, str]]) -> dict:
+    """How well the model predicts each answer after its prompt, token by token (no sampling).
+
+    ``pairs``: (prompt text, answer text); the answer's tokens are those of ``prompt + answer`` past the
+    prompt's. Returns ``{"exact": fraction of answers whose every token is the argmax, "token_accuracy":
+    fraction of answer tokens that are, "logprob": mean log-probability of an answer token}``."""
+    exact = right = total = 0
+    logprob = 0.0
+    for prompt, answer in pairs:
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        ids = tokenizer.encode(prompt + answer, add_special_tokens=False)
+        shared = next((i for i, (a, b) in enumerate(zip(p, ids)) if a != b), min(len(p), len(ids)))
+        n = len(ids) - shared  # a token merged across the boundary counts as the answer's
+        if n <= 0:
+            continue
+        logits = model(mx.array([ids[:-1]]))[0, -n:].astype(mx.float32)
+        target = mx.array(ids[-n:])
+        hits = (mx.argmax(logits, axis=-1) == target)
+        lp = logits[mx.arange(n), target] - mx.logsumexp(logits, axis=-1)
+        k = int(hits.sum())
+        right += k
+        total += n
+        exact += int(k == n)
+        logprob += float(lp.sum())
+    return {"exact": exact / max(1, len(pairs)), "token_accuracy": right / max(1, total),
+            "logprob": logprob / max(1, total)}

@@ -474,6 +474,16 @@ def _tokenizer(c: PretrainConfig, sources: dict, cache: Path, say: Callable) -> 
     return folder, json.loads((folder / "ids.json").read_text())
 
 
+def init_model(raw: dict, base_width: Optional[int] = None, init_std: float = 0.02, seed: int = 0):
+    """A freshly initialised model for a config.json mapping: (model, Mup or None). With ``base_width`` the
+    model trains under muP (its config scales attention by 1/head_dim and divides the logits)."""
+    cfg = parse_config(raw, "the model config")
+    mup = M.Mup(int(base_width), cfg.hidden_size) if base_width else None
+    model = build_model(M.mup_config(cfg, mup) if mup else cfg)
+    M.init_params(model, init_std, mup, seed=seed)
+    return model, mup
+
+
 def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: Callable = lambda m: None,
             progress: Optional[Callable[[str, int], None]] = None) -> Prepared:
     """Check everything, then build the tokenizer, the token caches, the model and the batches."""
@@ -484,12 +494,21 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     problems = PD.empty_sources([sources[n] for n in used])
     if problems:
         raise Phi3MLXError.many(problems)
+    group = mx.distributed.init()
+    # several processes (mlx.launch): the first trains the tokenizer and fills the token caches, the others
+    # wait for it and then read them
+    if group.rank() != 0:
+        mx.eval(mx.distributed.all_sum(mx.array(0.0), group=group))
     tok_dir, ids = _tokenizer(c, sources, cache, say)
     tokenizer = load_tokenizer(tok_dir)
     tok_key = PD.tokenizer_key(tok_dir)
+    streams = {n: PD.tokenize_source(sources[n], tokenizer, tok_key, int(ids["eos_token_id"]), cache, progress)
+               for n in used}
+    if group.rank() == 0 and group.size() > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(0.0), group=group))
     windows = {}
     for n in used:
-        stream = PD.tokenize_source(sources[n], tokenizer, tok_key, int(ids["eos_token_id"]), cache, progress)
+        stream = streams[n]
         w = PD.Windows(stream, c.seq_len)
         if stream.docs == 0 or len(stream.tokens) <= stream.docs:
             problems.append(f"source {n!r} is empty: it holds no text")
@@ -504,11 +523,8 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     if problems:
         raise Phi3MLXError.many(problems)
 
-    cfg = parse_config(raw, "the model config")
-    mup = M.Mup(int(c.base_width), cfg.hidden_size) if c.mup else None
-    train_cfg = M.mup_config(cfg, mup) if mup else cfg
-    model = build_model(train_cfg)
-    M.init_params(model, c.init_std, mup, seed=c.seed)
+    model, mup = init_model(raw, c.base_width if c.mup else None, c.init_std, c.seed)
+    train_cfg = model.config
     tokens_per_step = c.seq_len * c.batch_size * c.grad_accum
     steps = PD.phase_steps(phases, tokens_per_step)
     total = sum(steps)
@@ -530,7 +546,7 @@ def run(p: Prepared, resume: bool = False, report: Optional[Callable[[dict], Non
         return {"phase": p.phases[p.batches.phase_at(step)].name}
 
     out = Path(p.config.out)
-    if not resume:
+    if not resume and mx.distributed.init().rank() == 0:
         for name in RUN_FILES:
             f = out / name
             if f.is_dir():

@@ -31,11 +31,11 @@ from .finetune.cli import add_parsers, apply_yaml, run_corpus, run_fuse, run_pre
 from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
 from .loader import load
-from .tiny import TINY_ID
+from .tiny import EMBEDDED_ID, TINY_ID
 from .tokenizer import utf8_problem
 
-DEFAULT_MODEL = TINY_ID
-TINY_NOTICE = (f"phi3mlx: note: {TINY_ID} (the default --model) is a built-in toy model with random weights: its "
+DEFAULT_MODEL = EMBEDDED_ID
+TINY_NOTICE = (f"phi3mlx: note: {TINY_ID} is a built-in toy model with random weights: its "
                "output is noise; pass --model with a model folder or a Hugging Face Hub id for a real model")
 
 
@@ -110,7 +110,8 @@ def _model_arg(p, required=False):
         default=None if required else DEFAULT_MODEL,
         required=required,
         help="model folder (phi3mlx, mlx-lm or Hugging Face layout) or Hugging Face Hub id; "
-        f"'{DEFAULT_MODEL}' is a built-in tiny random-weight model for trying the tools offline",
+        f"'{DEFAULT_MODEL}' is the built-in model (a few million parameters, trained by the project: two-digit "
+        f"sums and the invented valley of Orvane); '{TINY_ID}' a tiny random-weight one",
     )
     p.add_argument("--adapter-path", default=None, help="folder with fine-tuned adapters to apply (unfused)")
 

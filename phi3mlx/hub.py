@@ -15,7 +15,7 @@ from huggingface_hub.errors import (
 )
 
 from .errors import Phi3MLXError
-from .tiny import TINY_ID, tiny_path
+from .tiny import EMBEDDED_ID, TINY_ID, embedded_path, tiny_path
 
 ALLOW_PATTERNS = [
     "*.json",
@@ -46,6 +46,8 @@ def resolve(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
         return p
     if s == TINY_ID:
         return tiny_path()
+    if s == EMBEDDED_ID:
+        return embedded_path()
     if not looks_like_hub_id(s):
         raise Phi3MLXError(f"model path not found: {s}")
     try:

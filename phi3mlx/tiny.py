@@ -1,4 +1,9 @@
-"""The built-in default model ``phi3mlx:tiny``.
+"""The built-in models: ``phi3mlx:embedded`` (the default) and ``phi3mlx:tiny``.
+
+``phi3mlx:embedded`` is a small Phi-3 model pretrained and chat-tuned by the project's own recipe
+(``examples/build_embedded.sh``), shipped inside the package (``assets/embedded``): it adds two-digit
+numbers, knows the invented valley of Orvane and says when it does not know.
+
 
 A tiny Phi-3-shaped checkpoint (2 layers, width 384, head_dim 96, the real Phi-3 tokenizer) with
 *random* weights, built on first use into the user cache. It exercises every part of the toolkit
@@ -15,13 +20,16 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .errors import Phi3MLXError
 from .models import build_model, parse_config
 from .models.maps import mlx_to_hf
 from .tokenizer import copy_tokenizer_files
 from .weights import atomic_dir, save_weights
 
 TINY_ID = "phi3mlx:tiny"
+EMBEDDED_ID = "phi3mlx:embedded"  # the default model: trained by examples/build_embedded.sh, shipped in the package
 ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_PATH = ASSETS / "embedded"
 
 TINY_CONFIG = {
     "architectures": ["Phi3ForCausalLM"],
@@ -109,6 +117,14 @@ def make_tiny(out: Path, seed: int = 0, config: dict | None = None, force: bool 
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [32000, 32007]}))
         write_phi3_tokenizer(tmp)
     return out
+
+
+def embedded_path() -> Path:
+    """The built-in trained model's folder inside the package."""
+    if not (EMBEDDED_PATH / "config.json").exists():
+        raise Phi3MLXError(f"the built-in model {EMBEDDED_ID} is missing from the installed package ({EMBEDDED_PATH}); "
+                           "reinstall phi3mlx, or rebuild it with examples/build_embedded.sh")
+    return EMBEDDED_PATH
 
 
 def tiny_path() -> Path:

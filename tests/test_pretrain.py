@@ -282,3 +282,36 @@ def test_a_full_disk_while_saving_keeps_the_last_good_checkpoint(corpus_dir, tmp
     prep2 = P.prepare(c, resume=True)
     hist = P.run(prep2, resume=True)
     assert hist[-1]["step"] == 12
+
+
+@pytest.mark.slow
+def test_two_processes_pretrain_like_one(corpus_dir, tmp_path):
+    """mlx.launch -n 2 phi3mlx pretrain: the first process tokenizes, both train on their rows of every batch,
+    and the run equals one process with the same global batch."""
+    import shutil
+    import subprocess
+    import sys
+
+    launch = Path(sys.executable).with_name("mlx.launch")
+    if not launch.exists():
+        launch = shutil.which("mlx.launch")
+        if launch is None:
+            pytest.skip("mlx.launch not found next to the interpreter")
+    runs = {}
+    for n in (1, 2):
+        c = config(corpus_dir, tmp_path / f"n{n}", cache_dir=str(tmp_path / f"cache{n}"),
+                   phases=[{"name": "one", "tokens": 4 * 4 * 32, "mix": {"prose": 1, "lessons": 1}}])
+        f = tmp_path / f"n{n}.yaml"
+        f.write_text(yaml.safe_dump(c.resolved()))
+        cmd = [sys.executable, "-m", "phi3mlx", "pretrain", "--config", str(f)]
+        r = subprocess.run(([str(launch), "-n", "2"] if n == 2 else []) + cmd, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = r.stdout + r.stderr
+        assert out.count("pretrain phi3:") == 1, out  # one header, from the first process
+        runs[n] = (Path(c.out), [json.loads(x) for x in (Path(c.out) / "metrics.jsonl").read_text().splitlines()])
+    (one, h1), (two, h2) = runs[1], runs[2]
+    assert [r["loss"] for r in h1 if "loss" in r] == pytest.approx([r["loss"] for r in h2 if "loss" in r], abs=1e-4)
+    w1, w2 = mx.load(str(one / "model.safetensors")), mx.load(str(two / "model.safetensors"))
+    for k in w1:
+        assert float(mx.abs(w1[k] - w2[k]).max()) <= 1e-3, k
