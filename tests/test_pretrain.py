@@ -101,6 +101,25 @@ def test_resume_across_a_phase_boundary_is_exact(corpus_dir, tmp_path):
     np.testing.assert_allclose(np.array(model(mx.array([ids]))), np.array(ours), atol=1e-5)
 
 
+def test_a_pretrained_folder_fine_tunes_with_lora_and_dpo(corpus_dir, tmp_path):
+    c = config(corpus_dir, tmp_path, phases=[{"name": "one", "tokens": 2 * 4 * 32, "mix": {"prose": 1}}])
+    P.run(P.prepare(c))
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                          {"role": "assistant", "content": f"The answer is {i + 1}."}]} for i in range(8)]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pref = tmp_path / "pref"
+    pref.mkdir()
+    prows = [{"prompt": f"What is {i} + 1?", "chosen": f"The answer is {i + 1}.", "rejected": "No."} for i in range(8)]
+    (pref / "train.jsonl").write_text("\n".join(json.dumps(r) for r in prows) + "\n")
+    assert main(["lora", "--model", c.out, "--data", str(data), "--iters", "2", "--batch-size", "4",
+                 "--adapter-path", str(tmp_path / "ad")]) == 0
+    assert main(["dpo", "--model", c.out, "--data", str(pref), "--iters", "2", "--batch-size", "4",
+                 "--adapter-path", str(tmp_path / "dpo")]) == 0
+    assert (tmp_path / "dpo" / "adapters.safetensors").exists()
+
+
 def test_token_cache_is_reused_and_keyed_by_the_files(corpus_dir, tmp_path):
     seen = []
     c = config(corpus_dir, tmp_path, cache_dir=str(tmp_path / "cache"),
@@ -204,6 +223,12 @@ def test_other_architectures_pretrain_into_loadable_folders(corpus_dir, tmp_path
     assert loaded.model_type == model_type
     ids = mx.array([tok.encode("Mount Caldor", add_special_tokens=False)])
     np.testing.assert_allclose(np.array(loaded(ids)), np.array(prep.model(ids)), atol=1e-5)
+    # the folder goes through the other tools: convert, export-hf, generate
+    assert main(["convert", "--hf-path", c.out, "--mlx-path", str(tmp_path / "conv")]) == 0
+    assert main(["export-hf", "--mlx-path", str(tmp_path / "conv"), "--hf-path", str(tmp_path / "hf")]) == 0
+    again, _ = load(tmp_path / "hf")
+    np.testing.assert_allclose(np.array(again(ids)), np.array(prep.model(ids)), atol=1e-5)
+    assert main(["generate", "--model", str(tmp_path / "conv"), "--prompt", "Where is", "--max-tokens", "3"]) == 0
 
 
 # --------------------------------------------------------------------------------------- bad input
