@@ -143,19 +143,25 @@ def test_convert_api_refuses_quant_settings_without_quantize(tmp_path, tiny_fold
 # ---------------------------------------------------------------- 3. the built-in random model says so
 
 
-def test_generate_on_the_default_model_says_it_is_noise(capsys):
-    code, out, err = cli(capsys, "generate", "-p", "hi", "-m", "2")
+def test_generate_on_the_tiny_model_says_it_is_noise(capsys):
+    code, out, err = cli(capsys, "generate", "--model", "phi3mlx:tiny", "-p", "hi", "-m", "2")
     assert code == 0
     assert err.splitlines() == [TINY_NOTICE]
     assert "phi3mlx:tiny" in TINY_NOTICE and "random weights" in TINY_NOTICE and "noise" in TINY_NOTICE
 
 
-def test_chat_and_bench_on_the_default_model_say_it(capsys, monkeypatch):
+def test_chat_and_bench_on_the_tiny_model_say_it(capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", _BytesStdin(b"hi\n"))
-    code, out, err = cli(capsys, "chat", "--max-tokens", "2")
+    code, out, err = cli(capsys, "chat", "--model", "phi3mlx:tiny", "--max-tokens", "2")
     assert code == 0 and err.splitlines()[0] == TINY_NOTICE and err.count(TINY_NOTICE) == 1
-    code, out, err = cli(capsys, "bench", "--prompt-tokens", "8", "--gen-tokens", "2", "--repeats", "1")
+    code, out, err = cli(capsys, "bench", "--model", "phi3mlx:tiny", "--prompt-tokens", "8", "--gen-tokens", "2",
+                         "--repeats", "1")
     assert code == 0 and TINY_NOTICE in err.splitlines()
+
+
+def test_the_default_model_is_the_trained_one_and_says_nothing_about_noise(capsys):
+    code, out, err = cli(capsys, "generate", "-p", "What is 21 + 35?", "-m", "8")
+    assert code == 0 and TINY_NOTICE not in err and "56" in out
 
 
 def test_no_notice_for_a_real_folder_help_or_errors(capsys, tiny_folder):
@@ -306,7 +312,7 @@ def test_every_help_states_defaults_once_and_never_none():
             shown = formatter._expand_help(action)
             assert shown.count("(default") <= 1, (name, action.dest, shown)
     gen = " ".join(subs["generate"].format_help().split())
-    assert "(default: 0.0)" in gen and "(default: phi3mlx:tiny)" in gen  # real defaults still shown
+    assert "(default: 0.0)" in gen and "(default: phi3mlx:embedded)" in gen  # real defaults still shown
     conv = " ".join(subs["convert"].format_help().split())
     assert "(default: 4)" in conv and "(default: 64)" in conv
 

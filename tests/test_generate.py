@@ -101,7 +101,7 @@ def test_generate_cli_prints_completion(tiny_folder, capsys):
 
 
 def test_generate_cli_raw_and_default_model(capsys):
-    # the built-in tiny model is built on first use (offline)
+    # the built-in model ships in the package (offline)
     assert main(["generate", "--prompt", "Hi", "--raw", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.endswith("\n")
 
@@ -116,7 +116,7 @@ def test_help_documents_every_flag_with_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     out = capsys.readouterr().out
-    assert "(default: 0.0)" in out and "(default: phi3mlx:tiny)" in out
+    assert "(default: 0.0)" in out and "(default: phi3mlx:embedded)" in out
 
 
 def test_prefilled_cache_crosses_longrope_threshold_by_reencoding(tmp_path):

@@ -1,0 +1,82 @@
+"""The built-in model (phi3mlx:embedded): shipped in the package, made by exactly the documented recipe,
+and it does what it was trained for on questions it never saw."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phi3mlx.cli import DEFAULT_MODEL, main
+from phi3mlx.finetune import evals
+from phi3mlx.finetune.pretrain import PretrainConfig
+from phi3mlx.finetune.synthetic import eval_sets
+from phi3mlx.hub import resolve
+from phi3mlx.loader import load
+from phi3mlx.tiny import EMBEDDED_ID, EMBEDDED_PATH
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+MAX_BYTES = 25 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load(EMBEDDED_ID)
+
+
+def test_it_is_the_default_and_fits_the_size_budget():
+    assert DEFAULT_MODEL == EMBEDDED_ID
+    assert resolve(EMBEDDED_ID) == EMBEDDED_PATH
+    size = sum(f.stat().st_size for f in EMBEDDED_PATH.iterdir() if f.is_file())
+    assert size <= MAX_BYTES, size
+    names = {f.name for f in EMBEDDED_PATH.iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "recipe.json"} <= names
+
+
+def test_the_shipped_folder_comes_from_the_recipe():
+    """recipe.json (written by build_embedded.sh from the runs) equals examples/embedded.yaml resolved, the
+    chat-tune settings of examples/embedded-chat.yaml and the dialogue data of build_embedded.sh; the
+    shipped config.json is the recipe's model."""
+    recipe = json.loads((EMBEDDED_PATH / "recipe.json").read_text())
+    want = PretrainConfig.from_yaml(EXAMPLES / "embedded.yaml").resolved()
+    assert recipe["pretrain"] == json.loads(json.dumps(want))
+    config = json.loads((EMBEDDED_PATH / "config.json").read_text())
+    for k, v in want["model"].items():
+        assert config[k] == v, k
+    assert config["vocab_size"] == want["tokenizer"]["vocab_size"]
+    chat = yaml.safe_load((EXAMPLES / "embedded-chat.yaml").read_text())
+    args = recipe["chat_tune"]
+    for k, key in (("iters", "iters"), ("batch_size", "batch_size"), ("lr", "learning_rate"), ("warmup", "warmup"),
+                   ("min_lr_ratio", "min_lr_ratio"), ("seed", "seed")):
+        assert args[key] == chat[k], k
+    assert recipe["adapters"]["fine_tune_type"] == "full"
+    script = (EXAMPLES / "build_embedded.sh").read_text()
+    data = recipe["chat_data"]
+    m = re.search(r"corpus dialogues .*--examples (\d+) --valid (\d+) --seed (\d+)", script)
+    assert m and [int(x) for x in m.groups()] == [data["examples"], data["valid"], data["seed"]]
+    assert f"--examples {data['examples']} --valid {data['valid']} --seed {data['seed']}" in script
+
+
+def test_it_adds_numbers_it_never_saw(embedded):
+    model, tok = embedded
+    sets = eval_sets()
+    res = evals.evaluate_chat(model, tok, {"addition": sets["addition"][::5]})  # 40 of the 200, all 3 forms
+    assert res["addition"] >= 0.85, res["failures"]["addition"][:5]
+
+
+def test_it_knows_its_world_and_says_when_it_does_not_know(embedded):
+    model, tok = embedded
+    sets = eval_sets()
+    res = evals.evaluate_chat(model, tok, {"world": sets["world"][::7], "unknown": sets["unknown"][::3]})
+    assert res["world"] >= 0.5, res["failures"]["world"][:5]
+    assert res["unknown"] >= 0.7, res["failures"]["unknown"][:5]
+
+
+def test_the_first_command_answers_offline(capsys):
+    assert main(["generate", "--prompt", "What is 34 + 58?", "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "92" in out
