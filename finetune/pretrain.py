@@ -474,6 +474,30 @@ def _tokenizer(c: PretrainConfig, sources: dict, cache: Path, say: Callable) -> 
     return folder, json.loads((folder / "ids.json").read_text())
 
 
+def build_initialised_model(c: PretrainConfig, raw: dict) -> tuple[object, object, Optional[M.Mup]]:
+    """The model of config.json ``raw`` as a run trains it: built (with the muP config under ``c.mup``) and
+    initialised (``mup.init_params``); also its training config and the muP settings (None without)."""
+    cfg = parse_config(raw, "the model config")
+    mup = M.Mup(int(c.base_width), cfg.hidden_size) if c.mup else None
+    train_cfg = M.mup_config(cfg, mup) if mup else cfg
+    model = build_model(train_cfg)
+    M.init_params(model, c.init_std, mup, seed=c.seed)
+    return model, train_cfg, mup
+
+
+def train_args(c: PretrainConfig, total: int) -> TrainArgs:
+    """The trainer's settings for a run of ``total`` optimizer steps."""
+    return TrainArgs(iters=total, batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.lr,
+                     warmup=min(c.warmup, total), weight_decay=c.weight_decay, val_every=c.val_every,
+                     val_batches=c.val_batches, save_every=c.save_every, report_every=c.report_every,
+                     grad_clip=c.grad_clip, seed=c.seed, compile=c.compile)
+
+
+def make_pretrain_optimizer(c: PretrainConfig, total: int, mup: Optional[M.Mup]):
+    """AdamW in muP/decay groups (``mup.make_optimizer``) under the run's learning-rate schedule."""
+    return M.make_optimizer(make_schedule(c, total), c.weight_decay, mup)
+
+
 def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: Callable = lambda m: None,
             progress: Optional[Callable[[str, int], None]] = None) -> Prepared:
     """Check everything, then build the tokenizer, the token caches, the model and the batches."""
@@ -504,21 +528,14 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     if problems:
         raise Phi3MLXError.many(problems)
 
-    cfg = parse_config(raw, "the model config")
-    mup = M.Mup(int(c.base_width), cfg.hidden_size) if c.mup else None
-    train_cfg = M.mup_config(cfg, mup) if mup else cfg
-    model = build_model(train_cfg)
-    M.init_params(model, c.init_std, mup, seed=c.seed)
+    model, train_cfg, mup = build_initialised_model(c, raw)
     tokens_per_step = c.seq_len * c.batch_size * c.grad_accum
     steps = PD.phase_steps(phases, tokens_per_step)
     total = sum(steps)
     batches = PD.PretrainBatches(windows, phases, steps, c.batch_size, c.grad_accum, seed=c.seed)
     val = {p.name: PD.validation_batches(windows, p, c.batch_size, c.val_batches) for p in phases}
-    args = TrainArgs(iters=total, batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.lr,
-                     warmup=min(c.warmup, total), weight_decay=c.weight_decay, val_every=c.val_every,
-                     val_batches=c.val_batches, save_every=c.save_every, report_every=c.report_every,
-                     grad_clip=c.grad_clip, seed=c.seed, compile=c.compile)
-    optimizer = M.make_optimizer(make_schedule(c, total), c.weight_decay, mup)
+    args = train_args(c, total)
+    optimizer = make_pretrain_optimizer(c, total, mup)
     settings = {"config": c.resolved(), "end_token_id": ids.get("end_token_id")}
     store = PretrainStore(raw, train_cfg, tok_dir, mup, settings)
     return Prepared(c, model, tokenizer, batches, val, args, optimizer, store, phases, steps, windows, mup)
