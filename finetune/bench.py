@@ -1,5 +1,8 @@
 """``phi3mlx bench --train`` (``phi3mlx.finetune.bench``): LoRA training speed and peak memory, optionally against mlx-lm's trainer.
 
+``phi3mlx bench --pretrain`` (``run_pretrain_bench``; see the comment block above ``PretrainBenchArgs``): pretraining's
+step against a plain MLX loop, with the model FLOPs utilisation.
+
 What runs (the same for both engines, in one process):
 
 * **ours**: ``phi3mlx.finetune`` as ``phi3mlx lora`` uses it: ``lora.apply_adapters``, ``losses.sft_loss``,
@@ -46,13 +49,16 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
@@ -62,11 +68,13 @@ from phi3mlx.benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.hub import resolve
 from phi3mlx.loader import load_model
-from phi3mlx.models import read_model_config
+from phi3mlx.models import parse_config, read_model_config
 from phi3mlx.tiny import TINY_ID
 
 from . import data, lora
 from .losses import sft_loss
+from .pretrain import (MODEL_DEFAULTS, PretrainConfig, init_model, make_pretrain_optimizer,
+                       make_schedule, train_args)
 from .trainer import TrainArgs, lr_schedule, train
 
 GC = " +gc"  # engine-name suffix of the gradient-checkpointed runs
@@ -422,18 +430,22 @@ def print_report(res: dict, console=None) -> None:
 
 def add_train_args(p) -> None:
     """The ``phi3mlx bench`` flags of the training benchmark (``--train``)."""
-    g = p.add_argument_group("training benchmark (--train; uses --model, --repeats, --seed, --compare-mlx-lm)")
+    g = p.add_argument_group("training benchmark (--train; uses --model, --repeats, --seed, --compare-mlx-lm; "
+                             "--batch-size, --seq-len, --steps and --lr apply to --pretrain too)")
     g.add_argument("--train", action="store_true",
                    help="benchmark LoRA training (tokens/s, peak memory) instead of generation; with "
                    "--compare-mlx-lm against mlx-lm's trainer on the same batches and settings")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    g.add_argument("--seq-len", type=int, default=256, help="trained tokens per sequence")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per step (default: 4; 16 with --pretrain)")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="trained tokens per sequence (default: 256; 128 with --pretrain)")
     g.add_argument("--steps", type=int, default=10, help="steps per run (the first is not timed)")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (mlx-lm's scale = alpha / rank)")
     g.add_argument("--num-layers", type=int, default=-1, help="adapt the last N layers (-1: all)")
     g.add_argument("--targets", default=None, help="comma-separated projections (default: phi3mlx lora's)")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, cosine)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: 1e-4, AdamW, cosine; with --pretrain 3e-3, pretrain's)")
     g.add_argument("--grad-checkpoint", choices=GRAD_CHECKPOINT_MODES, default="both",
                    help="run without and with gradient checkpointing, or only one of them")
 
@@ -442,7 +454,356 @@ def main(args) -> None:
     """``phi3mlx bench --train``."""
     if getattr(args, "adapter_path", None):
         raise Phi3MLXError("--adapter-path does not apply to --train (the benchmark trains fresh adapters)")
-    s = TrainBenchArgs(batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, repeats=args.repeats,
-                       rank=args.rank, alpha=args.alpha, num_layers=args.num_layers, targets=args.targets,
-                       lr=args.lr, grad_checkpoint=args.grad_checkpoint, seed=args.seed)
+    d = TrainBenchArgs()
+    s = TrainBenchArgs(batch_size=d.batch_size if args.batch_size is None else args.batch_size,
+                       seq_len=d.seq_len if args.seq_len is None else args.seq_len, steps=args.steps,
+                       repeats=args.repeats, rank=args.rank, alpha=args.alpha, num_layers=args.num_layers,
+                       targets=args.targets, lr=d.lr if args.lr is None else args.lr,
+                       grad_checkpoint=args.grad_checkpoint, seed=args.seed)
     print_report(run_train_bench(args.model, s, compare_mlx_lm=args.compare_mlx_lm, progress=progress_printer()))
+
+
+# ================================================================ phi3mlx bench --pretrain
+#
+# Our pretraining step against a plain MLX training loop on the same model, weights and batches.
+#
+# * **phi3mlx**: what ``phi3mlx pretrain`` runs, minus the data pipeline: the model built and initialised
+#   by ``pretrain.init_model`` (``parse_config``, ``build_model``, ``mup.init_params``), the
+#   optimizer of ``pretrain.make_pretrain_optimizer`` (``mup.make_optimizer``: AdamW in decay groups, the
+#   run's warmup + wsd schedule), the settings of ``pretrain.train_args`` (gradient clipping to 1.0, no
+#   accumulation) and ``trainer.train`` itself with ``losses.sft_loss`` (its compiled step, a report every
+#   step, which also appends a line to metrics.jsonl: counted, ~0.5 ms a step; the checkpoint at the end goes
+#   to a temporary folder and is not timed).
+# * **plain mlx**: the textbook MLX loop: ``nn.value_and_grad`` of a mean cross-entropy, a step function
+#   compiled with the model's and optimizer's state as implicit inputs and outputs that computes the
+#   gradient and applies it, one ``optim.AdamW`` (the same learning-rate schedule and weight decay, decay
+#   on every parameter, no clipping), ``mx.eval`` of the state after every step. Its optimizer state is
+#   initialised before the step is compiled (as our trainer does): otherwise the second call would trace
+#   again, its state tree having grown, and the timed steps would hold a compile.
+#
+# Both start each run from the same initial arrays (copied into each engine's own model instance) on the
+# same batches, so their first-step losses must agree. tokens/s, peak memory, best/median over alternating
+# repeats: as ``--train`` (``_timed_run`` / ``_summary``, ``benchkit``).
+#
+# MFU (model FLOPs utilisation) = tokens/s x training FLOPs per token / peak FLOP/s, with FLOPs per token =
+# 6 x matmul parameters (every matrix except the input embedding; stacked MoE experts counted at
+# top-k / experts; a tied output layer counted once more) + 12 x layers x width x seq_len (attention
+# scores and values, PaLM's appendix B). The peak is measured in this process: a square float32 matmul,
+# doubled in size from 256 until one takes 50 ms (at most 2048), best of 3 timed runs.
+
+PLAIN = "plain mlx"
+PRETRAIN_MODEL_TYPES = ("phi3", "phimoe", "phi3small")
+LOSS_TOLERANCE = 1e-3  # first-step losses of the two engines must agree within this
+PEAK_MATMUL_MAX = 2048
+_BASE_WIDTH = 256  # the width of pretrain's architecture defaults; the MLP size scales from there
+_MLP_KEY = {"phi3": "intermediate_size", "phimoe": "intermediate_size", "phi3small": "ff_intermediate_size"}
+
+
+@dataclass
+class PretrainBenchArgs:
+    model_type: str = "phi3"
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp: Optional[int] = None  # None: the architecture's ratio to the width (phi3: 2 x width = 512)
+    vocab: int = 1024
+    batch_size: int = 16
+    seq_len: int = 128
+    steps: int = 10
+    repeats: int = 3
+    lr: float = 3e-3
+    seed: int = 0
+
+    def mlp_size(self) -> int:
+        if self.mlp is not None:
+            return self.mlp
+        key = _MLP_KEY.get(self.model_type, "intermediate_size")
+        default = MODEL_DEFAULTS.get(self.model_type, {}).get(key, 2 * _BASE_WIDTH)
+        return max(1, round(default * self.width / _BASE_WIDTH))
+
+    def problems(self) -> list[str]:
+        problems = []
+        if self.model_type not in PRETRAIN_MODEL_TYPES:
+            problems.append(f"--model-type must be one of {', '.join(PRETRAIN_MODEL_TYPES)}, got {self.model_type!r}")
+        for name in ("width", "layers", "heads", "vocab", "batch_size", "seq_len", "repeats"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name.replace('_', '-')} must be a positive number, got {getattr(self, name)}")
+        if self.mlp is not None and self.mlp <= 0:
+            problems.append(f"--mlp must be a positive number, got {self.mlp}")
+        if self.steps < 2:
+            problems.append(f"--steps must be at least 2 (the first step is not timed), got {self.steps}")
+        if self.width > 0 and self.heads > 0 and self.width % self.heads:
+            problems.append(f"--width {self.width} is not divisible by --heads {self.heads}")
+        positions = MODEL_DEFAULTS.get(self.model_type, {}).get("max_position_embeddings", 2048)
+        if self.seq_len > positions:
+            problems.append(f"--seq-len {self.seq_len} is longer than the benchmark model's {positions} positions")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"--lr must be a positive number, got {self.lr}")
+        return problems
+
+    def config(self) -> PretrainConfig:
+        """The pretraining config of this benchmark: pretrain's defaults (lr schedule, weight decay, gradient
+        clipping, init) with the sizes given."""
+        model = {"model_type": self.model_type, "hidden_size": self.width, "num_hidden_layers": self.layers,
+                 "num_attention_heads": self.heads, _MLP_KEY[self.model_type]: self.mlp_size(),
+                 "vocab_size": self.vocab}
+        return PretrainConfig(out="", model=model, seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=1,
+                              lr=self.lr, seed=self.seed)
+
+
+def matmul_params(model, raw: dict) -> int:
+    """Parameters that take part in a matmul per token: every matrix except the input embedding (stacked
+    experts at top-k / experts; a tied output layer, which is the embedding, counted once more)."""
+    n = 0
+    for path, v in tree_flatten(model.parameters()):
+        if v.ndim < 2 or path.startswith("model.embed_tokens."):
+            continue
+        if v.ndim == 3:  # (experts, out, in): each token goes through top-k of them
+            n += v.size * int(raw.get("num_experts_per_tok", v.shape[0])) // v.shape[0]
+        else:
+            n += v.size
+    if raw.get("tie_word_embeddings"):
+        n += int(raw["vocab_size"]) * int(raw["hidden_size"])
+    return n
+
+
+def train_flops_per_token(n_matmul: int, layers: int, width: int, seq_len: int) -> int:
+    """6 N + 12 L W S: forward and backward of the matmuls and of attention (PaLM, appendix B)."""
+    return 6 * n_matmul + 12 * layers * width * seq_len
+
+
+def measure_matmul_peak(max_n: int = PEAK_MATMUL_MAX, min_s: float = 0.05, runs: int = 3) -> dict:
+    """The measured matmul peak: FLOP/s of a square float32 matmul (best of ``runs``), its size doubled
+    from 256 until one matmul takes ``min_s`` seconds or the size reaches ``max_n``."""
+    n, best = 256, None
+    while True:
+        key_a, key_b = mx.random.split(mx.random.key(0))
+        a, b = mx.random.normal((n, n), key=key_a), mx.random.normal((n, n), key=key_b)
+        mx.eval(a, b)
+        mx.eval(a @ b)  # warm-up
+        best = None
+        for _ in range(runs):
+            t = time.perf_counter()
+            mx.eval(a @ b)
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        del a, b
+        if best >= min_s or n >= max_n:
+            break
+        n *= 2
+    return {"flops": 2 * n ** 3 / max(best, 1e-9), "size": n, "seconds": best, "runs": runs}
+
+
+def _copy(arrays: list) -> list:
+    out = [(k, mx.array(v)) for k, v in arrays]
+    mx.eval([v for _, v in out])
+    return out
+
+
+class _NoStore:
+    """The benchmark's checkpoints hold nothing (the optimizer state the trainer writes goes to a temporary folder)."""
+
+    def save(self, folder, model) -> None:
+        pass
+
+    def restore(self, folder, model) -> None:
+        pass
+
+    def publish(self, out_dir, model) -> None:
+        pass
+
+
+def _pretrain_ours(c: PretrainConfig, steps: int):
+    def run(engine: _Engine, batches: list, s: PretrainBenchArgs):
+        args = train_args(c, steps)
+        args.val_every = args.save_every = steps
+        args.report_every = 1
+        optimizer = make_pretrain_optimizer(c, steps, None)
+        times, losses = [], []
+
+        def report(rec: dict) -> None:
+            times.append(time.perf_counter())
+            losses.append(rec["loss"])
+
+        with tempfile.TemporaryDirectory() as out:
+            t0 = time.perf_counter()
+            train(engine.model, sft_loss, iter(batches), args, Path(out), {}, report=report, optimizer=optimizer,
+                  store=_NoStore())
+        return times, losses, t0
+
+    return run
+
+
+def _plain_loss(model, inputs, targets):
+    return nn.losses.cross_entropy(model(inputs), targets, reduction="mean")
+
+
+def _pretrain_plain(c: PretrainConfig, steps: int):
+    def run(engine: _Engine, batches: list, s: PretrainBenchArgs):
+        model = engine.model
+        model.train()
+        optimizer = optim.AdamW(learning_rate=make_schedule(c, steps), weight_decay=c.weight_decay)
+        loss_and_grad = nn.value_and_grad(model, _plain_loss)
+        optimizer.init(model.trainable_parameters())  # else the second call would trace again (new state arrays)
+        state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(inputs, targets):
+            loss, grads = loss_and_grad(model, inputs, targets)
+            optimizer.update(model, grads)
+            return loss
+
+        times, losses = [], []
+        t0 = time.perf_counter()
+        for inputs, targets, _mask in batches:
+            loss = step(inputs, targets)
+            mx.eval(state)
+            losses.append(loss.item())
+            times.append(time.perf_counter())
+        return times, losses, t0
+
+    return run
+
+
+def run_pretrain_bench(settings: Optional[PretrainBenchArgs] = None, *,
+                       progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Benchmark our pretraining step against a plain MLX loop; return the numbers.
+
+    Result keys: ``device``, ``settings`` (a dict of ``PretrainBenchArgs``), ``model`` (config.json of the
+    model), ``params``, ``matmul_params``, ``flops_per_token``, ``tokens_per_step``, ``peak`` (``flops``,
+    ``size``, ``seconds``, ``runs``, ``source``), ``engines`` (name -> the ``--train`` summary plus
+    ``mfu``; names "phi3mlx" and "plain mlx"), ``ratio_tps`` / ``ratio_peak`` (ours / plain),
+    ``loss_diff`` (first-step losses) and ``warnings``.
+    """
+    s = settings or PretrainBenchArgs()
+    problems = s.problems()
+    if problems:
+        raise Phi3MLXError.many(problems)
+    c = s.config()
+    raw = c.model_dict(vocab_size=s.vocab)
+    parse_config(raw, f"the {s.model_type} model of --width/--layers/--heads/--mlp/--vocab")  # its own checks
+    say = progress or (lambda msg: None)
+
+    say(f"building a {s.model_type} model ({s.layers} layers, width {s.width})")
+    ours_model, _ = init_model(raw, c.base_width if c.mup else None, c.init_std, c.seed)
+    initial = tree_flatten(ours_model.parameters())
+    # its own instance; its weights are replaced below
+    plain_model, _ = init_model(raw, c.base_width if c.mup else None, c.init_std, c.seed)
+    n_params = sum(v.size for _, v in initial)
+    n_matmul = matmul_params(ours_model, raw)
+    flops_tok = train_flops_per_token(n_matmul, s.layers, s.width, s.seq_len)
+    engines = [_Engine(OURS, ours_model, False, _pretrain_ours(c, s.steps), _copy(initial), params_bytes(ours_model)),
+               _Engine(PLAIN, plain_model, False, _pretrain_plain(c, s.steps), _copy(initial),
+                       params_bytes(plain_model))]
+    del initial
+
+    ids = random_batches(s.steps, s.batch_size, s.seq_len, s.vocab, s.seed)
+    batches = [(mx.array(b[:, :-1]), mx.array(b[:, 1:]), mx.ones((s.batch_size, s.seq_len), dtype=mx.float32))
+               for b in ids]
+    mx.eval(batches)
+    run_alternating(engines, s.repeats, lambda e: _timed_run(e, batches, s), say)
+    for e in engines:
+        e.reset()
+
+    say("measuring the matmul peak")
+    peak = measure_matmul_peak()
+    peak["source"] = (f"measured matmul peak ({peak['size']}x{peak['size']} float32 matmul, best of "
+                      f"{peak['runs']} in this process)")
+    res = {e.name: _summary(e) for e in engines}
+    for r in res.values():
+        r.pop("grad_checkpoint", None)
+        r["mfu"] = r["tokens_per_sec"] * flops_tok / peak["flops"] if r["tokens_per_sec"] else None
+        r["achieved_gflops"] = r["tokens_per_sec"] * flops_tok / 1e9 if r["tokens_per_sec"] else None
+    warnings = []
+    diff = abs(res[OURS]["first_loss"] - res[PLAIN]["first_loss"])
+    if not diff <= LOSS_TOLERANCE:
+        warnings.append(f"THE FIRST-STEP LOSSES DIFFER: phi3mlx {res[OURS]['first_loss']:.6f}, plain "
+                        f"{res[PLAIN]['first_loss']:.6f} (|difference| {diff:.2e} > {LOSS_TOLERANCE:g}): the engines "
+                        "do not train the same model on the same batches")
+    return {
+        "device": str(mx.default_device()),
+        "settings": dict(vars(s), mlp=s.mlp_size()),
+        "model": raw,
+        "params": n_params,
+        "matmul_params": n_matmul,
+        "flops_per_token": flops_tok,
+        "tokens_per_step": s.batch_size * s.seq_len,
+        "train": {"lr": c.lr, "schedule": c.schedule, "warmup": min(c.warmup, s.steps), "weight_decay": c.weight_decay,
+                  "grad_clip": c.grad_clip},
+        "peak": peak,
+        "engines": res,
+        "ratio_tps": ratio(res[OURS]["tokens_per_sec"], res[PLAIN]["tokens_per_sec"]),
+        "ratio_peak": ratio(res[OURS]["peak_gb"], res[PLAIN]["peak_gb"]),
+        "loss_diff": diff,
+        "warnings": warnings,
+    }
+
+
+def print_pretrain_report(res: dict, console=None) -> None:
+    console = console or report_console()
+    s, t, peak = res["settings"], res["train"], res["peak"]
+    console.print(f"device: {res['device']}")
+    console.print(f"model: {s['model_type']}, {s['layers']} layers, width {s['width']}, {s['heads']} heads, MLP "
+                  f"{s['mlp']}, vocab {s['vocab']}: {res['params'] / 1e6:.3f}M parameters, "
+                  f"{res['matmul_params'] / 1e6:.3f}M in matmuls; {res['flops_per_token'] / 1e6:.2f} MFLOP "
+                  f"per trained token (6 N + 12 L W S)")
+    console.print(f"training: {s['steps']} steps of {s['batch_size']} x {s['seq_len']} random tokens (seed {s['seed']}), "
+                  f"lr {t['lr']:g} ({t['schedule']}, warmup {t['warmup']}), weight decay {t['weight_decay']:g}; "
+                  f"phi3mlx: pretrain's optimizer groups and grad clip {t['grad_clip']:g}; plain: one AdamW, no clip; "
+                  f"tokens/s over steps 2..{s['steps']}; best of {s['repeats']} run(s) per engine, engines alternating")
+    console.print(f"peak: {peak['source']}: {peak['flops'] / 1e9:.1f} GFLOP/s")
+    for w in res["warnings"]:
+        console.print(f"warning: {w}")
+
+    table = engine_table(("engine", "tok/s", "median", "step s", "1st s", "peak GB", "MFU", "loss 1"))
+    for name, r in res["engines"].items():
+        table.add_row(name, fmt(r["tokens_per_sec"]), fmt(r["tokens_per_sec_median"]), fmt(r["step_s"], ".3f"),
+                      fmt(r["first_step_s"], ".2f"), fmt(r["peak_gb"], ".3f"),
+                      fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f", "%"), fmt(r["first_loss"], ".4f"))
+    add_ratio_row(table, "ours / plain", fmt(res["ratio_tps"], ".2f", "x"), "", "", "",
+                  fmt(res["ratio_peak"], ".2f", "x"), "", "")
+    console.print(table)
+    console.print("tok/s: best run, median: median run; step s: mean steady step of the best run; 1st s: the first "
+                  "step, compile included; MFU: best tok/s x FLOPs per token / the measured matmul peak; loss 1: "
+                  "the first step's loss")
+    # Plain, grep-friendly lines.
+    for name, r in res["engines"].items():
+        console.print(f"{name} pretrain {fmt(r['tokens_per_sec'])} tok/s peak {fmt(r['peak_gb'], '.3f')} GB "
+                      f"mfu {fmt(r['mfu'], '.4f')} loss {fmt(r['first_loss'], '.6f')} -> {fmt(r['last_loss'], '.6f')}")
+    console.print(ratio_line("pretrain ratio", [("tokens/s", res["ratio_tps"]), ("peak memory", res["ratio_peak"])]))
+
+
+def add_pretrain_args(p) -> None:
+    """The ``phi3mlx bench`` flags of the pretraining benchmark (``--pretrain``)."""
+    g = p.add_argument_group("pretraining benchmark (--pretrain; uses --batch-size, --seq-len, --steps, --lr, "
+                             "--repeats, --seed)")
+    g.add_argument("--pretrain", action="store_true",
+                   help="benchmark phi3mlx pretrain's training step (tokens/s, peak memory, MFU) against a plain "
+                   "MLX training loop on the same model and batches")
+    g.add_argument("--model-type", choices=PRETRAIN_MODEL_TYPES, default="phi3", help="architecture")
+    g.add_argument("--width", type=int, default=256, help="hidden size")
+    g.add_argument("--layers", type=int, default=4, help="decoder layers")
+    g.add_argument("--heads", type=int, default=4, help="attention heads")
+    g.add_argument("--mlp", type=int, default=None,
+                   help="MLP hidden size (default: pretrain's ratio to the width; phi3: 2 x width)")
+    g.add_argument("--vocab", type=int, default=1024, help="vocabulary size")
+
+
+def main_pretrain(args) -> None:
+    """``phi3mlx bench --pretrain``."""
+    problems = []
+    if getattr(args, "train", False):
+        problems.append("--train and --pretrain exclude each other")
+    for flag in ("compare_mlx_lm", "adapter_path"):
+        if getattr(args, flag, None):
+            problems.append(f"--{flag.replace('_', '-')} does not apply to --pretrain (it compares against a plain "
+                            "MLX loop on a model built from --width, --layers, ...)")
+    if problems:
+        raise Phi3MLXError.many(problems)
+    d = PretrainBenchArgs()
+    s = PretrainBenchArgs(model_type=args.model_type, width=args.width, layers=args.layers, heads=args.heads,
+                          mlp=args.mlp, vocab=args.vocab, steps=args.steps, repeats=args.repeats, seed=args.seed,
+                          batch_size=d.batch_size if args.batch_size is None else args.batch_size,
+                          seq_len=d.seq_len if args.seq_len is None else args.seq_len,
+                          lr=d.lr if args.lr is None else args.lr)
+    print_pretrain_report(run_pretrain_bench(s, progress=progress_printer()))

@@ -484,6 +484,19 @@ def init_model(raw: dict, base_width: Optional[int] = None, init_std: float = 0.
     return model, mup
 
 
+def train_args(c: PretrainConfig, total: int) -> TrainArgs:
+    """The trainer's settings for a run of ``total`` optimizer steps."""
+    return TrainArgs(iters=total, batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.lr,
+                     warmup=min(c.warmup, total), weight_decay=c.weight_decay, val_every=c.val_every,
+                     val_batches=c.val_batches, save_every=c.save_every, report_every=c.report_every,
+                     grad_clip=c.grad_clip, seed=c.seed, compile=c.compile)
+
+
+def make_pretrain_optimizer(c: PretrainConfig, total: int, mup: Optional[M.Mup]):
+    """AdamW in muP/decay groups (``mup.make_optimizer``) under the run's learning-rate schedule."""
+    return M.make_optimizer(make_schedule(c, total), c.weight_decay, mup)
+
+
 def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: Callable = lambda m: None,
             progress: Optional[Callable[[str, int], None]] = None) -> Prepared:
     """Check everything, then build the tokenizer, the token caches, the model and the batches."""
@@ -530,11 +543,8 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     total = sum(steps)
     batches = PD.PretrainBatches(windows, phases, steps, c.batch_size, c.grad_accum, seed=c.seed)
     val = {p.name: PD.validation_batches(windows, p, c.batch_size, c.val_batches) for p in phases}
-    args = TrainArgs(iters=total, batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.lr,
-                     warmup=min(c.warmup, total), weight_decay=c.weight_decay, val_every=c.val_every,
-                     val_batches=c.val_batches, save_every=c.save_every, report_every=c.report_every,
-                     grad_clip=c.grad_clip, seed=c.seed, compile=c.compile)
-    optimizer = M.make_optimizer(make_schedule(c, total), c.weight_decay, mup)
+    args = train_args(c, total)
+    optimizer = make_pretrain_optimizer(c, total, mup)
     settings = {"config": c.resolved(), "end_token_id": ids.get("end_token_id")}
     store = PretrainStore(raw, train_cfg, tok_dir, mup, settings)
     return Prepared(c, model, tokenizer, batches, val, args, optimizer, store, phases, steps, windows, mup)

@@ -25,8 +25,9 @@ from .chat import main as chat_main
 from .convert.hf_to_mlx import convert
 from .convert.mlx_to_hf import export_hf
 from .errors import Phi3MLXError
-from .finetune.bench import add_train_args
+from .finetune.bench import add_pretrain_args, add_train_args
 from .finetune.bench import main as bench_train_main
+from .finetune.bench import main_pretrain as bench_pretrain_main
 from .finetune.cli import add_parsers, apply_yaml, run_corpus, run_fuse, run_pretrain, run_training
 from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
@@ -215,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Measure prompt processing (prefill) and generation (decode) speed and "
                        "peak memory on random prompt tokens; with --compare-mlx-lm, mlx-lm runs on the same "
-                       "folder in the same process and the ratios (ours / mlx-lm, higher is better) are printed.")
+                       "folder in the same process and the ratios (ours / mlx-lm, higher is better) are printed. "
+                       "--train measures LoRA training instead; --pretrain measures pretrain's training step "
+                       "against a plain MLX loop on a model built from --width/--layers/... (tokens/s, peak "
+                       "memory, model FLOPs utilisation).")
     _model_arg(p)
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate")
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: KV-cache size and peak memory after generating 1x, 2x and 4x a sliding-window "
                    "model's window (with --compare-mlx-lm, mlx-lm's too)")
     add_train_args(p)  # phi3mlx bench --train
+    add_pretrain_args(p)  # phi3mlx bench --pretrain
 
     add_parsers(sub, _Formatter)
     return parser
@@ -342,6 +347,8 @@ def _cmd_chat(a):
 
 
 def _cmd_bench(a):
+    if a.pretrain:
+        return bench_pretrain_main(a)
     if a.train:
         return bench_train_main(a)
     _note_tiny(a)
@@ -397,7 +404,7 @@ def check_args(a) -> None:
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
     if a.command == "cache-prompt":
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
-    if a.command == "bench" and not a.train:  # before the model loads (and before the phi3mlx:tiny notice)
+    if a.command == "bench" and not (a.train or a.pretrain):  # before the model loads (and the tiny notice)
         try:
             check_bench_args(a.prompt_tokens, a.gen_tokens, a.repeats)
         except Phi3MLXError as e:
