@@ -203,7 +203,8 @@ def _pretrain_parser(sub, formatter) -> None:
                        epilog=PRETRAIN_HELP)
     p.add_argument("--config", default=None, help="YAML file with the run's settings (see below)")
     for flag, (key, typ, text) in PRETRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, dest="pt_" + key.replace(".", "__"), help=text)
+        p.add_argument(flag, type=typ, default=None, dest="pt_" + key.replace(".", "__"), help=text,
+                       metavar={int: "N", float: "X"}.get(typ, flag.lstrip("-").split("-")[0].upper()))
     p.add_argument("--mup", action="store_const", const=True, default=None,
                    help="muP: hidden init variance and Adam rates scaled by --base-width / width, logits / "
                    "(width / base), attention 1/head_dim (saved as a plain Phi-3 checkpoint)")

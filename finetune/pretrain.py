@@ -355,8 +355,9 @@ def make_schedule(c: PretrainConfig, total: int) -> Callable:
     return schedule
 
 
-def plot_losses(history: list, path: Path) -> None:
-    """loss.png: training loss, and each validation set's loss, against the step (phase boundaries marked)."""
+def plot_losses(history: list, path: Path, phases: Optional[list] = None) -> None:
+    """loss.png: training loss and each validation set's loss against the step; ``phases`` ([(name,
+    steps)]) marks where each phase starts."""
     import matplotlib  # imported here: a second to import, needed only when a curve is drawn
 
     matplotlib.use("Agg")
@@ -370,13 +371,13 @@ def plot_losses(history: list, path: Path) -> None:
     for k in names:
         pts = [(r["step"], r[k]) for r in history if k in r]
         ax.plot(*zip(*pts), marker="o", ms=3, lw=1, label=k[4:-5] + " (val)")
-    phase, last = None, None
-    for r in history:
-        if "phase" in r and r["phase"] != phase:
-            if phase is not None:
-                ax.axvline(last, color="grey", ls=":", lw=1)
-            phase = r["phase"]
-        last = r["step"]
+    start = 0
+    for name, steps in phases or []:
+        if start:
+            ax.axvline(start, color="grey", ls=":", lw=1)
+        ax.annotate(name, (start, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
+                    textcoords="offset points", fontsize=8, color="grey")
+        start += steps
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -427,7 +428,7 @@ class PretrainStore:
             if metrics.exists():
                 history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             if history:
-                plot_losses(history, stage / "loss.png")
+                plot_losses(history, stage / "loss.png", self.settings.get("phases"))
             for f in sorted(stage.iterdir()):
                 os.replace(f, Path(out_dir) / f.name)
         finally:
@@ -545,7 +546,8 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     val = {p.name: PD.validation_batches(windows, p, c.batch_size, c.val_batches) for p in phases}
     args = train_args(c, total)
     optimizer = make_pretrain_optimizer(c, total, mup)
-    settings = {"config": c.resolved(), "end_token_id": ids.get("end_token_id")}
+    settings = {"config": c.resolved(), "end_token_id": ids.get("end_token_id"),
+                "phases": [(p.name, n) for p, n in zip(phases, steps)]}
     store = PretrainStore(raw, train_cfg, tok_dir, mup, settings)
     return Prepared(c, model, tokenizer, batches, val, args, optimizer, store, phases, steps, windows, mup)
 
