@@ -162,6 +162,12 @@ def _train_ours(engine: _Engine, ids, s: TrainBenchArgs):
     batches = data.iterate_batches(examples, s.batch_size, s.seq_len, shuffle=False)
     args = TrainArgs(iters=s.steps, batch_size=s.batch_size, learning_rate=s.lr, val_every=s.steps,
                      save_every=s.steps, report_every=1, grad_checkpoint=engine.grad_checkpoint, seed=s.seed)
+    return _timed_train(lambda out, report: train(engine.model, sft_loss, batches, args, out, engine.adapter_config,
+                                                  report=report, optimizer=_optimizer(s)))
+
+
+def _timed_train(run: Callable) -> tuple[list, list, float]:
+    """``run(out_dir, report)`` (our trainer, reporting every step) timed: (step end times, losses, start)."""
     times, losses = [], []
 
     def report(rec: dict) -> None:
@@ -170,8 +176,7 @@ def _train_ours(engine: _Engine, ids, s: TrainBenchArgs):
 
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        train(engine.model, sft_loss, batches, args, Path(out), engine.adapter_config, report=report,
-              optimizer=_optimizer(s))
+        run(Path(out), report)
     return times, losses, t0
 
 
@@ -619,17 +624,8 @@ def _pretrain_ours(c: PretrainConfig, steps: int):
         args.val_every = args.save_every = steps
         args.report_every = 1
         optimizer = make_pretrain_optimizer(c, steps, None)
-        times, losses = [], []
-
-        def report(rec: dict) -> None:
-            times.append(time.perf_counter())
-            losses.append(rec["loss"])
-
-        with tempfile.TemporaryDirectory() as out:
-            t0 = time.perf_counter()
-            train(engine.model, sft_loss, iter(batches), args, Path(out), {}, report=report, optimizer=optimizer,
-                  store=_NoStore())
-        return times, losses, t0
+        return _timed_train(lambda out, report: train(engine.model, sft_loss, iter(batches), args, out, {},
+                                                      report=report, optimizer=optimizer, store=_NoStore()))
 
     return run
 

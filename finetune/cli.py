@@ -19,18 +19,17 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import yaml
 from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from phi3mlx.convert.mlx_to_hf import export_hf
+from phi3mlx.config import read_yaml_mapping
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.hub import resolve
 from phi3mlx.loader import load, load_model
@@ -45,7 +44,7 @@ from . import pretrain as P
 from .corpus import general_corpus
 from .synthetic import chat_dialogues, textbook_documents, write_jsonl
 from .losses import make_dpo_loss, sft_loss
-from .trainer import CHECKPOINT, METRICS, TrainArgs, train
+from .trainer import CHECKPOINT, METRICS, TrainArgs, remove_run_files, train
 
 # What a training run writes into --adapter-path (--force replaces exactly these).
 RUN_FILES = (lora.ADAPTER_FILE, lora.CONFIG_FILE, CHECKPOINT, METRICS, CHECKPOINT + ".tmp", CHECKPOINT + ".old")
@@ -329,20 +328,12 @@ def apply_yaml(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
     if not getattr(args, "config", None) or getattr(args, "command", None) == "pretrain":
         return args  # pretrain reads its own (nested) config: pretrain.PretrainConfig
     path = Path(args.config)
-    if not path.is_file():
-        raise Phi3MLXError(f"config file {path} does not exist")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise Phi3MLXError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise Phi3MLXError(f"{path} must hold a mapping of flag names to values")
+    values = read_yaml_mapping(path, "flag names to values")
     target = parser  # the subcommand's own parser holds its flags
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction) and getattr(args, "command", None) in action.choices:
             target = action.choices[args.command]
     known = {a.dest for a in target._actions}
-    values = {k.replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(k for k in values if k not in known or k in ("help", "config"))
     if unknown:
         raise Phi3MLXError(f"{path}: unknown keys {', '.join(unknown)}")
@@ -485,15 +476,6 @@ def _read_data(a, dpo: bool):
     return rows, val_rows, fmt
 
 
-def _clear_earlier_run(out: Path) -> None:
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
 def run_training(a, dpo: bool = False) -> list[dict]:
     """The body of ``phi3mlx lora`` / ``phi3mlx dpo``."""
     group = mx.distributed.init()
@@ -571,7 +553,7 @@ def run_training(a, dpo: bool = False) -> list[dict]:
         f"{f' over {world} processes' if world > 1 else ''}; {n_train / 1e6:.3f}M trainable parameters")
     out = Path(a.adapter_path)
     if a.force and rank == 0:
-        _clear_earlier_run(out)
+        remove_run_files(out, RUN_FILES)
     prog, report = _progress_report(iters, show=rank == 0)
     with prog:
         history = train(model, loss_fn, batches, args, out, cfg, val_batches=val, resume=a.resume, report=report)

@@ -38,6 +38,7 @@ import mlx.core as mx
 import yaml
 from mlx.utils import tree_flatten
 
+from phi3mlx.config import read_yaml_mapping
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.models import build_model, parse_config
 from phi3mlx.models.maps import mlx_to_hf
@@ -49,7 +50,7 @@ from . import mup as M
 from . import pretrain_data as PD
 from .losses import sft_loss
 from .tokenizer_train import check_vocab_size, train_tokenizer
-from .trainer import CHECKPOINT, METRICS, TrainArgs, read_trainer_state, train
+from .trainer import CHECKPOINT, METRICS, TrainArgs, read_trainer_state, remove_run_files, train
 
 SCHEDULES = ("cosine", "wsd", "constant")
 MODEL_TYPES = ("phi3", "phi3small", "phimoe")
@@ -127,18 +128,7 @@ class PretrainConfig:
     @classmethod
     def from_yaml(cls, path: Optional[Path], overrides: Optional[dict] = None) -> "PretrainConfig":
         """The file's settings with ``overrides`` (the flags given) on top; unknown keys are an error."""
-        values: dict = {}
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise Phi3MLXError(f"config file {path} does not exist")
-            try:
-                values = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise Phi3MLXError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-            if not isinstance(values, dict):
-                raise Phi3MLXError(f"{path} must hold a mapping of settings")
-            values = {str(k).replace("-", "_"): v for k, v in values.items()}
+        values = read_yaml_mapping(path) if path is not None else {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in values if k not in known)
         if unknown:
@@ -559,12 +549,7 @@ def run(p: Prepared, resume: bool = False, report: Optional[Callable[[dict], Non
 
     out = Path(p.config.out)
     if not resume and mx.distributed.init().rank() == 0:
-        for name in RUN_FILES:
-            f = out / name
-            if f.is_dir():
-                shutil.rmtree(f)
-            elif f.exists():
-                f.unlink()
+        remove_run_files(out, RUN_FILES)
     return train(p.model, sft_loss, p.batches, p.args, out, {}, val_batches=p.val, resume=resume, report=report,
                  optimizer=p.optimizer, store=p.store, annotate=annotate,
                  meta={"config": fingerprint(p.config)})

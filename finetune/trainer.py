@@ -249,6 +249,16 @@ class AdapterStore:
         lora.save_adapters(out_dir, model, self.adapter_config)
 
 
+def remove_run_files(out_dir: Path, names) -> None:
+    """Delete an earlier run's files and folders ``names`` from ``out_dir`` (what --force replaces)."""
+    for name in names:
+        p = Path(out_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def _checkpoint_folder(out_dir: Path) -> Path:
     """The checkpoint to resume: out_dir/checkpoint, or checkpoint.old when a save stopped between its renames."""
     out_dir = Path(out_dir)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Optional
 
+import yaml
+
 from .errors import Phi3MLXError
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -267,3 +269,20 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(cfg, dict):
         raise Phi3MLXError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
     return cfg
+
+
+def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict[str, Any]:
+    """A YAML file holding a mapping (a run's settings), keys with ``-`` read as ``_``; one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise Phi3MLXError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise Phi3MLXError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise Phi3MLXError(f"{path} is not UTF-8 text") from None
+    if not isinstance(values, dict):
+        raise Phi3MLXError(f"{path} must hold a mapping of {what}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+

@@ -18,7 +18,6 @@ from phi3mlx.cli import main
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.finetune import mup as M
 from phi3mlx.finetune import pretrain as P
-from phi3mlx.finetune import pretrain_data as PD
 from phi3mlx.finetune.synthetic import textbook_documents
 from phi3mlx.loader import load
 
