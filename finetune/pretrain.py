@@ -353,7 +353,7 @@ def plot_losses(history: list, path: Path, phases: Optional[list] = None) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100, layout="constrained")
     train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
     if train_pts:
         ax.plot(*zip(*train_pts), label="train", lw=1.2)
@@ -372,7 +372,6 @@ def plot_losses(history: list, path: Path, phases: Optional[list] = None) -> Non
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
