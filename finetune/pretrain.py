@@ -353,7 +353,7 @@ def plot_losses(history: list, path: Path, phases: Optional[list] = None) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100, layout="constrained")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     train_pts = [(r["step"], r["loss"]) for r in history if "loss" in r]
     if train_pts:
         ax.plot(*zip(*train_pts), label="train", lw=1.2)
@@ -373,7 +373,7 @@ def plot_losses(history: list, path: Path, phases: Optional[list] = None) -> Non
     ax.legend()
     ax.grid(alpha=0.3)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
 
