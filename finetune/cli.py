@@ -279,6 +279,20 @@ Generated data never holds the held-out evaluation questions. The same --seed gi
 """
 
 
+def _shares(text):
+    """``addition=0.7,world=0.3`` as a mapping (None stays None); a malformed item is a one-line error."""
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        k, _, v = item.partition("=")
+        try:
+            out[k.strip()] = float(v)
+        except ValueError:
+            raise Phi3MLXError(f"--shares: {item!r} is not KIND=WEIGHT (e.g. addition=0.7,world=0.3)") from None
+    return out
+
+
 def _corpus_parsers(sub, formatter) -> None:
     p = sub.add_parser("corpus", help="write the general, textbook or dialogue training data",
                        formatter_class=formatter, epilog=CORPUS_HELP,
@@ -295,6 +309,9 @@ def _corpus_parsers(sub, formatter) -> None:
     d.add_argument("--out", required=True, help="the folder to write")
     d.add_argument("--examples", type=int, required=True, help="training dialogues")
     d.add_argument("--valid", type=int, default=100, help="validation dialogues (0: no valid.jsonl)")
+    d.add_argument("--shares", default=None,
+                   help="weights of the dialogue kinds, e.g. addition=0.7,world=0.2,unknown=0.1 (kinds: "
+                   "addition, world, unknown, other; default 0.5/0.3/0.15/0.05)")
     for q in (t, d):
         q.add_argument("--seed", type=int, default=0, help="seed of the generator")
     for q in (g, t, d):
@@ -628,7 +645,7 @@ def run_corpus(a) -> dict:
     if any(problems):
         raise Phi3MLXError.many(problems)
     if a.corpus == "dialogues":
-        rows = chat_dialogues(a.examples + a.valid, seed=a.seed)
+        rows = chat_dialogues(a.examples + a.valid, seed=a.seed, shares=_shares(a.shares))
         with atomic_dir(out, force=a.force) as tmp:
             write_jsonl(({"messages": m} for m in rows[:a.examples]), tmp / "train.jsonl")
             if a.valid:

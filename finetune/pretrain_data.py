@@ -46,17 +46,17 @@ ENCODE_BATCH = 256  # documents tokenized per call
 BUILTIN_VERSION = 1  # bump when a builtin corpus changes, so caches made from the old one are not reused
 
 
-def _general(docs: int, seed: int) -> list[str]:
+def _general(docs: int, seed: int, shares: Optional[dict] = None) -> list[str]:
     texts, _ = corpus.general_corpus()
     return texts if docs <= 0 else texts[:docs]
 
 
-def _textbook(docs: int, seed: int) -> list[str]:
+def _textbook(docs: int, seed: int, shares: Optional[dict] = None) -> list[str]:
     return synthetic.textbook_documents(docs, seed)
 
 
-def _dialogues(docs: int, seed: int) -> list:
-    return synthetic.chat_dialogues(docs, seed)
+def _dialogues(docs: int, seed: int, shares: Optional[dict] = None) -> list:
+    return synthetic.chat_dialogues(docs, seed, shares)
 
 
 # name -> (documents(docs, seed), default number of documents (0: all), documents are message lists)
@@ -69,15 +69,17 @@ BUILTINS: dict[str, tuple[Callable, int, bool]] = {
 
 @dataclass
 class Source:
-    """One named source: ``paths`` (files and folders) or ``builtin`` (with ``docs`` and ``seed``)."""
+    """One named source: ``paths`` (files and folders) or ``builtin`` (with ``docs``, ``seed`` and, for
+    ``dialogues``, ``shares``: weights of the dialogue kinds, as ``synthetic.chat_dialogues`` takes)."""
 
     name: str
     paths: list = field(default_factory=list)
     builtin: Optional[str] = None
     docs: int = 0
     seed: int = 0
+    shares: Optional[dict] = None
 
-    KEYS = ("paths", "builtin", "docs", "seed")
+    KEYS = ("paths", "builtin", "docs", "seed", "shares")
 
     @classmethod
     def parse(cls, name: str, raw, problems: list[str]) -> Optional["Source"]:
@@ -101,13 +103,17 @@ class Source:
         for k in ("docs", "seed"):
             if not isinstance(raw.get(k, 0), int) or isinstance(raw.get(k, 0), bool) or raw.get(k, 0) < 0:
                 problems.append(f"{where}.{k} must be a non-negative integer, got {raw.get(k)!r}")
+        shares = raw.get("shares")
+        if shares is not None and (builtin != "dialogues" or not isinstance(shares, dict)):
+            problems.append(f"{where}.shares is a mapping of dialogue kinds to weights, for builtin: dialogues only")
+            shares = None
         if builtin is None:
             missing = [str(p) for p in paths if not Path(p).expanduser().exists()]
             if missing:
                 problems.append(f"{where}: no such file or folder: {', '.join(missing)}")
         try:
             return cls(name, [str(Path(p).expanduser()) for p in paths], builtin, int(raw.get("docs", 0) or 0),
-                       int(raw.get("seed", 0) or 0))
+                       int(raw.get("seed", 0) or 0), shares)
         except (TypeError, ValueError):
             return None
 
@@ -115,7 +121,8 @@ class Source:
         """What the token cache's key depends on besides the tokenizer."""
         if self.builtin:
             docs = self.docs or BUILTINS[self.builtin][1]
-            return {"builtin": self.builtin, "docs": docs, "seed": self.seed, "version": BUILTIN_VERSION}
+            spec = {"builtin": self.builtin, "docs": docs, "seed": self.seed, "version": BUILTIN_VERSION}
+            return dict(spec, shares=self.shares) if self.shares else spec
         files = []
         problems: list[str] = []
         for f in source_files(self.paths, problems):
@@ -129,7 +136,7 @@ class Source:
         """The source's documents as text, one file at a time (chat messages rendered with the template)."""
         if self.builtin:
             make, default, chat = BUILTINS[self.builtin]
-            for doc in make(self.docs or default, self.seed):
+            for doc in make(self.docs or default, self.seed, self.shares):
                 yield tokenizer.apply_chat_template(doc, add_generation_prompt=False) if chat else doc
             return
         problems: list[str] = []

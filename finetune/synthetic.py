@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from phi3mlx.errors import Phi3MLXError
+
 # ---------------------------------------------------------------------------------------------- the world
 
 
@@ -609,10 +611,11 @@ def _unknown_exchange(rng: random.Random) -> tuple[str, str]:
 class _Dialogues:
     """The state of one ``chat_dialogues`` call: the random source and the addition form counter."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, shares: Optional[dict] = None):
         self.rng = random.Random(seed)
         self.forms = 0
         self.qas = world_qas()
+        self.shares = shares or CHAT_SHARES
 
     def exchange(self, kind: str) -> tuple[str, str]:
         rng = self.rng
@@ -631,8 +634,9 @@ class _Dialogues:
 
     def kind(self) -> str:
         r, acc = self.rng.random(), 0.0
-        for k, share in CHAT_SHARES.items():
-            acc += share
+        total = sum(self.shares.values())
+        for k, share in self.shares.items():
+            acc += share / total
             if r < acc:
                 return k
         return "other"
@@ -648,12 +652,18 @@ class _Dialogues:
         return msgs
 
 
-def chat_dialogues(n: int, seed: int = 0) -> list[list[dict]]:
-    """``n`` chat conversations (message lists), the kinds in ``CHAT_SHARES``' shares, deterministic.
+def chat_dialogues(n: int, seed: int = 0, shares: Optional[dict] = None) -> list[list[dict]]:
+    """``n`` chat conversations (message lists), the kinds in ``shares`` (default ``CHAT_SHARES``; any
+    weights over its kinds, normalised), deterministic.
 
     Additions cycle through ``ADDITION_FORMS`` (equal shares) and are answered ``ADDITION_REPLY``;
     questions outside the world are answered with a reply that starts ``UNKNOWN_REPLY``."""
-    state = _Dialogues(seed)
+    unknown = sorted(set(shares or {}) - set(CHAT_SHARES))
+    if unknown:
+        raise Phi3MLXError(f"unknown dialogue kinds {', '.join(unknown)} (known: {', '.join(CHAT_SHARES)})")
+    if shares is not None and not (all(v >= 0 for v in shares.values()) and sum(shares.values()) > 0):
+        raise Phi3MLXError(f"dialogue shares must be non-negative and sum to a positive number, got {shares}")
+    state = _Dialogues(seed, shares)
     return [state.dialogue() for _ in range(n)]
 
 

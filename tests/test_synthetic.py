@@ -190,3 +190,19 @@ def test_write_jsonl_is_atomic(tmp_path):
         S.write_jsonl(rows(), out)
     assert [json.loads(x) for x in out.read_text("utf-8").splitlines()] == [{"a": 1}, {"b": "\u00e9"}]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+def test_dialogue_shares_weight_the_kinds_and_bad_shares_are_refused():
+    from phi3mlx.errors import Phi3MLXError
+    from phi3mlx.finetune.synthetic import chat_dialogues
+
+    rows = chat_dialogues(3000, seed=4, shares={"addition": 3, "world": 1})
+    replies = [m["content"] for d in rows for m in d if m["role"] == "assistant"]
+    add = sum(r.startswith("The answer is") for r in replies) / len(replies)
+    assert 0.7 < add < 0.8
+    assert not any(r.startswith("I do not know") for r in replies)  # unknown has no share
+    assert chat_dialogues(20, seed=1) == chat_dialogues(20, seed=1, shares=None)
+    with pytest.raises(Phi3MLXError, match="unknown dialogue kinds maths"):
+        chat_dialogues(5, shares={"maths": 1})
+    with pytest.raises(Phi3MLXError, match="sum to a positive number"):
+        chat_dialogues(5, shares={"addition": 0})
