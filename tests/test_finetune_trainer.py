@@ -357,7 +357,17 @@ def test_ctrl_c_in_the_middle_of_a_step_gives_its_micro_batches_back(folders, tm
     _same_training(whole, resumed)
 
 
-def test_ctrl_c_during_the_update_counts_the_applied_step(folders, tmp_path):
+@pytest.fixture
+def sigint_default():
+    """Python's own SIGINT handler for the test: a suite started as a background job inherits SIGINT ignored."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_during_the_update_counts_the_applied_step(folders, tmp_path, sigint_default):
     """A real SIGINT while step 4's update is applied: the step completes and is counted (step 4), so
     --resume does not apply it twice (before the fix: step 3 saved with 4 updates in the weights)."""
     import signal
