@@ -135,6 +135,9 @@ def make_optimizer(schedule: Callable, weight_decay: float = 0.0, mup: Optional[
 def fold_mup(params: dict, cfg: ModelConfig, mup: Mup) -> dict:
     """Weights (MLX names) of a muP-trained phi3/phimoe model as plain ones: queries × 1/sqrt(head_dim),
     lm_head / m. The result loads with the plain config (attention scale 1/sqrt(head_dim), no divisor)."""
+    if cfg.tie_word_embeddings:
+        raise Phi3MLXError("a muP model with tied embeddings cannot be folded into plain weights (the logit divisor "
+                           "would change the input embeddings too); train it with tie_word_embeddings false")
     out = dict(params)
     s = 1.0 / math.sqrt(cfg.head_dim)
     q = _query_rows(cfg)
@@ -147,7 +150,4 @@ def fold_mup(params: dict, cfg: ModelConfig, mup: Mup) -> dict:
             out[path] = w * s
         elif path.startswith("lm_head."):
             out[path] = w / mup.multiplier
-    if cfg.tie_word_embeddings:
-        raise Phi3MLXError("a muP model with tied embeddings cannot be folded into plain weights (the logit divisor "
-                           "would change the input embeddings too); train it with tie_word_embeddings false")
     return out

@@ -442,15 +442,15 @@ class Prepared:
     mup: Optional[M.Mup]
 
 
-def _tokenizer(c: PretrainConfig, sources: dict, cache: Path, say: Callable) -> tuple[Path, dict]:
-    """The tokenizer folder and its ids: the given folder, or one trained on the sources (cached)."""
+def _tokenizer(c: PretrainConfig, sources: dict, cache: Path, say: Callable) -> tuple[Path, object, dict]:
+    """The tokenizer folder, the tokenizer and its ids: the given folder, or one trained on the sources (cached)."""
     t = c.tokenizer
     if "path" in t:
         folder = Path(t["path"]).expanduser()
         tok = load_tokenizer(folder)
         ids = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                "pad_token_id": tok.eos_token_id, "end_token_id": tok.convert_tokens_to_ids("<|end|>")}
-        return folder, ids
+        return folder, tok, ids
     names = list(t.get("sources") or sources)
     vocab = int(t.get("vocab_size", 2048))
     spec = {"vocab_size": vocab, "sources": {n: sources[n].spec() for n in names}, "version": 1}
@@ -461,7 +461,7 @@ def _tokenizer(c: PretrainConfig, sources: dict, cache: Path, say: Callable) -> 
         texts = (d for n in names for d in sources[n].documents(PD.ContentOnly()))
         ids = train_tokenizer(texts, folder, vocab, force=True)
         (folder / "ids.json").write_text(json.dumps(ids))
-    return folder, json.loads((folder / "ids.json").read_text())
+    return folder, load_tokenizer(folder), json.loads((folder / "ids.json").read_text())
 
 
 def init_model(raw: dict, base_width: Optional[int] = None, init_std: float = 0.02, seed: int = 0):
@@ -502,8 +502,7 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     # wait for it and then read them
     if group.rank() != 0:
         mx.eval(mx.distributed.all_sum(mx.array(0.0), group=group))
-    tok_dir, ids = _tokenizer(c, sources, cache, say)
-    tokenizer = load_tokenizer(tok_dir)
+    tok_dir, tokenizer, ids = _tokenizer(c, sources, cache, say)
     tok_key = PD.tokenizer_key(tok_dir)
     streams = {n: PD.tokenize_source(sources[n], tokenizer, tok_key, int(ids["eos_token_id"]), cache, progress)
                for n in used}

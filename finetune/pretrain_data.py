@@ -236,7 +236,6 @@ def tokenize_source(source: Source, tokenizer: BaseTokenizer, tok_key: str, eos_
                                             "dtype": np.dtype(dtype).name}))
             os.replace(meta_tmp, meta_file)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise Phi3MLXError(f"cannot write the token cache {data}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
@@ -400,7 +399,7 @@ def validation_batches(windows: dict[str, Windows], phase: Phase, batch_size: in
         rows += [w.val_window(i) for i in range(k)]
 
     def batches():
-        for s in range(0, len(rows) - batch_size + 1 if len(rows) >= batch_size else 1, batch_size):
+        for s in range(0, max(1, len(rows) - batch_size + 1), batch_size):  # whole batches (one short one if few)
             chunk = np.stack(rows[s:s + batch_size]).astype(np.int32)
             yield mx.array(chunk[:, :-1]), mx.array(chunk[:, 1:]), mx.ones(chunk[:, 1:].shape, dtype=mx.float32)
 

@@ -278,8 +278,6 @@ def save_checkpoint(out_dir: Path, model, optimizer, store, state: dict) -> None
     """out_dir/checkpoint: the trained arrays, optimizer state and trainer state, replaced atomically;
     then ``store.publish`` (what a user loads). A failed save (a full disk) removes its partial files and
     keeps the last good checkpoint."""
-    if isinstance(store, dict):  # an adapter config
-        store = AdapterStore(store)
     out_dir = Path(out_dir)
     tmp = out_dir / (CHECKPOINT + ".tmp")
     final = out_dir / CHECKPOINT
@@ -308,9 +306,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, store, state: dict) -> None
                            f"{e.strerror or e}; {last}") from None
 
 
-def load_checkpoint(out_dir: Path, model, optimizer, store=None) -> dict:
-    if store is None or isinstance(store, dict):
-        store = AdapterStore(store or {})
+def load_checkpoint(out_dir: Path, model, optimizer, store) -> dict:
     ck = _checkpoint_folder(out_dir)
     if not (ck / "trainer_state.json").exists():
         raise Phi3MLXError(f"nothing to resume in {out_dir}: no {CHECKPOINT}/trainer_state.json")
