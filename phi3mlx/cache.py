@@ -155,6 +155,7 @@ class ModelCache(list):
         self._identity = identity  # a dict, or a function computing it when a file is written
         self.long_rope: Optional[bool] = None
         self._ids: List[mx.array] = []  # (B, L) id arrays in the order they were fed, possibly lazy
+        self._rows: List[mx.array] = []  # image rows fed for the negative ids (vision models), in order
 
     @property
     def identity(self) -> dict:
@@ -171,11 +172,30 @@ class ModelCache(list):
         """Most positions any layer stores now."""
         return max((c.length for c in self), default=0)
 
-    def record(self, inputs: mx.array) -> None:
-        """Called by the model for every pass: the ids whose keys were just stored."""
+    def record(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> None:
+        """Called by the model for every pass: the ids whose keys were just stored (and the image rows
+        that stood for their negative ids, so that a re-encode can feed them again)."""
         self._ids.append(inputs)
         if len(self._ids) > 64:
             self._ids = [mx.concatenate(self._ids, axis=1)]
+        if image_rows is not None:
+            self._rows.append(image_rows)
+
+    @property
+    def image_rows(self) -> Optional[mx.array]:
+        """The image rows of the held negative ids, in order (None without images)."""
+        if not self._rows:
+            return None
+        if len(self._rows) > 1:
+            self._rows = [mx.concatenate(self._rows, axis=0)]
+        return self._rows[0]
+
+    def _keep(self, ids: List[int]) -> None:
+        """Hold ``ids`` (a prefix of what is held) and the image rows of their negative ids."""
+        rows = self.image_rows
+        n_img = sum(1 for t in ids if t < 0)
+        self._ids = [mx.array([ids])] if ids else []
+        self._rows = [rows[:n_img]] if rows is not None and n_img else []
 
     @property
     def token_ids(self) -> List[int]:
@@ -190,6 +210,7 @@ class ModelCache(list):
         for c in self:
             c.reset()
         self._ids = []
+        self._rows = []
         self.long_rope = None
 
     def repair(self) -> None:
@@ -202,7 +223,7 @@ class ModelCache(list):
                     self.reset()
                     return
                 c.trim(c.offset - n)
-        self._ids = [mx.array([ids[:n]])] if n else []
+        self._keep(ids[:n])
         if n == 0:
             self.long_rope = None
 
@@ -218,29 +239,37 @@ class ModelCache(list):
         if all(c.can_trim(n) for c in self):
             for c in self:
                 c.trim(n)
-            self._ids = [mx.array([ids[: len(ids) - n]])]
+            self._keep(ids[: len(ids) - n])
             return
         if model is None:
             raise ValueError("trimming this window cache needs the model to re-encode it")
-        self._ids = [mx.array([ids[: len(ids) - n]])]
+        self._keep(ids[: len(ids) - n])
         self.reencode(model, model.config.rope.uses_long(len(ids) - n))  # the set the shorter sequence takes
 
     def reencode(self, model, long_rope: bool, step: int = 2048) -> None:
         """Run the held ids through ``model`` again (for example with the long LongRoPE factors)."""
         ids = self.token_ids
+        rows = self.image_rows
         self.reset()
         self.long_rope = long_rope
-        self.extend(model, ids, step, long_rope)
+        self.extend(model, ids, step, long_rope, image_rows=rows)
 
     def extend(self, model, ids: Sequence[int], step: int = 2048, long_rope: Optional[bool] = None,
-               progress: Optional[Callable[[int], None]] = None) -> None:
+               progress: Optional[Callable[[int], None]] = None, image_rows: Optional[mx.array] = None) -> None:
         """Run ``ids`` through ``model`` into this cache, ``step`` at a time (each chunk evaluated, MLX's
         buffer cache cleared after it). ``long_rope`` None takes the LongRoPE set the whole extended
-        sequence needs, for every chunk; ``progress(done)`` is called after each chunk."""
+        sequence needs, for every chunk; ``progress(done)`` is called after each chunk. ``image_rows``:
+        the embeddings of the negative ids (image positions), in order."""
         if long_rope is None:
             long_rope = model.config.rope.uses_long(self.offset + len(ids))
+        at = 0
         for s in range(0, len(ids), step):
-            model(mx.array(ids[s : s + step])[None], cache=self, long_rope=long_rope)
+            chunk = ids[s : s + step]
+            rows = None
+            if image_rows is not None:
+                k = sum(1 for t in chunk if t < 0)
+                rows, at = (image_rows[at : at + k] if k else None), at + k
+            model(mx.array(chunk)[None], cache=self, long_rope=long_rope, image_rows=rows)
             mx.eval([c.state for c in self])
             if progress is not None:
                 progress(min(s + step, len(ids)))
@@ -259,6 +288,8 @@ class ModelCache(list):
             for j, a in enumerate(c.state):
                 arrays[f"layer.{i}.{j}"] = a
             layers.append({"start": c.start, "offset": c.offset, "parts": len(c.state)})
+        if self.image_rows is not None:
+            arrays["image_rows"] = self.image_rows
         first = self[0]
         meta = {
             "format": CACHE_FORMAT,
@@ -307,6 +338,7 @@ class ModelCache(list):
         cache.long_rope = meta["long_rope"]
         ids = meta["token_ids"]
         cache._ids = [mx.array([ids])] if ids else []
+        cache._rows = [arrays["image_rows"]] if "image_rows" in arrays else []
         return cache
 
 # ------------------------------------------------------------------------------ construction

@@ -136,12 +136,14 @@ def generate_step(
     cache: Optional[ModelCache] = None,
     prefill_step_size: int = 2048,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
+    image_rows: Optional[mx.array] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield ``(token_id, logprobs)`` one token at a time, at most ``max_tokens`` of them (fewer only
     when the model's context fills up). Greedy without a ``sampler``.
 
     Never stops on end tokens (that is ``stream_generate``'s job). ``cache`` (``model.make_cache()``)
     may already hold a prefix: ``prompt_ids`` then continue it, and the cache keeps the new tokens.
+    ``image_rows``: the embeddings of the prompt's negative ids (image positions), in order.
     """
     ids = _ids(prompt_ids)
     if not ids:
@@ -173,8 +175,14 @@ def generate_step(
         the factor set its full length needs (no re-encoding midway)."""
         long = model.config.rope.uses_long(cache.offset + len(ids))
         progress(0, len(ids))
-        cache.extend(model, ids[:-1], prefill_step_size, long, lambda done: progress(done, len(ids)))
-        return model(mx.array(ids[-1:])[None], cache=cache, long_rope=long, last_only=True)[:, -1, :]
+        head_rows = last_rows = None
+        if image_rows is not None:
+            k = sum(1 for t in ids[:-1] if t < 0)
+            head_rows = image_rows[:k] if k else None
+            last_rows = image_rows[k:] if ids[-1] < 0 else None
+        cache.extend(model, ids[:-1], prefill_step_size, long, lambda done: progress(done, len(ids)), head_rows)
+        return model(mx.array(ids[-1:])[None], cache=cache, long_rope=long, last_only=True,
+                     image_rows=last_rows)[:, -1, :]
 
     if max_tokens == 0:
         return

@@ -13,6 +13,7 @@ from .config import ModelConfig, read_config
 from .hub import resolve
 from .models import Model, build_model, parse_config
 from .models.maps import hf_to_mlx
+from .processor import Processor, ProcessorSettings
 from .quant import use_cpu_prefill_path
 from .tokenizer import BaseTokenizer, load_tokenizer
 from .weights import check_weights, read_weights
@@ -48,11 +49,22 @@ def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:
     return model, cfg
 
 
+def load_processor(path: Path, model: Model, cfg: ModelConfig) -> BaseTokenizer:
+    """The folder's tokenizer; for a vision model, its processor (which is also its tokenizer)."""
+    tokenizer = load_tokenizer(path, cfg.raw)
+    if hasattr(model.model, "vision_embed_tokens"):
+        return Processor(tokenizer, ProcessorSettings.read(path), cfg.section.grid)
+    return tokenizer
+
+
 def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, BaseTokenizer]:
-    """Load a model and its tokenizer from a local folder or a Hugging Face Hub id."""
+    """Load a model and its tokenizer from a local folder or a Hugging Face Hub id.
+
+    For the vision models (phi3_v) the second value is a ``Processor``: ``processor(text=...,
+    images=[...])`` gives the model's inputs, and it works as the text tokenizer everywhere."""
     path = resolve(path_or_hub_id)
     model, cfg = load_model(path)
-    tokenizer = load_tokenizer(path, cfg.raw)
+    tokenizer = load_processor(path, model, cfg)
     if adapter_path is not None:  # unfused: the adapters run beside the frozen base layers
         load_adapters(model, adapter_path)
         model.eval()

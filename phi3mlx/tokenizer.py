@@ -93,6 +93,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "chat_template.jinja",
     "generation_config.json",
+    "preprocessor_config.json",  # the vision models' image settings (num_crops, mean, std)
+    "processor_config.json",
 )
 # Tokenizer files known by pattern: Phi-3-small's BPE ranks (cl100k_base.tiktoken). Its remote
 # ``tokenization_phi3_small.py`` is not needed by us and is not copied.

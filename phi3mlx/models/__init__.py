@@ -15,6 +15,7 @@ from . import maps
 from .decoder import MLP, Model, Parts
 from .phi3small import GegeluMLP, GroupedQKV, Phi3SmallSection, blocksparse_layer, mask_dummy_ids
 from .phimoe import MOE_ATTR, PhimoeSection, PhimoeSparseMoe, SeparateQKV, head_bias
+from .vision import VisionSection, place_rows, vision_part
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ VARIANTS: dict[str, Variant] = {
                                                  logits=mask_dummy_ids)),
     "phimoe": Variant(PhimoeSection, Parts(projection=SeparateQKV, mlp=PhimoeSparseMoe, mlp_attr=MOE_ATTR,
                                            head_bias=head_bias)),
+    "phi3_v": Variant(VisionSection, Parts(vision=vision_part)),
 }
 SECTIONS: dict[str, type] = {name: v.section for name, v in VARIANTS.items()}
 
@@ -49,4 +51,4 @@ def build_model(cfg: ModelConfig) -> Model:
 
 
 __all__ = ["MLP", "Model", "ModelConfig", "Parts", "Section", "VARIANTS", "build_model",
-           "maps", "parse_config", "read_model_config"]
+           "maps", "parse_config", "place_rows", "read_model_config"]

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from ..cache import ModelCache, config_identity, make_cache
@@ -64,6 +65,7 @@ class Parts:
     mlp_attr: str = "mlp"  # the decoder-layer attribute (weight-name part) holding the MLP
     head_bias: Callable = _no_head_bias  # (cfg) -> whether lm_head has a bias
     logits: Callable = _logits_as_is  # (cfg, logits) -> logits: what the variant does to the output
+    vision: Optional[Callable] = None  # (cfg) -> the image embedding module ``model.vision_embed_tokens``
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -92,6 +94,8 @@ class Phi3Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, parts, i) for i in range(cfg.num_hidden_layers)]
         self.norm = make_norm(cfg)
+        if parts.vision is not None:
+            self.vision_embed_tokens = parts.vision(cfg)
 
 
 def _checkpointed(layer: nn.Module, h: mx.array, *args) -> mx.array:
@@ -132,6 +136,7 @@ class Model(nn.Module):
         *,
         long_rope: Optional[bool] = None,
         last_only: bool = False,
+        image_rows: Optional[mx.array] = None,
     ) -> mx.array:
         """Run the decoder over ``inputs`` (B, L), continuing ``cache`` if given.
 
@@ -139,6 +144,8 @@ class Model(nn.Module):
         whole sequence so far would use (long once offset + L > original_max_position_embeddings).
         A cache whose prefix was encoded with the other set is re-encoded first, so every pass is exact.
         last_only: return logits for the last position only, shape (B, 1, V).
+        image_rows: (n, hidden) embeddings for the n negative ids of ``inputs`` (image positions of the
+        vision models, row-major over the batch; see ``encode_images``), in place of the lookup.
         """
         cfg = self.config
         B, L = inputs.shape
@@ -150,10 +157,10 @@ class Model(nn.Module):
             if offset and cache.long_rope is not None and cache.long_rope != long_rope and cfg.rope.kind == "longrope":
                 cache.reencode(self, long_rope)
             cache.long_rope = long_rope
-            cache.record(inputs)
+            cache.record(inputs, image_rows)
             key_start = cache[0].key_start(L)
         p = Pass(offset, L, long_rope, key_start, cfg.sliding_window)
-        h = self.model.embed_tokens(inputs)  # (B, L, hidden)
+        h = self.embed(inputs, image_rows)  # (B, L, hidden)
         if cfg.embedding_multiplier != 1.0:
             h = h * cfg.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
@@ -171,6 +178,24 @@ class Model(nn.Module):
         if cfg.logit_divisor != 1.0:  # muP
             logits = logits.astype(mx.float32) / cfg.logit_divisor
         return self.parts.logits(cfg, logits)
+
+    def embed(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> mx.array:
+        """Token embeddings (B, L, hidden); with ``image_rows``, the negative ids' rows are those."""
+        if image_rows is None:
+            return self.model.embed_tokens(inputs)
+        where = np.nonzero(np.array(inputs) < 0)
+        if len(where[0]) != image_rows.shape[0]:
+            raise ValueError(f"{len(where[0])} image positions but {image_rows.shape[0]} image rows")
+        h = self.model.embed_tokens(mx.maximum(inputs, 0))
+        h[mx.array(where[0]), mx.array(where[1])] = image_rows.astype(h.dtype)
+        return h
+
+    def encode_images(self, pixel_values, image_sizes) -> list:
+        """Vision models: pixel_values (n, crops, 3, 336, 336) and padded image_sizes (n, 2) -> one
+        (positions, hidden) array per image (see ``models/vision.py``)."""
+        if not hasattr(self.model, "vision_embed_tokens"):
+            raise ValueError(f"{self.model_type} has no vision tower")
+        return self.model.vision_embed_tokens(pixel_values, image_sizes)
 
     def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None) -> ModelCache:
         """A KV cache for this model (a window cache for sliding-window models; ``kv_bits`` 4 or 8

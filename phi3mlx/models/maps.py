@@ -4,6 +4,8 @@ Used by loading, conversion and export alike. For phi3 the names are equal; the 
 that HF checkpoints may carry precomputed rotary tables, which MLX recomputes and never stores.
 
 * phi3small: the checkpoint's (and mlx-lm's) ``model.final_layernorm`` is our ``model.norm``.
+* phi3_v: the CLIP patch embedding (a convolution) is stored channels-last in MLX folders (as
+  mlx-vlm stores it), channels-first in Hugging Face checkpoints.
 * phimoe: the Hub checkpoint's per-expert ``experts.E.w1/w2/w3`` (or transformers 5's fused
   ``mlp.experts``) are stacked per projection into ``block_sparse_moe.switch_mlp.{gate,up,down}_proj``
   (mlx-lm's layout) so that ``mx.gather_mm`` serves them.
@@ -19,7 +21,8 @@ import mlx.core as mx
 Weights = Dict[str, mx.array]
 
 # Suffixes of tensors that are derived, never learned: dropped on the way in.
-_DROP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.short_inv_freq", "rotary_emb.long_inv_freq")
+_DROP_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.short_inv_freq", "rotary_emb.long_inv_freq",
+                  "embeddings.position_ids")
 
 
 def _small_in(w: Weights) -> Weights:
@@ -80,9 +83,24 @@ def _moe_out(w: Weights) -> Weights:
     return out
 
 
+_PATCH = "embeddings.patch_embedding.weight"
+
+
+def _vision_in(w: Weights) -> Weights:
+    """phi3_v: the CLIP patch embedding from torch's (out, 3, kh, kw) to MLX's (out, kh, kw, 3).
+
+    An MLX folder (ours, mlx-vlm's) already holds (out, kh, kw, 3) and is left as it is."""
+    return {k: v.transpose(0, 2, 3, 1) if k.endswith(_PATCH) and v.shape[1] == 3 and v.shape[3] != 3 else v
+            for k, v in w.items()}
+
+
+def _vision_out(w: Weights) -> Weights:
+    return {k: v.transpose(0, 3, 1, 2) if k.endswith(_PATCH) else v for k, v in w.items()}
+
+
 # model_type -> function; absent: names are equal.
-HF_TO_MLX: Dict[str, Callable[[Weights], Weights]] = {"phi3small": _small_in, "phimoe": _moe_in}
-MLX_TO_HF: Dict[str, Callable[[Weights], Weights]] = {"phi3small": _small_out, "phimoe": _moe_out}
+HF_TO_MLX: Dict[str, Callable[[Weights], Weights]] = {"phi3small": _small_in, "phimoe": _moe_in, "phi3_v": _vision_in}
+MLX_TO_HF: Dict[str, Callable[[Weights], Weights]] = {"phi3small": _small_out, "phimoe": _moe_out, "phi3_v": _vision_out}
 # Our parameter names -> the names an MLX folder stores (mlx-lm's, so that mlx-lm reads our folders),
 # where the two differ. Loading maps them back through HF_TO_MLX.
 MLX_TO_FOLDER: Dict[str, Callable[[Weights], Weights]] = {"phi3small": _small_out}

@@ -1,0 +1,245 @@
+"""Phi-3-vision / Phi-3.5-vision: preprocessing, tower, merge, projector and decoder against a torch
+reference written from the definition (tests/vision_ref.py), through the real loader."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from phi3mlx.errors import Phi3MLXError
+from phi3mlx.generate import generate_step
+from phi3mlx.image import CROP, bicubic_resize, hd_size, image_tokens, preprocess
+from phi3mlx.loader import load
+from phi3mlx.models import build_model, parse_config, place_rows
+from phi3mlx.processor import Processor, image_order
+from mlx.utils import tree_flatten
+
+from .helpers import DATA, TOL, reference_config
+from .vision_ref import RefVision, palette_png, photo, ref_preprocess, screenshot, vision_config
+
+PIX_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def transformers_mod():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt(tmp_path_factory, torch_mod, transformers_mod):
+    """Factory: (folder, RefVision) for a config (cached per arguments)."""
+    made = {}
+
+    def build(name="Phi-3-vision-128k-instruct", seed=0, num_crops=4, **overrides):
+        key = (name, seed, num_crops, json.dumps(overrides, sort_keys=True))
+        if key not in made:
+            cfg = vision_config(name, **overrides)
+            ref = RefVision(torch_mod, transformers_mod, cfg, seed)
+            folder = ref.save(tmp_path_factory.mktemp("phi3v"), cfg, num_crops)
+            made[key] = (folder, ref)
+        return made[key]
+
+    return build
+
+
+# ------------------------------------------------------------------------------ preprocessing
+
+
+def _images(tmp_path):
+    jpeg = tmp_path / "photo.jpg"
+    photo(640, 427, seed=3).save(jpeg, quality=85)
+    rgba = photo(333, 500, seed=4).convert("RGBA")
+    rgba.putalpha(128)
+    return {
+        "landscape photo": photo(1024, 683, seed=1),
+        "portrait photo": photo(480, 1100, seed=2),
+        "jpeg file": jpeg,
+        "screenshot 16:9": screenshot(1280, 720),
+        "tall screenshot": screenshot(390, 844),
+        "palette png": palette_png(tmp_path / "palette.png"),
+        "tiny": photo(7, 5, seed=6),
+        "grey": photo(300, 300, seed=7).convert("L"),
+        "rgba": rgba,
+        "panorama": photo(2000, 150, seed=8),
+    }
+
+
+@pytest.mark.parametrize("num_crops", [16, 4])
+def test_preprocess_matches_reference(tmp_path, torch_mod, num_crops):
+    from PIL import Image
+
+    for name, src in _images(tmp_path).items():
+        img = Image.open(src) if not isinstance(src, Image.Image) else src
+        ours = preprocess([src], num_crops)
+        pv, sizes, tokens = ref_preprocess(torch_mod, [img], num_crops)
+        assert ours.pixel_values.shape == tuple(pv.shape) == (1, num_crops + 1, 3, CROP, CROP), name
+        err = np.abs(ours.pixel_values - pv.numpy()).max()
+        assert err <= PIX_TOL, f"{name}: max |dpixel| {err}"
+        assert ours.image_sizes.tolist() == sizes, name
+        assert ours.num_img_tokens == tokens, name
+        h, w = sizes[0]
+        assert hd_size(*img.size, num_crops) == (h, w)
+        assert (h // CROP) * (w // CROP) <= num_crops
+
+
+def test_token_count_formula():
+    # ((h//336)*(w//336) + 1) * 144 + 1 + (h//336 + 1) * 12
+    assert image_tokens(1344, 1344) == 17 * 144 + 1 + 5 * 12 == 2509
+    assert image_tokens(336, 672) == 3 * 144 + 1 + 2 * 12
+    assert image_tokens(672, 336) == 3 * 144 + 1 + 3 * 12
+
+
+def test_bicubic_matches_torch(torch_mod):
+    """On white noise (harder than any image: neighbours differ by ~1.4) torch's own float32 rounding
+    shows at ~3e-6 of the value range; images (test above) stay within 1e-5 absolute."""
+    x = np.random.default_rng(0).normal(size=(3, 45, 70)).astype(np.float32)
+    for oh, ow in ((336, 336), (20, 90), (45, 70)):
+        ref = torch_mod.nn.functional.interpolate(torch_mod.from_numpy(x)[None], size=(oh, ow), mode="bicubic",
+                                                  align_corners=False)[0].numpy()
+        assert np.abs(bicubic_resize(x, oh, ow) - ref).max() <= 3e-6 * np.abs(x).max() * 2
+
+
+def test_portrait_and_landscape_grids():
+    assert hd_size(700, 300, 4) == (336, 672)  # one row of two crops
+    assert hd_size(300, 800, 4) == (672, 336)  # the transposed case: two rows of one crop
+    assert hd_size(500, 450, 4) == (672, 672)  # 2 x 2
+    assert hd_size(1000, 1000, 16) == (1344, 1344)
+
+
+# ------------------------------------------------------------------------------ model parity
+
+
+def _ours_vs_ref(folder, ref, torch_mod, prompt, images, num_crops=None):
+    model, proc = load(folder)
+    assert isinstance(proc, Processor)
+    inputs = proc(prompt, images, num_crops=num_crops)
+    pv_ref, sizes_ref, tokens_ref = ref_preprocess(torch_mod, [i for i in images], num_crops or proc.settings.num_crops)
+    assert np.abs(inputs["pixel_values"] - pv_ref.numpy()).max() <= PIX_TOL
+    assert inputs["image_sizes"].tolist() == sizes_ref and inputs["num_img_tokens"] == tokens_ref
+    ours_feats = model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+    ref_feats = ref.image_features(pv_ref, sizes_ref)
+    for o, r in zip(ours_feats, ref_feats):
+        assert o.shape == tuple(r.shape)
+        assert np.abs(np.array(o) - r.numpy()).max() <= 1e-4
+    ids = inputs["input_ids"]
+    rows = place_rows(ids.tolist(), ours_feats)
+    logits = np.array(model(mx.array(ids), image_rows=rows))
+    embeds = ref.embeds(ids, ref_feats)
+    ref_logits = ref.logits(embeds)
+    err = np.abs(logits - ref_logits).max()
+    assert err <= TOL, f"max |dlogit| {err}"
+    return model, proc, inputs, rows, embeds
+
+
+def test_one_image_several_crops_per_row(vision_ckpt, torch_mod):
+    """A landscape image whose crops share a row (the case a known port scrambles) and a 2x2 grid."""
+    folder, ref = vision_ckpt()
+    for img in (photo(700, 300, seed=11), photo(500, 450, seed=12)):
+        _ours_vs_ref(folder, ref, torch_mod, "<|user|>\n<|image_1|>\nWhat is shown?<|end|>\n<|assistant|>\n", [img])
+
+
+def test_crop_order_matters(vision_ckpt, torch_mod):
+    """Swapping two sub-crops in a row changes the features: the comparison above can see the order."""
+    folder, ref = vision_ckpt()
+    model, proc = load(folder)
+    inputs = proc("<|image_1|>", [photo(700, 300, seed=11)])
+    pv = inputs["pixel_values"].copy()
+    a = np.array(model.encode_images(pv, inputs["image_sizes"])[0])
+    pv[0, [1, 2]] = pv[0, [2, 1]]
+    b = np.array(model.encode_images(pv, inputs["image_sizes"])[0])
+    assert np.abs(a - b).max() > 1e-2
+
+
+def test_two_images_portrait_and_landscape(vision_ckpt, torch_mod):
+    folder, ref = vision_ckpt()
+    prompt = "<|user|>\n<|image_1|>\n<|image_2|>\nCompare the two pictures.<|end|>\n<|assistant|>\n"
+    _ours_vs_ref(folder, ref, torch_mod, prompt, [photo(300, 800, seed=13), screenshot(900, 400)])
+
+
+def test_greedy_generation_equal(vision_ckpt, torch_mod):
+    folder, ref = vision_ckpt()
+    prompt = "<|user|>\n<|image_1|>\nDescribe it.<|end|>\n<|assistant|>\n"
+    model, proc, inputs, rows, embeds = _ours_vs_ref(folder, ref, torch_mod, prompt, [photo(640, 480, seed=14)])
+    ours = [t for t, _ in generate_step(inputs["input_ids"][0].tolist(), model, max_tokens=10, image_rows=rows,
+                                        prefill_step_size=200)]
+    assert ours == ref.greedy(embeds, 10)
+
+
+def test_long_rope_regime_with_images(vision_ckpt, torch_mod):
+    """A prompt past original_max_position_embeddings takes the long factors (Phi-3.5-vision's lists)."""
+    folder, ref = vision_ckpt("Phi-3.5-vision-instruct", original_max_position_embeddings=512)
+    prompt = "<|user|>\n<|image_1|>\nAnd this?<|end|>\n<|assistant|>\n"
+    model, proc, inputs, rows, embeds = _ours_vs_ref(folder, ref, torch_mod, prompt, [photo(500, 450, seed=15)])
+    assert inputs["input_ids"].shape[1] > 512
+    ours = [t for t, _ in generate_step(inputs["input_ids"][0].tolist(), model, max_tokens=6, image_rows=rows,
+                                        prefill_step_size=128)]
+    assert ours == ref.greedy(embeds, 6)
+
+
+def test_processor_ids_match_chunked_tokenizer(vision_ckpt, transformers_mod):
+    folder, _ = vision_ckpt()
+    _, proc = load(folder)
+    hf = transformers_mod.AutoTokenizer.from_pretrained(str(folder))
+    prompt = "<|user|>\nFirst <|image_1|> then <|image_2|>, and text after.<|end|>\n<|assistant|>\n"
+    imgs = [photo(400, 300, seed=1), photo(300, 400, seed=2)]
+    out = proc(prompt, imgs)
+    n1, n2 = out["num_img_tokens"]
+    want = (hf("<|user|>\nFirst ").input_ids + [-1] * n1 + hf(" then ").input_ids + [-2] * n2
+            + hf(", and text after.<|end|>\n<|assistant|>\n").input_ids)
+    assert out["input_ids"][0].tolist() == want
+    assert want.count(1) == 3  # every chunk starts with the BOS, as the original processor gives
+
+
+def test_real_checkpoint_names_load():
+    """Every tensor of the real Phi-3-vision-128k checkpoint is a parameter of ours (shapes aside)."""
+    with gzip.open(DATA / "vision" / "model.safetensors.index.json.gz") as f:
+        names = set(json.load(f)["weight_map"])
+    cfg = reference_config("Phi-3-vision-128k-instruct")
+    cfg.update(hidden_size=128, intermediate_size=64, vocab_size=64)  # 32 heads of 4
+    cfg["rope_scaling"] = dict(cfg["rope_scaling"], short_factor=[1.0] * 2, long_factor=[1.0] * 2)
+    cfg["vision_config"] = dict(hidden_size=16, intermediate_size=16, num_attention_heads=2)
+    cfg["img_processor"] = dict(cfg["img_processor"], image_dim_out=16)
+    ours = {k for k, _ in tree_flatten(build_model(parse_config(cfg)).parameters())}
+    assert ours == names
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def test_placeholder_problems_named_at_once():
+    with pytest.raises(Phi3MLXError) as e:
+        image_order("<|image_1|> <|image_1|> <|image_3|>", 2)
+    msg = str(e.value)
+    assert "<|image_1|> repeats" in msg and "<|image_3|>" in msg and "image 2 given" in msg
+    with pytest.raises(Phi3MLXError, match="no image given"):
+        image_order("<|image_1|>", 0)
+    with pytest.raises(Phi3MLXError, match="has no <\\|image_1\\|>"):
+        image_order("no placeholder", 1)
+    assert image_order("<|image_2|> <|image_1|>", 2) == [2, 1]
+
+
+def test_unreadable_images(tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    trunc = tmp_path / "cut.jpg"
+    photo(200, 200).save(trunc)
+    trunc.write_bytes(trunc.read_bytes()[:300])
+    for src, needle in ((tmp_path / "missing.png", "image not found"), (bad, "not an image in a format"),
+                        (trunc, "unreadable image"), (tmp_path, "is a folder")):
+        with pytest.raises(Phi3MLXError, match=needle):
+            preprocess([src], 4)
+
+
+def test_bad_vision_config():
+    cfg = vision_config()
+    cfg["embd_layer"] = dict(cfg["embd_layer"], hd_transform_order="glb_sub")
+    cfg["vision_config"]["hidden_act"] = "gelu"
+    cfg["img_processor"]["image_dim_out"] = 33
+    with pytest.raises(Phi3MLXError) as e:
+        parse_config(cfg)
+    msg = str(e.value)
+    assert "hd_transform_order" in msg and "hidden_act" in msg and "image_dim_out 33" in msg
