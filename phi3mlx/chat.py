@@ -9,6 +9,7 @@ Commands, typed at the prompt:
     /help          list the commands
     /reset         clear the history (the system message stays)
     /system TEXT   set the system message and clear the history ("/system" alone removes it)
+    /image PATH    (vision models) attach an image (a path or URL) to the next message
     /exit          leave; so do Ctrl-D (end of input) and Ctrl-C at the prompt
 
 Empty lines are ignored; any other line starting with "/" is an unknown command.
@@ -29,8 +30,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import mlx.core as mx
+
 from .errors import Phi3MLXError
-from .generate import GenerationResponse, make_sampler, stream_generate
+from .generate import GenerationResponse, image_key, make_sampler, stream_generate
+from .models import place_rows
 from .tokenizer import utf8_problem
 
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed")  # make_sampler's arguments
@@ -39,6 +43,7 @@ HELP = """commands:
   /help          this list
   /reset         clear the history (the system message stays)
   /system TEXT   set the system message and clear the history ("/system" alone removes it)
+  /image PATH    (vision models) attach an image (a path or URL) to the next message
   /exit          leave (also Ctrl-D; Ctrl-C stops an answer, or leaves at the prompt)"""
 
 
@@ -49,6 +54,14 @@ class ContextOverflow(Phi3MLXError):
             f"this message makes the prompt {prompt_tokens} tokens, but the model's context is {context} "
             "tokens (no room for an answer); it was not added to the history (/reset starts over)"
         )
+
+
+@dataclass
+class ChatImage:
+    key: int  # names the image's content in the cached ids
+    rows: mx.array  # the vision tower's output for it, computed once
+    tokens: int  # prompt positions it takes
+    source: str
 
 
 @dataclass
@@ -67,10 +80,14 @@ class Chat:
     """
 
     def __init__(self, model, tokenizer, system: Optional[str] = None, max_tokens: int = 512,
-                 kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None, **gen_kwargs):
+                 kv_bits: Optional[int] = None, kv_group_size: Optional[int] = None,
+                 num_crops: Optional[int] = None, **gen_kwargs):
         self.model, self.tokenizer = model, tokenizer
         self.system = system or None
         self.history: list[dict] = []
+        self.images: list[ChatImage] = []  # image N of the conversation is images[N - 1]
+        self.pending: list[int] = []  # numbers of the images the next message carries
+        self.num_crops = num_crops
         self.max_tokens = max_tokens
         self.cache = model.make_cache(kv_bits, kv_group_size)
         self.gen_kwargs = gen_kwargs
@@ -81,6 +98,7 @@ class Chat:
     def reset(self, system: Optional[str] = ...) -> None:
         """Clear the history and the cache; with ``system`` given, also replace the system message."""
         self.history = []
+        self.images, self.pending = [], []
         self.cache.reset()
         if system is not ...:
             self.system = system or None
@@ -92,17 +110,42 @@ class Chat:
     def prompt(self, user: str) -> str:
         return self.tokenizer.apply_chat_template(self.messages(user), add_generation_prompt=True, tokenize=False)
 
+    def add_image(self, src: str) -> ChatImage:
+        """Read an image and run the vision tower on it once; the next message carries it."""
+        if not hasattr(self.model.model, "vision_embed_tokens") or not hasattr(self.tokenizer, "preprocess"):
+            raise Phi3MLXError(f"this model ({self.model.model_type}) takes no images")
+        batch = self.tokenizer.preprocess([src], self.num_crops)
+        rows = self.model.encode_images(batch.pixel_values, batch.image_sizes)[0]
+        mx.eval(rows)
+        image = ChatImage(image_key(batch.pixel_values[0], batch.image_sizes[0]), rows, batch.num_img_tokens[0], str(src))
+        self.images.append(image)
+        self.pending.append(len(self.images))
+        return image
+
+    def _ids(self, user: str):
+        """(ids, image rows) of the conversation with ``user`` as the next message."""
+        if not self.images:
+            return self.tokenizer.encode(self.prompt(user)), None
+        ids = self.tokenizer.tokenize(self.prompt(user), [im.tokens for im in self.images])
+        rows = place_rows([ids], [im.rows for im in self.images])
+        return [-self.images[-t - 1].key if t < 0 else t for t in ids], rows
+
     def ask(self, user: str, write: Callable[[str], None]) -> Reply:
         """Answer ``user``, passing text pieces to ``write`` as they come; raise ContextOverflow if it can't fit."""
-        ids = self.tokenizer.encode(self.prompt(user))
+        user = "".join(f"<|image_{n}|>\n" for n in self.pending) + user
+        ids, rows = self._ids(user)
         ctx = self.model.config.context_length
         if len(ids) >= ctx:
+            if self.pending:  # they came with this message, which is not kept
+                self.images = self.images[: self.pending[0] - 1]
+                self.pending = []
             raise ContextOverflow(len(ids), ctx)
+        self.pending = []
         max_tokens = min(self.max_tokens, ctx - len(ids))
         reply, last = Reply(""), None
         try:
             for last in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens, cache=self.cache,
-                                        **self.gen_kwargs):
+                                        image_rows=rows, **self.gen_kwargs):
                 reply.text += last.text
                 if last.text:
                     write(last.text)
@@ -196,6 +239,16 @@ def run(chat: Chat, ui) -> None:
             elif cmd == "/system":
                 chat.reset(system=arg.strip())
                 ui.notice(f"system message {'set' if chat.system else 'removed'}, history cleared")
+            elif cmd == "/image":
+                if not arg.strip():
+                    ui.notice("/image needs a path or URL")
+                    continue
+                try:
+                    image = chat.add_image(arg.strip())
+                except Phi3MLXError as e:
+                    ui.notice(str(e))
+                    continue
+                ui.notice(f"image {len(chat.images)} ({image.tokens} positions) goes with your next message")
             else:
                 ui.notice(f"unknown command {cmd}; /help lists the commands")
             continue
@@ -215,7 +268,10 @@ def main(args, model, tokenizer, gen_kwargs: dict) -> None:
     (a seed seeds the chat's one sampler, so turns do not repeat the same random stream)."""
     if args.max_tokens < 1:
         raise Phi3MLXError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens, **gen_kwargs)
+    chat = Chat(model, tokenizer, system=args.system, max_tokens=args.max_tokens,
+                num_crops=getattr(args, "num_crops", None), **gen_kwargs)
+    for src in getattr(args, "image", None) or []:
+        chat.add_image(src)
     if not sys.stdin.isatty():
         return run(chat, PlainUI())
     from rich.markup import escape

@@ -32,6 +32,7 @@ from .finetune.cli import add_parsers, apply_yaml, run_corpus, run_fuse, run_pre
 from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
 from .loader import load
+from .processor import IMAGE_TAG
 from .tiny import EMBEDDED_ID, TINY_ID
 from .tokenizer import utf8_problem
 
@@ -117,6 +118,15 @@ def _model_arg(p, required=False):
     p.add_argument("--adapter-path", default=None, help="folder with fine-tuned adapters to apply (unfused)")
 
 
+def _image_args(p):
+    p.add_argument("--image", "-i", action="append", default=None, metavar="PATH_OR_URL",
+                   help="an image for a vision model (phi3_v), repeatable: image N is <|image_N|> in the prompt; "
+                   "without placeholders the images go before the prompt's text")
+    p.add_argument("--num-crops", type=int, default=None,
+                   help="most 336-px crops per image (default: the folder's preprocessor_config.json, 16 for "
+                   "Phi-3-vision; 4 suits several images or video frames with Phi-3.5-vision)")
+
+
 def _sampling_args(p, max_tokens=256):
     p.add_argument("--max-tokens", "-m", type=int, default=max_tokens, help="most tokens to generate")
     p.add_argument("--temp", "--temperature", dest="temperature", type=float, default=0.0,
@@ -183,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="a prompt cache written by 'phi3mlx cache-prompt': the part of the prompt it holds is "
                    "not processed again")
+    _image_args(p)
     _sampling_args(p)
 
     p = sub.add_parser("cache-prompt", help="process a long prefix once and save its KV cache to a file",
@@ -205,11 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn)", formatter_class=_Formatter,
                        description="Interactive chat with history kept through the chat template. Commands: "
-                       "/reset clears the history, /system TEXT sets the system message, /exit leaves. "
+                       "/reset clears the history, /system TEXT sets the system message, /image PATH attaches "
+                       "an image to the next message (vision models), /exit leaves. "
                        "Ctrl-C stops the current answer. With stdin not a terminal, each input line is "
                        "answered once and the program exits at end of input.")
     _model_arg(p)
     p.add_argument("--system", default=None, help="system message")
+    _image_args(p)
     _sampling_args(p, max_tokens=512)
 
     p = sub.add_parser("bench", help="measure prefill/decode speed and memory, optionally against mlx-lm",
@@ -267,6 +280,20 @@ def _read_stdin() -> str:
     return sys.stdin.read()
 
 
+def image_problems(images) -> list[str]:
+    """Image paths that are missing or folders (checked before the model loads; URLs are read later)."""
+    out = []
+    for src in images:
+        if str(src).startswith(("http://", "https://")):
+            continue
+        p = Path(src).expanduser()
+        if not p.exists():
+            out.append(f"image not found: {src}")
+        elif p.is_dir():
+            out.append(f"{src} is a folder, not an image")
+    return out
+
+
 def _messages(system, user) -> list[dict]:
     """The conversation of one command: the system message and the user's prompt, each when given."""
     return [{"role": r, "content": c} for r, c in (("system", system), ("user", user)) if c]
@@ -285,13 +312,18 @@ def _cmd_generate(a):
                 utf8_problem(a.system, "the system message (--system)") if a.system else None]
     if not problems[0] and not prompt.strip():
         problems[0] = "the prompt is empty"
+    problems += image_problems(a.image or [])
     if any(problems):
         raise Phi3MLXError.many(problems)
     model, tok = load(a.model, adapter_path=a.adapter_path)
     _note_tiny(a)
+    if a.image and not a.raw and not IMAGE_TAG.search(prompt):
+        prompt = "".join(f"<|image_{i}|>\n" for i in range(1, len(a.image) + 1)) + prompt
     if not a.raw:
         prompt = tok.apply_chat_template(_messages(a.system, prompt), add_generation_prompt=True, tokenize=False)
     kwargs = sampling_kwargs(a)
+    if a.image:
+        kwargs.update(images=a.image, num_crops=a.num_crops)
     if a.prompt_cache:
         kwargs["cache"] = ModelCache.load(a.prompt_cache, model.identity())
         kwargs.pop("kv_bits"), kwargs.pop("kv_group_size")  # the file's own setting holds
@@ -341,6 +373,9 @@ def _cmd_chat(a):
         raise Phi3MLXError(utf8_problem(a.system, "the system message (--system)"))
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 becomes a one-line error, not a traceback
         sys.stdin.reconfigure(errors="surrogateescape")
+    problems = image_problems(a.image or [])
+    if problems:
+        raise Phi3MLXError.many(problems)
     model, tok = load(a.model, adapter_path=a.adapter_path)
     _note_tiny(a)
     chat_main(a, model, tok, sampling_kwargs(a))
@@ -402,6 +437,7 @@ def check_args(a) -> None:
         need("--min-p", lambda v: 0 <= v <= 1, "in [0, 1]")
         need("--repetition-penalty", lambda v: v > 0, "positive")
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
+        need("--num-crops", lambda v: 1 <= v <= 64, "between 1 and 64")
     if a.command == "cache-prompt":
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
     if a.command == "bench" and not (a.train or a.pretrain):  # before the model loads (and the tiny notice)

@@ -9,19 +9,28 @@ full forward pass over the sequence so far would give.
 
 ``make_sampler`` and ``make_logits_processors`` build the sampling parts; a seed gives a
 reproducible stream without touching MLX's global random state.
+
+Vision models (phi3_v): ``stream_generate(..., images=[...])`` runs the processor and the vision tower
+once (``image_prompt``); the prompt's image positions carry negative ids that name the image's
+content (``image_key``), so a cache prefix is reused only where the same images stand, and the
+cache keeps the image rows for any re-encode.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import ModelCache
 from .errors import Phi3MLXError
+from .models import place_rows
+from .processor import IMAGE_TAG
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -226,6 +235,43 @@ def reuse_prefix(model, cache: ModelCache, ids: Sequence[int]) -> List[int]:
     return list(ids[k:])
 
 
+def image_key(pixels: np.ndarray, size) -> int:
+    """A positive id (< 2**30) naming an image's content: its preprocessed pixels and padded size."""
+    h = zlib.crc32(np.ascontiguousarray(pixels).tobytes())
+    h = zlib.crc32(np.asarray(size, dtype=np.int64).tobytes(), h)
+    return 1 + h % (2**30 - 1)
+
+
+@dataclass
+class ImagePrompt:
+    ids: List[int]  # image positions hold -image_key(image)
+    rows: Optional[mx.array]  # (image positions, hidden), in prompt order
+    num_img_tokens: List[int]
+    seconds: float  # preprocessing and vision tower
+
+
+def image_prompt(model, processor, prompt: str, images: Sequence, num_crops: Optional[int] = None) -> ImagePrompt:
+    """A prompt with ``<|image_N|>`` placeholders and its images -> ids and image rows for the decoder."""
+    if not hasattr(model.model, "vision_embed_tokens") or not callable(processor):
+        raise Phi3MLXError(f"this model ({model.model_type}) takes no images")
+    tic = time.perf_counter()
+    inputs = processor(prompt, images, num_crops=num_crops)
+    ids = inputs["input_ids"][0].tolist()
+    ctx = model.config.context_length
+    if len(ids) > ctx:
+        sizes = ", ".join(str(n) for n in inputs["num_img_tokens"])
+        raise Phi3MLXError(f"the prompt with its {len(images)} image(s) takes {len(ids)} positions (images: {sizes}) "
+                           f"but the model's context is {ctx}; use fewer images or --num-crops")
+    rows = None
+    if images:
+        feats = model.encode_images(inputs["pixel_values"], inputs["image_sizes"])
+        rows = place_rows([ids], feats)
+        mx.eval(rows)
+        keys = [image_key(inputs["pixel_values"][i], inputs["image_sizes"][i]) for i in range(len(images))]
+        ids = [-keys[-t - 1] if t < 0 else t for t in ids]
+    return ImagePrompt(ids, rows, list(inputs["num_img_tokens"]), time.perf_counter() - tic)
+
+
 @dataclass
 class GenerationResponse:
     text: str
@@ -238,6 +284,7 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: Optional[str] = None  # "stop", "length", "context" (the context is full) or None while running
     cached_tokens: int = 0  # prompt tokens taken from the cache
+    image_seconds: float = 0.0  # image preprocessing and vision tower (before the prompt is processed)
 
 
 def _prompt_ids(tokenizer, prompt) -> List[int]:
@@ -268,6 +315,9 @@ def stream_generate(
     kv_group_size: Optional[int] = None,
     prefill_step_size: int = 2048,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
+    images: Optional[Sequence] = None,
+    num_crops: Optional[int] = None,
+    image_rows: Optional[mx.array] = None,
 ) -> Generator[GenerationResponse, None, None]:
     """Yield text pieces with their token id and running stats; stop on any end token.
 
@@ -275,7 +325,17 @@ def stream_generate(
     of token ids. Sampling settings build a sampler unless ``sampler`` is given. With ``cache`` (for
     example a loaded prompt cache), the part of it the prompt starts with is reused and the rest is
     dropped; the cache then holds the prompt and the answer.
+
+    Vision models: ``images`` (paths, URLs or Pillow images) for the prompt's ``<|image_N|>``
+    placeholders, ``tokenizer`` being the model's processor (``num_crops`` overrides its setting); or
+    an id prompt whose negative ids are image positions with their ``image_rows``.
     """
+    image_seconds = 0.0
+    if images or (isinstance(prompt, str) and hasattr(tokenizer, "tokenize") and IMAGE_TAG.search(prompt)):
+        if not isinstance(prompt, str):
+            raise Phi3MLXError("a prompt with images must be text with <|image_N|> placeholders")
+        ip = image_prompt(model, tokenizer, prompt, images, num_crops)
+        prompt, image_rows, image_seconds = ip.ids, ip.rows, ip.seconds
     ids = _prompt_ids(tokenizer, prompt)
     if not ids:
         raise Phi3MLXError("the prompt is empty")
@@ -290,17 +350,22 @@ def stream_generate(
         cache = model.make_cache(kv_bits, kv_group_size)
     todo = reuse_prefix(model, cache, ids)
     cached = len(ids) - len(todo)
+    todo_rows = None
+    if image_rows is not None:
+        k = sum(1 for t in todo if t < 0)
+        todo_rows = image_rows[image_rows.shape[0] - k :] if k else None
     detok = tokenizer.detokenizer()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     prompt_tps = gen_tps = 0.0
     n = 0
     steps = generate_step(todo, model, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
-                          cache=cache, prefill_step_size=prefill_step_size, prompt_progress=prompt_progress)
+                          cache=cache, prefill_step_size=prefill_step_size, prompt_progress=prompt_progress,
+                          image_rows=todo_rows)
 
     def stats() -> dict:
         return dict(prompt_tokens=len(ids), prompt_tps=prompt_tps, generation_tokens=n, generation_tps=gen_tps,
-                    peak_memory_gb=mx.get_peak_memory() / 1e9, cached_tokens=cached)
+                    peak_memory_gb=mx.get_peak_memory() / 1e9, cached_tokens=cached, image_seconds=image_seconds)
 
     for n, (tok, logprobs) in enumerate(steps, start=1):
         if n == 1:
@@ -336,7 +401,8 @@ def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = Fa
 
 def format_stats(r: GenerationResponse, context: Optional[int] = None) -> str:
     cached = f" ({r.cached_tokens} from the cache)" if r.cached_tokens else ""
-    line = (
+    images = f"images: {r.image_seconds:.2f} s | " if r.image_seconds else ""
+    line = images + (
         f"prompt: {r.prompt_tokens} tokens{cached}, {r.prompt_tps:.1f} tok/s | "
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
         f"peak memory: {r.peak_memory_gb:.3f} GB"

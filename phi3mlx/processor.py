@@ -100,22 +100,33 @@ class Processor(BaseTokenizer):
 
     def __call__(self, text: str, images: Optional[Sequence[ImageInput]] = None, num_crops: Optional[int] = None) -> dict:
         images = list(images or [])
-        order = image_order(text, len(images))
-        crops = self.settings.num_crops if num_crops is None else num_crops
-        batch = preprocess(images, crops, self.grid, self.settings.image_mean, self.settings.image_std) if images else None
-        ids: list[int] = []
-        chunks = IMAGE_TAG.split(text)[::2]  # the text between placeholders (split also returns the numbers)
-        for k, chunk in enumerate(chunks):
-            ids.extend(self.tokenizer.encode(chunk, add_special_tokens=True))
-            if k < len(order):
-                n = order[k]
-                ids.extend([-n] * batch.num_img_tokens[n - 1])
+        image_order(text, len(images))  # placeholder problems before any image is read
+        batch = self.preprocess(images, num_crops) if images else None
+        ids = self.tokenize(text, batch.num_img_tokens if batch is not None else [])
         out = {"input_ids": np.asarray([ids], dtype=np.int64)}
         if batch is not None:
             out.update(pixel_values=batch.pixel_values, image_sizes=batch.image_sizes, num_img_tokens=batch.num_img_tokens)
         else:
             out.update(pixel_values=None, image_sizes=None, num_img_tokens=[])
         return out
+
+    def preprocess(self, images: Sequence[ImageInput], num_crops: Optional[int] = None):
+        """Images -> ``ImageBatch`` (pixel_values, image_sizes, num_img_tokens) with this model's settings."""
+        crops = self.settings.num_crops if num_crops is None else num_crops
+        return preprocess(images, crops, self.grid, self.settings.image_mean, self.settings.image_std)
+
+    def tokenize(self, text: str, num_img_tokens: Sequence[int]) -> list[int]:
+        """The ids of ``text``: each chunk between placeholders tokenized on its own (with the BOS),
+        placeholder N as ``num_img_tokens[N - 1]`` copies of -N."""
+        order = image_order(text, len(num_img_tokens))
+        ids: list[int] = []
+        chunks = IMAGE_TAG.split(text)[::2]  # the text between placeholders (split also returns the numbers)
+        for k, chunk in enumerate(chunks):
+            ids.extend(self.tokenizer.encode(chunk, add_special_tokens=True))
+            if k < len(order):
+                n = order[k]
+                ids.extend([-n] * num_img_tokens[n - 1])
+        return ids
 
     # the tokenizer's interface ------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -243,3 +243,92 @@ def test_bad_vision_config():
         parse_config(cfg)
     msg = str(e.value)
     assert "hd_transform_order" in msg and "hidden_act" in msg and "image_dim_out 33" in msg
+
+
+# ------------------------------------------------------------------------------ generate / chat
+
+
+def _cli(capsys, *args):
+    from phi3mlx.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_generate_with_image_equals_python(vision_ckpt, tmp_path, capsys):
+    from phi3mlx.generate import generate
+
+    folder, _ = vision_ckpt()
+    img = tmp_path / "p.png"
+    photo(640, 300, seed=21).save(img)
+    code, out, err = _cli(capsys, "generate", "--model", folder, "--image", img, "--prompt", "What is this?",
+                          "--max-tokens", 6)
+    assert code == 0, err
+    model, proc = load(folder)
+    prompt = proc.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is this?"}],
+                                      add_generation_prompt=True, tokenize=False)
+    assert out.rstrip("\n") == generate(model, proc, prompt, max_tokens=6, images=[str(img)])
+
+
+def test_chat_image_rows_cached_and_reused(vision_ckpt):
+    """A chat turn with an image answers as generate does (itself checked against the reference); the
+    next turn reuses the image from the cache and still answers as a fresh generate over the history."""
+    from phi3mlx.chat import Chat
+    from phi3mlx.generate import generate
+
+    folder, _ = vision_ckpt()
+    model, proc = load(folder)
+    chat = Chat(model, proc, max_tokens=4)
+    img = photo(500, 450, seed=22)
+    chat.add_image(img)
+    first = chat.ask("What is it?", lambda s: None)
+    turn1 = [{"role": "user", "content": "<|image_1|>\nWhat is it?"}]
+    prompt = proc.apply_chat_template(turn1, add_generation_prompt=True, tokenize=False)
+    assert first.text == generate(model, proc, prompt, max_tokens=4, images=[img])
+    n_img = chat.images[0].tokens
+    second = chat.ask("And the colours?", lambda s: None)
+    assert chat.last.cached_tokens > n_img  # the image was not processed again
+    assert chat.cache.image_rows.shape[0] == n_img
+    turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And the colours?"}]
+    prompt = proc.apply_chat_template(turn2, add_generation_prompt=True, tokenize=False)
+    assert second.text == generate(model, proc, prompt, max_tokens=4, images=[img])
+
+
+def test_chat_image_command_and_bad_path(vision_ckpt, tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    folder, _ = vision_ckpt()
+    img = tmp_path / "c.jpg"
+    photo(300, 300, seed=23).save(img)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {tmp_path / 'nope.png'}\n/image {img}\nWhat is it?\n"))
+    code, out, err = _cli(capsys, "chat", "--model", folder, "--max-tokens", 3)
+    assert code == 0
+    assert "image not found" in err and "image 1 (" in err
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_cli_image_errors(vision_ckpt, hf_checkpoint, tmp_path, capsys):
+    from .helpers import assert_error
+
+    folder, _ = vision_ckpt()
+    text_folder, _ = hf_checkpoint("Phi-3-mini-4k-instruct")
+    small, _ = vision_ckpt(max_position_embeddings=1024, original_max_position_embeddings=512)
+    capsys.readouterr()
+    img = tmp_path / "a.png"
+    photo(400, 300, seed=24).save(img)
+    code, _, err = _cli(capsys, "generate", "--model", folder, "--image", tmp_path / "missing.png", "--prompt", "hi")
+    assert_error(code, err, "image not found", "missing.png")
+    code, _, err = _cli(capsys, "generate", "--model", folder, "--image", img, "--prompt", "<|image_2|> hi")
+    assert_error(code, err, "<|image_2|>", "image 1 given")
+    code, _, err = _cli(capsys, "generate", "--model", folder, "--prompt", "<|image_1|> hi")
+    assert_error(code, err, "<|image_1|>", "no image given")
+    code, _, err = _cli(capsys, "generate", "--model", text_folder, "--image", img, "--prompt", "hi")
+    assert_error(code, err, "takes no images")
+    notimg = tmp_path / "x.gif"
+    notimg.write_bytes(b"GIF89a garbage")
+    code, _, err = _cli(capsys, "generate", "--model", folder, "--image", notimg, "--prompt", "hi")
+    assert_error(code, err, "x.gif")
+    code, _, err = _cli(capsys, "generate", "--model", small, "--image", img, "--image", img, "--prompt", "two")
+    assert_error(code, err, "2 image(s) takes", "context is 1024")
