@@ -52,14 +52,19 @@ def convert(
     q_group_size: Optional[int] = None,
     dtype: Optional[str] = None,
     keep_float: tuple = (),
+    quantize_vision: bool = False,
     force: bool = False,
     context: Optional[int] = None,
     show_progress: bool = True,
 ) -> ConvertResult:
     """Convert ``hf_path`` into ``mlx_path``; with ``quantize``, ``q_bits`` (default 4) bits per weight in groups
-    of ``q_group_size`` (default 64). Giving ``q_bits``/``q_group_size`` without ``quantize`` is an error."""
+    of ``q_group_size`` (default 64). Giving ``q_bits``/``q_group_size`` without ``quantize`` is an error.
+
+    Vision models (phi3_v): quantizing covers the language model; the vision tower and projector stay
+    float unless ``quantize_vision``."""
     problems = []
-    given = [flag for flag, v in (("--q-bits", q_bits), ("--q-group-size", q_group_size)) if v is not None]
+    given = [flag for flag, v in (("--q-bits", q_bits), ("--q-group-size", q_group_size),
+                                  ("--quantize-vision", quantize_vision or None)) if v is not None]
     if given and not quantize:
         problems.append(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when quantizing: "
                         "add -q/--quantize")
@@ -88,6 +93,11 @@ def convert(
         raise Phi3MLXError(problem)
 
     model = build_model(cfg)
+    vision = hasattr(model.model, "vision_embed_tokens")
+    if quantize_vision and not vision:
+        raise Phi3MLXError(f"--quantize-vision applies to vision models; {src} is {cfg.model_type}")
+    if vision and not quantize_vision:
+        keep_float = tuple(keep_float) + ("model.vision_embed_tokens",)
     weights = hf_to_mlx(cfg.model_type, read_weights(src), cfg.tie_word_embeddings)
     check_weights(model, weights, str(src))
     target = DTYPES[dtype] if dtype else None

@@ -17,7 +17,8 @@ from phi3mlx.tokenizer import copy_tokenizer_files
 
 from .hf_to_mlx import DTYPES, _progress
 
-_HF_ARCH = {"phi3": "Phi3ForCausalLM", "phi3small": "Phi3SmallForCausalLM", "phimoe": "PhimoeForCausalLM"}
+_HF_ARCH = {"phi3": "Phi3ForCausalLM", "phi3small": "Phi3SmallForCausalLM", "phimoe": "PhimoeForCausalLM",
+            "phi3_v": "Phi3VForCausalLM"}
 
 
 def export_hf(mlx_path: str, hf_path: str, *, dtype: str | None = None, force: bool = False, show_progress: bool = True) -> Path:

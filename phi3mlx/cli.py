@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantization group size (with -q): 32, 64 or 128 (default: 64)")
     p.add_argument("--keep-embeddings-float", action="store_true", help="do not quantize the token embedding")
     p.add_argument("--keep-head-float", action="store_true", help="do not quantize the output head (lm_head)")
+    p.add_argument("--quantize-vision", action="store_true",
+                   help="vision models: also quantize the vision tower and projector (with -q; by default they "
+                   "stay float: they are small next to the language model and quantizing them costs accuracy)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="float type of the weights (default: the checkpoint's)")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate (default: min(model context, 4096))")
@@ -256,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_convert(a):
     keep = tuple(n for n, on in (("model.embed_tokens", a.keep_embeddings_float), ("lm_head", a.keep_head_float)) if on)
     res = convert(a.hf_path, a.mlx_path, quantize=a.quantize, q_bits=a.q_bits, q_group_size=a.q_group_size,
-                  dtype=a.dtype, keep_float=keep, force=a.force, context=a.context)
+                  dtype=a.dtype, keep_float=keep, quantize_vision=a.quantize_vision, force=a.force,
+                  context=a.context)
     for line in res.summary:
         print(line)
 

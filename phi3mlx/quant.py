@@ -38,14 +38,15 @@ def check_quant_args(bits: int, group_size: int) -> None:
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 64, keep_float=()) -> dict:
     """Quantize Linear and Embedding layers in place; return the config.json ``quantization`` block.
 
-    ``keep_float`` lists module paths (e.g. "lm_head", "model.embed_tokens") left in float; they are
-    recorded as ``"path": false`` overrides, the form mlx-lm and MLX Swift read.
+    ``keep_float`` lists module paths (e.g. "lm_head", "model.embed_tokens") left in float, each with
+    everything below it (``"model.vision_embed_tokens"``: the whole vision tower and projector); they
+    are recorded as ``"path": false`` overrides, the form mlx-lm and MLX Swift read.
     """
     check_quant_args(bits, group_size)
     keep = set(keep_float)
 
     def predicate(path, module):
-        if path in keep or not hasattr(module, "to_quantized"):
+        if path in keep or any(path.startswith(k + ".") for k in keep) or not hasattr(module, "to_quantized"):
             return False
         # The last axis must split into whole groups.
         return module.weight.shape[-1] % group_size == 0

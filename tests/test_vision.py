@@ -332,3 +332,63 @@ def test_cli_image_errors(vision_ckpt, hf_checkpoint, tmp_path, capsys):
     assert_error(code, err, "x.gif")
     code, _, err = _cli(capsys, "generate", "--model", small, "--image", img, "--image", img, "--prompt", "two")
     assert_error(code, err, "2 image(s) takes", "context is 1024")
+
+
+# ------------------------------------------------------------------------------ convert / export
+
+
+def test_convert_export_round_trip_exact(vision_ckpt, tmp_path):
+    from safetensors.numpy import load_file
+
+    from phi3mlx.convert.hf_to_mlx import convert
+    from phi3mlx.convert.mlx_to_hf import export_hf
+
+    folder, ref = vision_ckpt()
+    mlx_dir, hf_dir = tmp_path / "mlx", tmp_path / "hf"
+    convert(str(folder), str(mlx_dir), show_progress=False)
+    assert (mlx_dir / "preprocessor_config.json").exists()
+    mlx_w = load_file(str(next(mlx_dir.glob("*.safetensors"))))
+    patch = "model.vision_embed_tokens.img_processor.vision_model.embeddings.patch_embedding.weight"
+    assert mlx_w[patch].shape == (32, 14, 14, 3)  # channels-last, as mlx-vlm stores it
+    export_hf(str(mlx_dir), str(hf_dir), show_progress=False)
+    back = {}
+    for f in hf_dir.glob("*.safetensors"):
+        back.update(load_file(str(f)))
+    orig = {k: v.numpy() for k, v in ref.state_dict().items()}
+    assert set(back) == set(orig)
+    for k, v in orig.items():
+        assert back[k].shape == v.shape and np.array_equal(back[k], v), k
+    assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["Phi3VForCausalLM"]
+    # the converted folder loads and gives the same image rows as the original
+    img = photo(700, 300, seed=31)
+    outs = []
+    for d in (folder, mlx_dir, hf_dir):
+        model, proc = load(d)
+        inp = proc("<|image_1|>", [img])
+        outs.append(np.array(model.encode_images(inp["pixel_values"], inp["image_sizes"])[0]))
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def test_quantize_keeps_vision_float_unless_asked(vision_ckpt, tmp_path, capsys):
+    from phi3mlx.convert.hf_to_mlx import convert
+
+    folder, _ = vision_ckpt()
+    img = photo(700, 300, seed=32)
+    rows = {}
+    for name, qv in (("float", None), ("q", False), ("qv", True)):
+        out = tmp_path / name
+        if qv is None:
+            convert(str(folder), str(out), show_progress=False)
+        else:
+            convert(str(folder), str(out), quantize=True, q_group_size=32, quantize_vision=qv, show_progress=False)
+        model, proc = load(out)
+        inp = proc("<|image_1|>", [img])
+        rows[name] = np.array(model.encode_images(inp["pixel_values"], inp["image_sizes"])[0])
+        cfg = json.loads((out / "config.json").read_text())
+        if qv is False:
+            assert cfg["quantization"]["model.vision_embed_tokens.img_projection.0"] is False
+            assert "model.layers.0.self_attn.qkv_proj" not in cfg["quantization"]  # the language model is quantized
+    assert np.array_equal(rows["float"], rows["q"])
+    assert not np.array_equal(rows["float"], rows["qv"])
+    code, _, err = _cli(capsys, "convert", "--hf-path", folder, "--mlx-path", tmp_path / "x", "--quantize-vision")
+    assert code == 1 and "--quantize-vision applies only when quantizing" in err

@@ -187,7 +187,7 @@ class ClipEmbeddings(nn.Module):
         x = x.reshape(N, -1, C)
         cls = mx.broadcast_to(self.class_embedding.astype(x.dtype), (N, 1, C))
         x = mx.concatenate([cls, x], axis=1)
-        return x + self.position_embedding.weight.astype(x.dtype)
+        return x + self.position_embedding(mx.arange(x.shape[1])).astype(x.dtype)  # (a lookup: it may be quantized)
 
 
 class ClipVisionTransformer(nn.Module):
