@@ -20,6 +20,7 @@ from pathlib import Path
 from . import __version__
 from .bench import check_bench_args
 from .bench import main as bench_main
+from .bench_vision import main as bench_image_main
 from .cache import ModelCache
 from .chat import main as chat_main
 from .convert.hf_to_mlx import convert
@@ -241,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (best is reported)")
     p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
+    p.add_argument("--image", action="store_true",
+                   help="vision models: image encoding, prefill with an image and decode (without --model: a random "
+                   "Phi-3-vision-shaped folder with the full ViT-L/14-336 tower)")
+    p.add_argument("--num-crops", type=int, default=None, help="with --image: crops per image (default 4)")
+    p.add_argument("--compare-mlx-vlm", action="store_true", help="with --image: also run mlx-vlm on the same folder")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate")
     p.add_argument("--seed", type=int, default=0, help="seed for the random prompt")
     p.add_argument("--chat-turns", type=int, default=0, metavar="N",
@@ -390,6 +396,8 @@ def _cmd_bench(a):
         return bench_pretrain_main(a)
     if a.train:
         return bench_train_main(a)
+    if a.image:
+        return bench_image_main(a, DEFAULT_MODEL)
     _note_tiny(a)
     bench_main(a)
 
