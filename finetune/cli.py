@@ -43,7 +43,7 @@ from . import lora, tokenizer_train
 from . import pretrain as P
 from .corpus import general_corpus
 from .synthetic import chat_dialogues, textbook_documents, write_jsonl
-from .losses import make_dpo_loss, sft_loss
+from .losses import make_dpo_loss, make_image_sft_loss, sft_loss
 from .trainer import CHECKPOINT, METRICS, TrainArgs, remove_run_files, train
 
 # What a training run writes into --adapter-path (--force replaces exactly these).
@@ -520,6 +520,11 @@ def run_training(a, dpo: bool = False) -> list[dict]:
                      seed=a.seed)
     problems += args.problems()
     problems += _size_problems(len(rows), len(val_rows), a.batch_size, world)
+    with_images = any(r.get("images") for r in rows + val_rows)
+    if with_images:
+        problems += (["image rows train with phi3mlx lora (supervised), not DPO"] if dpo else
+                     [f"{a.data}: images go with chat rows ('messages'), not {fmt} rows"] if fmt != "chat" else
+                     D.image_problems(rows + val_rows))
     if problems:
         raise Phi3MLXError.many(problems)
     if warmup != a.warmup:
@@ -528,7 +533,18 @@ def run_training(a, dpo: bool = False) -> list[dict]:
 
     mx.random.seed(a.seed)
     model, tok = load(a.model)
-    if dpo:
+    table = None
+    if with_images:  # a vision model: its frozen tower encodes every image once, adapters go on the decoder
+        if not hasattr(tok, "preprocess"):
+            raise Phi3MLXError(f"{a.data} has images but {a.model} ({model.model_type}) takes no images")
+        table = D.ImageTable(model, tok)
+        n_images = len({str(p) for r in rows + val_rows
+                        for p in D.image_paths(r, Path(getattr(r, "file", ".") or ".").parent)[0]})
+        say(f"encoding {n_images} image(s) with the vision tower")
+        train_ex = [D.encode_sft_images(r, tok, table) for r in rows]
+        val_ex = [D.encode_sft_images(r, tok, table) for r in val_rows]
+        args.compile = False  # the image rows are looked up on the host per batch
+    elif dpo:
         train_ex = [D.encode_preference(r, fmt, tok) for r in rows]
         val_ex = [D.encode_preference(r, fmt, tok) for r in val_rows]
     else:
@@ -557,7 +573,7 @@ def run_training(a, dpo: bool = False) -> list[dict]:
         val = (lambda: D.iterate_preference_batches(val_ex, a.batch_size, a.max_seq_length, shuffle=False)) \
             if val_ex else None
     else:
-        loss_fn = sft_loss
+        loss_fn = sft_loss if table is None else make_image_sft_loss(table.rows_for)
         batches = D.iterate_batches(train_ex, a.batch_size, a.max_seq_length, seed=a.seed, loop=True, pack=a.pack)
         val = (lambda: D.iterate_batches(val_ex, a.batch_size, a.max_seq_length, shuffle=False, pack=a.pack)) \
             if val_ex else None

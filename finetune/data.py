@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from phi3mlx.errors import Phi3MLXError
+from phi3mlx.processor import IMAGE_TAG
 from phi3mlx.tokenizer import BaseTokenizer
 
 FORMATS = ("text", "completion", "chat", "preference", "openai_preference")
@@ -264,23 +265,25 @@ def _unstable(where: str, k: int) -> Phi3MLXError:
                         f"message {k} is not a prefix of the whole), so its assistant tokens cannot be found")
 
 
-def _assistant_mask(messages: Messages, tokenizer: BaseTokenizer, where: str, tools=None) -> SFTExample:
+def _assistant_mask(messages: Messages, tokenizer: BaseTokenizer, where: str, tools=None, render=None) -> SFTExample:
     """The rendered conversation (N ids) and a mask (N) that is 1 on every assistant turn.
 
     A turn is found by rendering progressively: it starts after the conversation before it rendered
     with the generation prompt, and ends where the conversation through it rendered closed
     (``add_generation_prompt=False``, e.g. a trailing eos) and open (with the generation prompt) part:
     the content and its end token (``<|end|>``), not what closes the whole conversation. Each partial
-    rendering must be a token prefix of the full one.
+    rendering must be a token prefix of the full one. ``render(messages, add_generation_prompt)``
+    replaces the template's own tokenization (the vision models' image positions).
     """
-    full = _render(tokenizer, messages, False, where, tools)
+    render = render or (lambda m, gen: _render(tokenizer, m, gen, where, tools))
+    full = render(messages, False)
     mask = [0] * len(full)
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:k], True, where, tools)
-        closed = _render(tokenizer, messages[: k + 1], False, where, tools)
-        opened = _render(tokenizer, messages[: k + 1], True, where, tools)
+        before = render(messages[:k], True)
+        closed = render(messages[: k + 1], False)
+        opened = render(messages[: k + 1], True)
         end = _common_prefix(closed, opened)
         if full[: len(before)] != before or full[:end] != closed[:end] or end <= len(before):
             raise _unstable(where, k)
@@ -318,6 +321,97 @@ def encode_sft(row: dict, fmt: str, tokenizer: BaseTokenizer, mask_prompt: bool 
     if fmt in PREFERENCE_FORMATS:
         raise Phi3MLXError(f"{where}: {fmt} data is for preference training, not supervised fine-tuning")
     raise Phi3MLXError(f"unknown data format {fmt!r} (expected one of {', '.join(SFT_FORMATS)})")
+
+
+# --- image rows (vision models) -------------------------------------------------------------------
+
+
+def image_paths(row: dict, base: Path) -> tuple[list[Path], Optional[str]]:
+    """The row's ``images`` as paths (relative ones from the data file's folder), or a problem."""
+    images = row.get("images")
+    if images is None:
+        return [], None
+    if not isinstance(images, list) or not all(isinstance(x, str) and x for x in images):
+        return [], "'images' is not a list of image paths"
+    paths = [Path(x).expanduser() if Path(x).expanduser().is_absolute() else base / x for x in images]
+    missing = [str(p) for p in paths if not p.is_file()]
+    return paths, (f"image(s) not found: {', '.join(missing)}" if missing else None)
+
+
+def image_problems(rows: Sequence[dict]) -> list[str]:
+    """Every row whose images are not a list of existing files (checked before the model loads)."""
+    problems = []
+    for row in rows:
+        _, problem = image_paths(row, Path(getattr(row, "file", ".") or ".").parent)
+        if problem:
+            problems.append(f"{_where(row)}: {problem}")
+    return problems
+
+
+class ImageTable:
+    """The vision tower's rows of every image in a data set, computed once (the tower is frozen).
+
+    Image k (1-based, one per distinct file) stands in the encoded ids as -k at each of its positions;
+    ``rows_for`` gives the rows for a batch's negative ids (row-major, as the decoder takes them)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
+        self.keys: dict[str, int] = {}
+        self.rows: list[mx.array] = []
+
+    def add(self, path: Path) -> int:
+        key = str(Path(path).resolve())
+        if key not in self.keys:
+            batch = self.processor.preprocess([path])
+            rows = self.model.encode_images(batch.pixel_values, batch.image_sizes)[0]
+            mx.eval(rows)
+            self.rows.append(rows)
+            self.keys[key] = len(self.rows)
+        return self.keys[key]
+
+    def rows_for(self, inputs: np.ndarray) -> Optional[mx.array]:
+        """(n, hidden) for the negative ids of ``inputs`` (B, L): each run of -k takes image k's rows
+        from the start (a sequence cut at the end keeps the first rows of a cut image)."""
+        parts = []
+        for row in np.asarray(inputs):
+            neg = np.nonzero(row < 0)[0]
+            if not len(neg):
+                continue
+            starts = [0] + [i for i in range(1, len(neg)) if neg[i] != neg[i - 1] + 1 or row[neg[i]] != row[neg[i - 1]]]
+            for a, b in zip(starts, starts[1:] + [len(neg)]):
+                parts.append(self.rows[-int(row[neg[a]]) - 1][: b - a])
+        return mx.concatenate(parts, axis=0) if parts else None
+
+
+def encode_sft_images(row: dict, processor, table: ImageTable) -> SFTExample:
+    """A chat row with ``images`` for a vision model: ``(ids, mask)`` with image k's positions -k.
+
+    Placeholders ``<|image_N|>`` in the messages name the row's images (N = 1.. in the order given);
+    a row without any gets them before the first user message's text. The assistant turns are the
+    targets, found as ``encode_sft`` finds them."""
+    where = _where(row)
+    paths, problem = image_paths(row, Path(getattr(row, "file", ".") or ".").parent)
+    if problem:
+        raise Phi3MLXError(f"{where}: {problem}")
+    messages = [dict(m) for m in row["messages"]]
+    if paths and not any(IMAGE_TAG.search(m["content"]) for m in messages):
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None:
+            raise Phi3MLXError(f"{where}: images but no user message to carry them")
+        first["content"] = "".join(f"<|image_{i}|>\n" for i in range(1, len(paths) + 1)) + first["content"]
+    keys = [table.add(p) for p in paths]
+    counts = [table.rows[k - 1].shape[0] for k in keys]
+
+    def render(msgs: Messages, gen: bool) -> list[int]:
+        text = processor.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        n = len(IMAGE_TAG.findall(text))  # a prefix of the conversation holds the first n images
+        try:
+            ids = processor.tokenize(text, counts[:n])
+        except Phi3MLXError as e:
+            raise Phi3MLXError(f"{where}: {e} (placeholders must appear in order, each once)") from None
+        return [-keys[-t - 1] if t < 0 else t for t in ids]
+
+    return _assistant_mask(messages, processor, where, render=render)
 
 
 def _preference_parts(row: dict, fmt: str) -> tuple[Messages, Messages, Messages, Optional[list]]:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from phi3mlx.adapters import adapters_disabled
 from phi3mlx.errors import Phi3MLXError
@@ -44,6 +45,22 @@ def sft_loss(model: nn.Module, batch: Batch) -> Tuple[mx.array, mx.array]:
     count = mask.sum()
     loss = -(logps * mask).sum() / mx.maximum(count, 1.0)
     return loss, count.astype(mx.int32)
+
+
+def make_image_sft_loss(rows_for: Callable) -> Callable:
+    """``sft_loss`` for batches with image positions (negative ids): ``rows_for(inputs)`` gives their
+    rows (a frozen vision tower's output, ``data.ImageTable.rows_for``). Runs uncompiled (the rows are
+    looked up on the host)."""
+
+    def loss(model: nn.Module, batch: Batch) -> Tuple[mx.array, mx.array]:
+        inputs, targets, mask = batch
+        rows = rows_for(np.array(inputs))
+        mask = mask.astype(mx.float32)
+        logps = token_logps(model(inputs, image_rows=rows), mx.maximum(targets, 0))  # image targets are masked out
+        count = mask.sum()
+        return -(logps * mask).sum() / mx.maximum(count, 1.0), count.astype(mx.int32)
+
+    return loss
 
 
 def sequence_logps(model: nn.Module, inputs: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
