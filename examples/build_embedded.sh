@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# Rebuild the built-in model (phi3mlx:embedded) from scratch: pretrain, chat-tune, fuse, evaluate.
+# Rebuild the built-in model (phi3mlx:embedded) from scratch: pretrain, three chat-tuning stages, evaluate.
 # Run from the repository root. Resumable: rerun a step with --resume after an interruption.
 set -euo pipefail
 OUT="${1:-phi3mlx/assets/embedded}"
 phi3mlx pretrain --config examples/embedded.yaml --force                        # 1. pretrain (two phases)
 phi3mlx corpus dialogues --out runs/embedded-chat-data --examples 20000 --valid 500 --seed 11 --force  # 2. chats
-phi3mlx lora --config examples/embedded-chat.yaml --force                       # 3. chat-tune
-phi3mlx fuse --model runs/embedded-base --adapter-path runs/embedded-chat --save-path "$OUT" --force  # 4. fuse
-python - "$OUT" <<'PY'                                                         # 5. record the recipe
-import json, sys, yaml
+phi3mlx lora --config examples/embedded-chat.yaml --force                       # 3. chat-tune, stage 1
+phi3mlx fuse --model runs/embedded-base --adapter-path runs/embedded-chat --save-path runs/embedded-stage1 --force
+phi3mlx corpus dialogues --out runs/embedded-chat2-data --examples 60000 --valid 300 --seed 11 --shares addition=0.75,world=0.2,unknown=0.05 --force  # 4.
+phi3mlx lora --config examples/embedded-chat2.yaml --force                      # 5. stage 2
+phi3mlx fuse --model runs/embedded-stage1 --adapter-path runs/embedded-chat2 --save-path runs/embedded-stage2 --force
+phi3mlx corpus dialogues --out runs/embedded-chat3-data --examples 100000 --valid 300 --seed 12 --shares addition=0.85,world=0.12,unknown=0.03 --force  # 6.
+phi3mlx lora --config examples/embedded-chat3.yaml --force                      # 7. stage 3
+phi3mlx fuse --model runs/embedded-stage2 --adapter-path runs/embedded-chat3 --save-path "$OUT" --force  # 8. fuse
+python - "$OUT" <<'PY'                                                         # 9. record the recipe
+import json, re, sys, yaml
 from pathlib import Path
 out = Path(sys.argv[1])
-state = json.loads(Path("runs/embedded-chat/checkpoint/trainer_state.json").read_text())
-recipe = {"pretrain": yaml.safe_load(Path("runs/embedded-base/pretrain.yaml").read_text()),
-          "chat_data": {"examples": 20000, "valid": 500, "seed": 11},
-          "chat_tune": state["args"],
-          "adapters": json.loads(Path("runs/embedded-chat/adapter_config.json").read_text())}
+script = Path("examples/build_embedded.sh").read_text()
+stages = []
+for n, (run, data) in enumerate([("embedded-chat", "embedded-chat-data"), ("embedded-chat2", "embedded-chat2-data"),
+                                 ("embedded-chat3", "embedded-chat3-data")], start=1):
+    m = re.search(rf"--out runs/{data} --examples (\d+) --valid (\d+) --seed (\d+)(?: --shares (\S+))?", script)
+    state = json.loads(Path(f"runs/{run}/checkpoint/trainer_state.json").read_text())
+    adapters = json.loads(Path(f"runs/{run}/adapter_config.json").read_text())
+    adapters.pop("base_model", None)
+    stages.append({"data": {"examples": int(m[1]), "valid": int(m[2]), "seed": int(m[3]), "shares": m[4]},
+                   "args": state["args"], "adapters": adapters})
+recipe = {"pretrain": yaml.safe_load(Path("runs/embedded-base/pretrain.yaml").read_text()), "chat_stages": stages}
 (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
 PY
-python examples/eval_embedded.py --model "$OUT"                                 # 6. evaluate
+python examples/eval_embedded.py --model "$OUT"                                 # 10. evaluate

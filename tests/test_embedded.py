@@ -37,10 +37,14 @@ def test_it_is_the_default_and_fits_the_size_budget():
     assert {"config.json", "tokenizer.json", "tokenizer_config.json", "recipe.json"} <= names
 
 
+STAGES = [("embedded-chat.yaml", "embedded-chat-data"), ("embedded-chat2.yaml", "embedded-chat2-data"),
+          ("embedded-chat3.yaml", "embedded-chat3-data")]
+
+
 def test_the_shipped_folder_comes_from_the_recipe():
     """recipe.json (written by build_embedded.sh from the runs) equals examples/embedded.yaml resolved, the
-    chat-tune settings of examples/embedded-chat.yaml and the dialogue data of build_embedded.sh; the
-    shipped config.json is the recipe's model."""
+    settings of the three chat-tuning configs and the dialogue data of build_embedded.sh; the shipped
+    config.json is the recipe's model."""
     recipe = json.loads((EMBEDDED_PATH / "recipe.json").read_text())
     want = PretrainConfig.from_yaml(EXAMPLES / "embedded.yaml").resolved()
     assert recipe["pretrain"] == json.loads(json.dumps(want))
@@ -48,35 +52,40 @@ def test_the_shipped_folder_comes_from_the_recipe():
     for k, v in want["model"].items():
         assert config[k] == v, k
     assert config["vocab_size"] == want["tokenizer"]["vocab_size"]
-    chat = yaml.safe_load((EXAMPLES / "embedded-chat.yaml").read_text())
-    args = recipe["chat_tune"]
-    for k, key in (("iters", "iters"), ("batch_size", "batch_size"), ("lr", "learning_rate"), ("warmup", "warmup"),
-                   ("min_lr_ratio", "min_lr_ratio"), ("seed", "seed")):
-        assert args[key] == chat[k], k
-    assert recipe["adapters"]["fine_tune_type"] == "full"
     script = (EXAMPLES / "build_embedded.sh").read_text()
-    data = recipe["chat_data"]
-    m = re.search(r"corpus dialogues .*--examples (\d+) --valid (\d+) --seed (\d+)", script)
-    assert m and [int(x) for x in m.groups()] == [data["examples"], data["valid"], data["seed"]]
-    assert f"--examples {data['examples']} --valid {data['valid']} --seed {data['seed']}" in script
+    assert len(recipe["chat_stages"]) == len(STAGES)
+    for (cfg_name, data_dir), stage in zip(STAGES, recipe["chat_stages"]):
+        chat = yaml.safe_load((EXAMPLES / cfg_name).read_text())
+        args = stage["args"]
+        for k, key in (("iters", "iters"), ("batch_size", "batch_size"), ("lr", "learning_rate"), ("warmup", "warmup"),
+                       ("min_lr_ratio", "min_lr_ratio"), ("seed", "seed")):
+            assert args[key] == chat[k], (cfg_name, k)
+        assert stage["adapters"]["fine_tune_type"] == "full" and chat["full"] is True
+        d = stage["data"]
+        line = f"--out runs/{data_dir} --examples {d['examples']} --valid {d['valid']} --seed {d['seed']}"
+        line += f" --shares {d['shares']}" if d["shares"] else ""
+        assert line + " --force" in script, line
+        assert f"--config examples/{cfg_name}" in script
+        assert chat["data"] == f"runs/{data_dir}"
 
 
 def test_it_answers_additions_in_the_trained_form(embedded):
-    """Every held-out addition gets "The answer is N." with a number near the sum. (The issue's target, the
-    exact sum on 90% of them, is not reached by the shipped model: about 1% are exact.)"""
+    """Every held-out addition gets "The answer is N."; 17% of the 200 are the exact sum. (The issue's
+    target, the exact sum on 90% of them, is not reached by the shipped model.)"""
     model, tok = embedded
     sets = eval_sets()
-    res = evals.evaluate_chat(model, tok, {"addition": sets["addition"][::10]})  # 20 of the 200, all 3 forms
+    res = evals.evaluate_chat(model, tok, {"addition": sets["addition"]})  # all 200, all 3 forms
     replies = [f["reply"] for f in res["failures"]["addition"]]
     assert all(re.match(r"The answer is \d+\.", r) for r in replies), replies
+    assert res["addition"] >= 0.12, res["addition"]
 
 
 def test_it_knows_its_world_and_says_when_it_does_not_know(embedded):
     model, tok = embedded
     sets = eval_sets()
     res = evals.evaluate_chat(model, tok, {"world": sets["world"][::7], "unknown": sets["unknown"][::3]})
-    assert res["world"] >= 0.4, res["failures"]["world"][:5]  # 62.9% on all 140
-    assert res["unknown"] >= 0.7, res["failures"]["unknown"][:5]  # 93.3% on all 30
+    assert res["world"] >= 0.6, res["failures"]["world"][:5]  # 78.6% on all 140
+    assert res["unknown"] >= 0.8, res["failures"]["unknown"][:5]  # 100% on all 30
 
 
 def test_the_first_command_answers_offline(capsys):
