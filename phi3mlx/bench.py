@@ -27,7 +27,7 @@ import mlx.core as mx
 
 from .benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
                        fmt, params_bytes, progress_printer, ratio, ratio_line, report_console,
-                       run_alternating)
+                       run_alternating, time_stream)
 from .chat import Chat
 from .errors import Phi3MLXError
 from .generate import generate_step
@@ -126,21 +126,8 @@ def _mlx_lm(path: Path) -> _Engine:
 
 
 def _timed_run(engine: _Engine, ids: List[int], gen_tokens: int) -> dict:
-    tokens: List[int] = []
-    t_first = None
     with MemoryWatch(engine.synchronize) as mem:
-        it = engine.stream(ids, gen_tokens)
-        t0 = time.perf_counter()
-        try:
-            for tok in it:
-                tokens.append(tok)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if len(tokens) >= gen_tokens:
-                    break
-            t_end = time.perf_counter()
-        finally:
-            it.close()
+        tokens, t0, t_first, t_end = time_stream(engine.stream(ids, gen_tokens), gen_tokens)
     if t_first is None:
         raise Phi3MLXError(f"{engine.name} produced no tokens")
     prefill_s = t_first - t0

@@ -33,7 +33,7 @@ from mlx.utils import tree_flatten
 from PIL import Image, ImageDraw
 
 from .benchkit import (MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line, fmt, params_bytes,
-                       progress_printer, ratio, ratio_line, report_console, run_alternating)
+                       progress_printer, ratio, ratio_line, report_console, run_alternating, time_stream)
 from .errors import Phi3MLXError
 from .generate import generate_step
 from .loader import load
@@ -141,20 +141,10 @@ def _timed(e: _Engine, gen_tokens: int) -> dict:
     t0 = time.perf_counter()
     e.encode()
     encode_s = time.perf_counter() - t0
-    toks, t_first = [], None
     with MemoryWatch() as mem:
-        it = e.stream(gen_tokens)
-        t0 = time.perf_counter()
-        try:
-            for tok in it:
-                toks.append(tok)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if len(toks) >= gen_tokens:
-                    break
-            t_end = time.perf_counter()
-        finally:
-            it.close()
+        toks, t0, t_first, t_end = time_stream(e.stream(gen_tokens), gen_tokens)
+    if t_first is None:
+        raise Phi3MLXError(f"{e.name} produced no tokens")
     return {"encode_s": encode_s, "prefill_s": t_first - t0,
             "decode_tps": (len(toks) - 1) / max(t_end - t_first, 1e-9) if len(toks) > 1 else None,
             "peak_gb": mem.peak_gb(e.weights_bytes), "tokens": toks}

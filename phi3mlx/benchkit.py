@@ -13,7 +13,8 @@ from __future__ import annotations
 import gc
 import statistics
 import sys
-from typing import Callable, Iterable, Optional, Sequence
+import time
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -83,6 +84,25 @@ class MemoryWatch:
 
     def peak_gb(self, weights_bytes: int) -> float:
         return (weights_bytes + max(0, self.process_peak - self.active0)) / 1e9
+
+
+def time_stream(it: Iterator[int], n: int) -> tuple[list, float, Optional[float], float]:
+    """Consume at most ``n`` tokens of a token iterator (closed afterwards): (tokens, start, time of the
+    first token or None, end), times from ``time.perf_counter``."""
+    tokens: list = []
+    t_first = None
+    t0 = time.perf_counter()
+    try:
+        for tok in it:
+            tokens.append(tok)
+            if t_first is None:
+                t_first = time.perf_counter()
+            if len(tokens) >= n:
+                break
+        t_end = time.perf_counter()
+    finally:
+        it.close()
+    return tokens, t0, t_first, t_end
 
 
 def run_alternating(engines: Sequence, repeats: int, run: Callable, say: Callable[[str], None]) -> None:

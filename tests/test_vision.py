@@ -446,3 +446,22 @@ def test_lora_image_rows_bad_input(vision_ckpt, hf_checkpoint, tmp_path, capsys)
     (data / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
     code, _, err = _cli(capsys, "lora", "--model", text_folder, "--data", data, "--iters", 1, "--batch-size", 1)
     assert_error(code, err, "takes no images")
+
+
+def test_bench_image_runs_on_a_vision_folder(vision_ckpt):
+    from phi3mlx.bench_vision import print_image_report, run_image_bench
+
+    folder, _ = vision_ckpt(num_crops=1)
+    res = run_image_bench(str(folder), num_crops=1, gen_tokens=3, repeats=1, compare_mlx_vlm=False)
+    r = res["engines"]["phi3mlx"]
+    assert r["encode_s"] > 0 and r["prefill_s"] >= 0 and len(r["tokens"]) == 3
+    assert res["image_tokens"] == [image_tokens(*res["image_sizes"][0])]
+    print_image_report(res)
+
+
+def test_bench_image_refuses_a_text_model(hf_checkpoint):
+    from phi3mlx.bench_vision import run_image_bench
+
+    folder, _ = hf_checkpoint("Phi-3-mini-4k-instruct")
+    with pytest.raises(Phi3MLXError, match="needs a vision model"):
+        run_image_bench(str(folder), compare_mlx_vlm=False, gen_tokens=2, repeats=1)
