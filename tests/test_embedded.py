@@ -70,11 +70,11 @@ def test_the_shipped_folder_comes_from_the_recipe():
 
 
 def test_it_answers_additions_in_the_trained_form(embedded):
-    """Every held-out addition gets "The answer is N."; 17% of the 200 are the exact sum. (The issue's
-    target, the exact sum on 90% of them, is not reached by the shipped model.)"""
+    """Every held-out addition gets "The answer is N."; 17% of the 200 are the exact sum (17 of the 100
+    asked here). (The issue's target, the exact sum on 90% of them, is not reached by the shipped model.)"""
     model, tok = embedded
     sets = eval_sets()
-    res = evals.evaluate_chat(model, tok, {"addition": sets["addition"]})  # all 200, all 3 forms
+    res = evals.evaluate_chat(model, tok, {"addition": sets["addition"][::2]})  # 100 of the 200, all 3 forms
     replies = [f["reply"] for f in res["failures"]["addition"]]
     assert all(re.match(r"The answer is \d+\.", r) for r in replies), replies
     assert res["addition"] >= 0.12, res["addition"]
