@@ -221,7 +221,7 @@ def print_image_report(res: dict, console=None) -> None:
         table.add_row(name, fmt(r["encode_s"], ".3f"), fmt(r["prefill_s"], ".3f"), fmt(r["decode_tps"]),
                       fmt(r["peak_gb"], ".3f"))
     if "ratio_encode" in res:
-        add_ratio_row(table, "speed ours / mlx-vlm", fmt(res["ratio_encode"], ".2f", "x"),
+        add_ratio_row(table, "ours vs mlx-vlm (speed x; memory ours/theirs)", fmt(res["ratio_encode"], ".2f", "x"),
                       fmt(res["ratio_prefill"], ".2f", "x"), fmt(res["ratio_decode"], ".2f", "x"),
                       fmt(res["ratio_memory"], ".2f", "x"))
     console.print(table)

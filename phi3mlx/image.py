@@ -37,7 +37,6 @@ CROP = 336
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_BYTES = 64 * 1024**2  # a downloaded image larger than this is refused
-Image.MAX_IMAGE_PIXELS = 178956970  # Pillow's default decompression-bomb limit, stated
 
 ImageInput = Union[str, os.PathLike, Image.Image]
 
@@ -71,7 +70,7 @@ def _decode(f, name: str) -> Image.Image:
     except UnidentifiedImageError:
         raise Phi3MLXError(f"{name}: not an image in a format Pillow reads") from None
     except Image.DecompressionBombError:
-        raise Phi3MLXError(f"{name}: the image has too many pixels (over {Image.MAX_IMAGE_PIXELS})") from None
+        raise Phi3MLXError(f"{name}: the image has too many pixels (Pillow refuses over {2 * Image.MAX_IMAGE_PIXELS})") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise Phi3MLXError(f"{name}: unreadable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return img
