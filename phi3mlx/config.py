@@ -262,13 +262,18 @@ def read_config(path: str | Path) -> dict[str, Any]:
     f = p / "config.json"
     if not f.exists():
         raise Phi3MLXError(f"no config.json in {p}")
+    return read_json_object(f)
+
+
+def read_json_object(f: Path) -> dict[str, Any]:
+    """A JSON file holding an object; one-line errors naming the file."""
     try:
-        cfg = json.loads(f.read_text())
+        value = json.loads(Path(f).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise Phi3MLXError(f"{f}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise Phi3MLXError(f"{f}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+    if not isinstance(value, dict):
+        raise Phi3MLXError(f"{f}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict[str, Any]:

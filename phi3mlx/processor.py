@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .config import read_json_object
 from .errors import Phi3MLXError
 from .image import CLIP_MEAN, CLIP_STD, ImageInput, preprocess
 from .tokenizer import BaseTokenizer, StreamingDetokenizer
@@ -40,12 +41,7 @@ class ProcessorSettings:
         f = Path(folder) / PREPROCESSOR_FILE
         if not f.exists():
             return cls()
-        try:
-            raw = json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Phi3MLXError(f"{f}: not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise Phi3MLXError(f"{f}: expected a JSON object")
+        raw = read_json_object(f)
         problems = []
         n = raw.get("num_crops", DEFAULT_NUM_CROPS)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:

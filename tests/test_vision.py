@@ -489,3 +489,17 @@ def test_image_from_url(tmp_path):
             preprocess([f"{url}/missing.png"], 4)
     finally:
         server.shutdown()
+
+
+def test_bad_preprocessor_config(tmp_path):
+    from phi3mlx.processor import ProcessorSettings
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"num_crops": 0, "image_std": [0.2, 0, 0.3]}))
+    with pytest.raises(Phi3MLXError) as e:
+        ProcessorSettings.read(tmp_path)
+    assert "num_crops" in str(e.value) and "image_std" in str(e.value)
+    (tmp_path / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(Phi3MLXError, match="not valid JSON"):
+        ProcessorSettings.read(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"num_crops": 4}))
+    assert ProcessorSettings.read(tmp_path).num_crops == 4
