@@ -1,0 +1,1 @@
+"""Custom kernels (blocksparse attention, MoE) written once for Metal, CUDA and C++ threads."""

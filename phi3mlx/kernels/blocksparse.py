@@ -1,0 +1,116 @@
+"""Phi-3-small blocksparse attention for decoding (1 to 8 queries): one kernel body, three renderings.
+
+Each threadgroup serves one (batch, query head, query) row with 4 groups of 32 lanes. The row's
+visible key blocks are computed from positions: the head's vertical-stride blocks before the local
+window (kb = r (mod vert), r = -(h * step + 1) mod vert), then the local window of ``local`` blocks up
+to the query's block, the causal cut only on that last block. Slot s of that list (block s / block,
+key s % block) goes to group s mod 4; each group's 32 lanes split the head dimension (D / 32 values a
+lane, D <= 256), reduce the dot product with xor shuffles, and keep an online softmax in float32. The
+four partial results merge through threadgroup memory after one barrier. Keys read per head: at most
+``local * block + ceil(far blocks / vert) * block`` instead of T.
+
+Inputs: ``q`` (B, H, L, D); ``k``, ``v`` the cache buffers (B, KV, cap, D) (capacity ``cap`` >= T: the
+kernel reads only the visible rows, the buffer is never sliced or copied); ``params`` int32
+[B, H, KV, L, T, D, offset, block, local, vert, step, cap]; ``scale`` float32 [1]. Output (B, H, L, D).
+"""
+
+from __future__ import annotations
+
+from .portable import HEADER_CUDA, HEADER_METAL, prologue, shared_decls
+
+NAME = "blocksparse_decode"
+THREADS = 128  # 4 groups of 32 lanes
+MAX_D = 256
+INPUTS = ["q", "k", "v", "params", "scale"]
+
+BODY = r"""
+K_SHARED float part_m[4];
+K_SHARED float part_l[4];
+K_SHARED float part_o[1024];
+int nB = params[0], nH = params[1], nKV = params[2], nL = params[3], nT = params[4], nD = params[5];
+int offset = params[6], block = params[7], local = params[8], vert = params[9], step = params[10];
+int cap = params[11];
+int row = (int)gid;
+if (row < nB * nH * nL) {
+  uint lane = tid % 32;
+  uint grp = tid / 32;
+  int l = row % nL;
+  int h = (row / nL) % nH;
+  int b = row / (nL * nH);
+  int kvh = h / (nH / nKV);
+  int pos = offset + l;
+  int qb = pos / block;
+  int first_local = qb - local + 1 > 0 ? qb - local + 1 : 0;
+  int r = ((-(h * step + 1)) % vert + vert) % vert;
+  int n_far = first_local > r ? (first_local - r + vert - 1) / vert : 0;
+  int n_slots = (n_far + qb - first_local + 1) * block;
+  int per = nD / 32;
+  float qv[8];
+  float acc[8];
+  float sc = scale[0];
+  for (int i = 0; i < per; ++i) {
+    qv[i] = float(q[((b * nH + h) * nL + l) * nD + (int)lane + 32 * i]) * sc;
+    acc[i] = 0.0f;
+  }
+  float m = K_NEG_INF;
+  float s_sum = 0.0f;
+  for (int s = (int)grp; s < n_slots; s += 4) {
+    int bi = s / block;
+    int t = s % block;
+    int kb = bi < n_far ? r + bi * vert : first_local + (bi - n_far);
+    int j = kb * block + t;
+    if (j > pos || j >= nT) {
+      continue;
+    }
+    int base = ((b * nKV + kvh) * cap + j) * nD + (int)lane;
+    float d = 0.0f;
+    for (int i = 0; i < per; ++i) {
+      d += qv[i] * float(k[base + 32 * i]);
+    }
+    for (uint mask = 16; mask > 0; mask >>= 1) {
+      d += K_SHFL_XOR(d, mask);
+    }
+    float m_new = K_MAX(m, d);
+    float corr = K_EXP(m - m_new);
+    float pr = K_EXP(d - m_new);
+    s_sum = s_sum * corr + pr;
+    for (int i = 0; i < per; ++i) {
+      acc[i] = acc[i] * corr + pr * float(v[base + 32 * i]);
+    }
+    m = m_new;
+  }
+  if (lane == 0) {
+    part_m[grp] = m;
+    part_l[grp] = s_sum;
+  }
+  for (int i = 0; i < per; ++i) {
+    part_o[(int)grp * nD + (int)lane + 32 * i] = acc[i];
+  }
+  K_BARRIER();
+  if (grp == 0) {
+    float mm = K_MAX(K_MAX(part_m[0], part_m[1]), K_MAX(part_m[2], part_m[3]));
+    float w0 = K_EXP(part_m[0] - mm);
+    float w1 = K_EXP(part_m[1] - mm);
+    float w2 = K_EXP(part_m[2] - mm);
+    float w3 = K_EXP(part_m[3] - mm);
+    float total = part_l[0] * w0 + part_l[1] * w1 + part_l[2] * w2 + part_l[3] * w3;
+    for (int i = 0; i < per; ++i) {
+      int c = (int)lane + 32 * i;
+      float val = part_o[c] * w0 + part_o[nD + c] * w1 + part_o[2 * nD + c] * w2 + part_o[3 * nD + c] * w3;
+      out[((b * nH + h) * nL + l) * nD + c] = val / total;
+    }
+  }
+}
+"""
+
+
+def source(backend: str) -> tuple[str, str]:
+    """(header, source) of the kernel for ``backend`` ("metal" or "cuda")."""
+    header = {"metal": HEADER_METAL, "cuda": HEADER_CUDA}[backend]
+    return header, prologue(backend) + shared_decls(BODY, backend)
+
+
+def cpu_params() -> list[tuple[str, str]]:
+    """The C++ parameters of the CPU rendering (float32 data)."""
+    return [("const float*", "q"), ("const float*", "k"), ("const float*", "v"), ("const int*", "params"),
+            ("const float*", "scale"), ("float*", "out")]
