@@ -28,6 +28,7 @@ import mlx.core as mx
 from .benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
                        fmt, params_bytes, progress_printer, ratio, ratio_line, report_console,
                        run_alternating, time_stream)
+from . import kernels
 from .chat import Chat
 from .errors import Phi3MLXError
 from .generate import generate_step
@@ -220,6 +221,7 @@ def run_bench(
                 raise
             raise Phi3MLXError(f"mlx-lm failed while generating ({first_line(ex)})") from None
 
+    kernels.reset_used()
     for e in engines:
         say(f"warming up {e.name}")
         run(e, min(gen_tokens, WARMUP_TOKENS))
@@ -248,6 +250,7 @@ def run_bench(
         "ratio_decode": ratio(ours["decode_tps"], ref["decode_tps"]) if ref else None,
         "tokens_agree": agree,
         "warnings": warnings,
+        "kernels": {"backend": kernels.backend(), "enabled": kernels.enabled(), "used": kernels.used()},
     }
 
 
@@ -266,6 +269,11 @@ def print_report(res: dict, console=None) -> None:
                   f"tokens greedily; best of {res['repeats']} run(s) per engine, engines alternating")
     for w in res["warnings"]:
         console.print(f"warning: {w}")
+    kinfo = res.get("kernels") or {}
+    path = ", ".join(kinfo.get("used") or []) or "none (MLX ops)"
+    why = "" if kinfo.get("used") else (" (--no-kernels)" if not kinfo.get("enabled", True) else
+                                        "" if kinfo.get("backend") else " (no Metal or CUDA device)")
+    console.print(f"phi3mlx custom kernels run: {path}{why}")
 
     table = engine_table(("engine", "prefill tok/s", "prefill s", "decode tok/s", "peak GB"))
     for name, r in res["engines"].items():

@@ -32,6 +32,7 @@ from .finetune.bench import main_pretrain as bench_pretrain_main
 from .finetune.cli import add_parsers, apply_yaml, run_corpus, run_fuse, run_pretrain, run_training
 from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
+from . import kernels
 from .loader import load
 from .processor import IMAGE_TAG
 from .tiny import EMBEDDED_ID, TINY_ID
@@ -140,6 +141,8 @@ def _sampling_args(p, max_tokens=256):
     p.add_argument("--prefill-step-size", type=int, default=2048, help="prompt tokens processed per chunk")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
                    help="store the KV cache quantized to this many bits (less memory for long contexts; default: float)")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="run MLX ops instead of the custom GPU kernels (Phi-3-small blocksparse decoding)")
     p.add_argument("--kv-group-size", type=int, choices=[32, 64, 128], default=None,
                    help="group size of the quantized KV cache (default: 64, or 32 when the head size is not a "
                    "multiple of 64, as Phi-3's 96)")
@@ -242,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine (best is reported)")
     p.add_argument("--compare-mlx-lm", action="store_true", help="also run mlx-lm on the same folder")
+    p.add_argument("--no-kernels", action="store_true", help="run MLX ops instead of the custom GPU kernels")
     p.add_argument("--image", action="store_true",
                    help="vision models: image encoding, prefill with an image and decode (without --model: a random "
                    "Phi-3-vision-shaped folder with the full ViT-L/14-336 tower)")
@@ -467,6 +471,7 @@ def main(argv=None) -> int:
     try:
         args = apply_yaml(build_parser(), argv)
         check_args(args)
+        kernels.set_enabled(not getattr(args, "no_kernels", False))
         COMMANDS[args.command](args)
     except Phi3MLXError as e:
         print(f"phi3mlx: error: {_one_line(str(e))}", file=sys.stderr)

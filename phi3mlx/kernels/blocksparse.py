@@ -16,6 +16,9 @@ kernel reads only the visible rows, the buffer is never sliced or copied); ``par
 
 from __future__ import annotations
 
+import mlx.core as mx
+
+from . import note_used
 from .portable import HEADER_CUDA, HEADER_METAL, prologue, shared_decls
 
 NAME = "blocksparse_decode"
@@ -114,3 +117,33 @@ def cpu_params() -> list[tuple[str, str]]:
     """The C++ parameters of the CPU rendering (float32 data)."""
     return [("const float*", "q"), ("const float*", "k"), ("const float*", "v"), ("const int*", "params"),
             ("const float*", "scale"), ("float*", "out")]
+
+
+_KERNELS: dict = {}
+
+
+def _kernel(backend: str):
+    if backend not in _KERNELS:
+        header, src = source(backend)
+        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+        _KERNELS[backend] = make(name=NAME, input_names=INPUTS, output_names=["out"], source=src, header=header)
+    return _KERNELS[backend]
+
+
+def supports(q: mx.array, kbuf: mx.array) -> bool:
+    """Whether the kernel takes these shapes and types (else the MLX-op path runs)."""
+    D = q.shape[-1]
+    return (q.shape[2] <= 8 and D % 32 == 0 and D <= MAX_D and q.dtype == kbuf.dtype
+            and q.dtype in (mx.float32, mx.float16, mx.bfloat16))
+
+
+def decode(backend: str, q: mx.array, kbuf: mx.array, vbuf: mx.array, T: int, offset: int, scale: float,
+           block: int, local: int, vert: int, step: int) -> mx.array:
+    """Blocksparse attention of q (B, H, L, D) over the first T rows of the cache buffers (B, KV, cap, D)."""
+    B, H, L, D = q.shape
+    KV, cap = kbuf.shape[1], kbuf.shape[2]
+    params = mx.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap], dtype=mx.int32)
+    note_used(NAME)
+    return _kernel(backend)(inputs=[q, kbuf, vbuf, params, mx.array([scale], dtype=mx.float32)],
+                            output_shapes=[q.shape], output_dtypes=[q.dtype],
+                            grid=(B * H * L * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))[0]

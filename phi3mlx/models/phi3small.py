@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..config import ModelConfig, Section, opt_number
+from ..kernels import blocksparse as bs_kernel
 from .attention import AttentionMask, Pass, attend
 
 DUMMY_TOKEN_IDS = [100256, 100258, 100259, 100260, 100264, 100265] + list(range(100267, 100352))
@@ -212,6 +214,28 @@ class Blocksparse:
     def __call__(self, q, k, v, scale: float, p: Pass, cache=None):
         return self._blocksparse(q, k, v, p.offset, scale, cache)
 
+    def _kernel_decode(self, gpu: str, q, cache, offset: int, scale: float):
+        """The blocksparse decode kernel over the cache's buffers (only visible key rows are read); its
+        gradient is the MLX-op path's."""
+        e = self.sec
+        T = offset + q.shape[2]
+        step = int(head_offsets(self.n_heads, e.vert_stride, e.homo_head)[1].item()) if self.n_heads > 1 else 0
+
+        @mx.custom_function
+        def f(q, kbuf, vbuf):
+            return bs_kernel.decode(gpu, q, kbuf, vbuf, T, offset, scale, e.block_size, e.local_blocks,
+                                    e.vert_stride, step)
+
+        @f.vjp
+        def f_vjp(primals, cotangent, output):
+            def ref(q, kbuf, vbuf):
+                m = blocksparse_mask(offset, q.shape[2], self.n_heads, e.block_size, e.local_blocks, e.vert_stride,
+                                     e.homo_head)
+                return attend(q, kbuf[:, :, :T], vbuf[:, :, :T], scale, AttentionMask(m))
+            return mx.vjp(ref, list(primals), [cotangent])[1]
+
+        return f(q, cache.keys[0], cache.values[0])
+
     def _blocksparse(self, q, k, v, offset: int, scale: float, cache):
         """Exact blocksparse attention, in query chunks aligned to ``chunk`` positions.
 
@@ -229,7 +253,12 @@ class Blocksparse:
         T = offset + L
         if T <= local * bs:  # every key is inside every query's local window: plain causal attention
             return attend(q, k, v, scale, AttentionMask("causal" if L > 1 else None), cache)
-        if L <= 8:  # a few queries (decoding): one masked pass over all keys, the (H, L, T) mask shared by layers
+        if L <= 8:  # a few queries (decoding)
+            gpu = kernels.backend()
+            if gpu and cache is not None and not cache.quantized and cache.start == 0 and \
+                    bs_kernel.supports(q, cache.keys[0]):
+                return self._kernel_decode(gpu, q, cache, offset, scale)
+            # MLX ops: one masked pass over all keys, the (H, L, T) mask shared by layers
             m = blocksparse_mask(offset, L, H, bs, local, vert, homo)
             return attend(q, k, v, scale, AttentionMask(m), cache)
         chunk = bs * max(1, local // 4)
