@@ -19,14 +19,12 @@ GXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is needed to run the kernel body on the CPU")
 
 
-def _tu() -> str:
-    return cpu_translation_unit(K.NAME, K.BODY, K.cpu_params(), threads=K.THREADS)
+def _tu(quantized: bool = False) -> str:
+    return cpu_translation_unit(K.NAME, K.body(quantized), K.cpu_params(quantized), threads=K.THREADS)
 
 
-@pytest.fixture(scope="module")
-def cpu_kernel(tmp_path_factory):
-    d = tmp_path_factory.mktemp("kernel")
-    (d / "k.cpp").write_text(_tu())
+def _build(d, quantized: bool):
+    (d / "k.cpp").write_text(_tu(quantized))
     lib = d / "k.so"
     r = subprocess.run([GXX, "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", str(d / "k.cpp"), "-o", str(lib)],
                        capture_output=True, text=True)
@@ -34,18 +32,30 @@ def cpu_kernel(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
+@pytest.fixture(scope="module")
+def cpu_kernel(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("kernel"), False)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel_q(tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("kernel_q"), True)
+
+
 def _ptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
-def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None):
+def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None, bits=0, group_size=64):
+    """kbuf/vbuf: float arrays, or (packed, scales, biases) numpy tuples with ``bits``."""
     B, H, L, D = q.shape
-    KV, cap = kbuf.shape[1], kbuf.shape[2]
-    params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap], dtype=np.int32)
+    first = kbuf[0] if bits else kbuf
+    KV, cap = first.shape[1], first.shape[2]
+    params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group_size], dtype=np.int32)
     scale = np.array([D ** -0.5 if scale is None else scale], dtype=np.float32)
     out = np.zeros_like(q)
-    lib.run_blocksparse_decode(_ptr(q), _ptr(kbuf), _ptr(vbuf), _ptr(params), _ptr(scale), _ptr(out),
-                               ctypes.c_int(B * H * L))
+    cache = [_ptr(a) for a in (list(kbuf) + list(vbuf) if bits else [kbuf, vbuf])]
+    lib.run_blocksparse_decode(_ptr(q), *cache, _ptr(params), _ptr(scale), _ptr(out), ctypes.c_int(B * H * L))
     return out
 
 
@@ -85,6 +95,26 @@ def test_body_matches_the_mlx_op_path(cpu_kernel, T, L, D, homo):
     assert np.abs(ours - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (4, 32)])
+def test_quantized_keys(cpu_kernel_q, bits, group_size):
+    """A --kv-bits cache read straight from its packed words matches the MLX-op path over the same cache."""
+    from phi3mlx.cache import LayerCache
+
+    block, local, vert, H, KV, B, D, T, L = 16, 4, 4, 8, 2, 1, 64, 211, 3
+    sec = Phi3SmallSection(block_size=block, local_blocks=local, vert_stride=vert)
+    rng = np.random.default_rng(bits + group_size)
+    q = rng.normal(size=(B, H, L, D)).astype(np.float32)
+    cache = LayerCache(bits=bits, group_size=group_size)
+    k, v = cache.update_and_fetch(mx.array(rng.normal(size=(B, KV, T, D)).astype(np.float32)),
+                                  mx.array(rng.normal(size=(B, KV, T, D)).astype(np.float32)))
+    kq = tuple(np.array(a) for a in cache.keys)
+    vq = tuple(np.array(a) for a in cache.values)
+    assert kq[0].shape[2] > T  # the buffers are longer than T
+    ours = run_cpu(cpu_kernel_q, q, kq, vq, T, T - L, block, local, vert, 1, bits=bits, group_size=group_size)
+    ref = np.array(Blocksparse(sec, H, KV)._blocksparse(mx.array(q), k, v, T - L, D ** -0.5, cache))
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
 def test_every_head_shift(cpu_kernel):
     """vert 8 over 8 heads: every head sees a different residue of far blocks."""
     block, local, vert, H, KV, T, L, D = 8, 2, 8, 8, 8, 203, 1, 32
@@ -106,7 +136,7 @@ int main() {
   std::mt19937 g(0);
   std::normal_distribution<float> n;
   for (auto* a : {&q, &k, &v}) for (auto& x : *a) x = n(g);
-  int params[12] = {B, H, KV, L, T, D, T - L, 16, 2, 2, 1, cap};
+  int params[14] = {B, H, KV, L, T, D, T - L, 16, 2, 2, 1, cap, 0, 64};
   float scale = 0.17f;
   run_blocksparse_decode(q.data(), k.data(), v.data(), params, &scale, out.data(), B * H * L);
   std::printf("%f\n", out[0]);
@@ -158,18 +188,23 @@ float simd_shuffle_xor(float, ushort);
 """
 
 
-def captured_msl(capfd) -> str:
+def captured_msl(capfd, quantized: bool = False) -> str:
     """The exact MSL MLX generates for the kernel, captured by tracing under mx.export_function."""
-    header, src = K.source("metal")
-    kern = mx.fast.metal_kernel(name=K.NAME, input_names=K.INPUTS, output_names=["out"], source=src, header=header)
+    header, src = K.source("metal", quantized)
+    names = K.QUANT_INPUTS if quantized else K.INPUTS
+    kern = mx.fast.metal_kernel(name=K.NAME, input_names=names, output_names=["out"], source=src, header=header)
 
-    def f(q, k, v, params, scale):
-        return kern(inputs=[q, k, v, params, scale], output_shapes=[q.shape], output_dtypes=[q.dtype],
+    def f(*args):
+        return kern(inputs=list(args), output_shapes=[args[0].shape], output_dtypes=[args[0].dtype],
                     grid=(K.THREADS * 2, 1, 1), threadgroup=(K.THREADS, 1, 1), verbose=True)[0]
 
     capfd.readouterr()
-    args = (mx.zeros((1, 2, 1, 32)), mx.zeros((1, 1, 40, 32)), mx.zeros((1, 1, 40, 32)),
-            mx.zeros((12,), dtype=mx.int32), mx.ones((1,)))
+    if quantized:
+        packed = [mx.zeros((1, 1, 40, 4), dtype=mx.uint32), mx.zeros((1, 1, 40, 1)), mx.zeros((1, 1, 40, 1))]
+        cache = packed + packed
+    else:
+        cache = [mx.zeros((1, 1, 40, 32)), mx.zeros((1, 1, 40, 32))]
+    args = (mx.zeros((1, 2, 1, 32)), *cache, mx.zeros((14,), dtype=mx.int32), mx.ones((1,)))
     try:
         mx.export_function(str(_tmp_fn()), f, *args)
     except Exception:  # noqa: BLE001  (exporting may refuse the custom kernel after printing it)
@@ -190,10 +225,11 @@ CLANG = shutil.which("clang++-14") or shutil.which("clang++")
 
 
 @pytest.mark.skipif(CLANG is None, reason="clang++ is needed to parse the Metal rendering")
-def test_metal_rendering_parses(capfd, tmp_path):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_metal_rendering_parses(capfd, tmp_path, quantized):
     import re
 
-    msl = captured_msl(capfd)
+    msl = captured_msl(capfd, quantized)
     assert "[[kernel]] void custom_kernel_blocksparse_decode" in msl
     # the attributes the prologue names reach the signature, and only those
     assert "[[thread_position_in_threadgroup]]" in msl and "[[threadgroup_position_in_grid]]" in msl
@@ -206,12 +242,14 @@ def test_metal_rendering_parses(capfd, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def cuda_source(dtype: str = "float") -> str:
+def cuda_source(dtype: str = "float", quantized: bool = False) -> str:
     """The kernel as MLX's CUDA backend wraps it (mlx/backend/cuda/custom_kernel.cpp: its default header,
     ours, the signature in namespace mlx::core::cu), MLX's device utils stubbed by the CUDA type headers."""
-    header, src = K.source("cuda")
-    sig = ",\n".join([f"    const {dtype}* q", f"    const {dtype}* k", f"    const {dtype}* v", "    const int32_t* params",
-                      "    const float* scale", f"    {dtype}* out"])
+    header, src = K.source("cuda", quantized)
+    cache = ([f"    const {t}* {x}{suf}" for x in ("k", "v") for t, suf in (("uint32_t", ""), (dtype, "_s"), (dtype, "_b"))]
+             if quantized else [f"    const {dtype}* k", f"    const {dtype}* v"])
+    sig = ",\n".join([f"    const {dtype}* q", *cache, "    const int32_t* params", "    const float* scale",
+                      f"    {dtype}* out"])
     return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cuda/std/limits>\n"
             "#include <cooperative_groups.h>\n#define inf cuda::std::numeric_limits<float>::infinity()\n"
             + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
@@ -240,11 +278,12 @@ CUDA_INCLUDE = next((p for p in ("/usr/local/cuda-13.0/include", "/usr/local/cud
 
 
 @pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers are needed to compile the CUDA rendering")
-@pytest.mark.parametrize("dtype", ["float", "__nv_bfloat16", "__half"])
-def test_cuda_rendering_compiles_for_sm90(dtype):
+@pytest.mark.parametrize("dtype,quantized", [("float", False), ("__nv_bfloat16", False), ("__half", False),
+                                             ("__nv_bfloat16", True)])
+def test_cuda_rendering_compiles_for_sm90(dtype, quantized):
     nv = _nvrtc()
     prog = ctypes.c_void_p()
-    src = cuda_source(dtype).encode()
+    src = cuda_source(dtype, quantized).encode()
     assert nv.nvrtcCreateProgram(ctypes.byref(prog), src, b"k.cu", 0, None, None) == 0
     opts = [b"--gpu-architecture=sm_90a", b"--device-as-default-execution-space", b"-std=c++17",
             b"-I" + CUDA_INCLUDE.encode(), b"-I" + (CUDA_INCLUDE + "/cccl").encode()]
@@ -257,10 +296,12 @@ def test_cuda_rendering_compiles_for_sm90(dtype):
     assert rc == 0, log.value.decode()[-3000:]
 
 
-def test_model_decodes_through_the_kernel(cpu_kernel, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_bits", [None, 4])
+def test_model_decodes_through_the_kernel(cpu_kernel, cpu_kernel_q, tmp_path, monkeypatch, kv_bits):
     """Phi-3-small generation with the kernel path on (its body run as C++ threads in place of the GPU)
-    gives the same tokens and logits as the MLX-op path: the cache buffers (longer than T), positions,
-    scale and head shifts reach the kernel right, and the kernel serves every decode step."""
+    gives the same tokens and logits as the MLX-op path, with a float or a 4-bit KV cache: the cache
+    buffers (longer than T), positions, scale and head shifts reach the kernel right, and the kernel
+    serves every decode step."""
     from phi3mlx import kernels
     from phi3mlx.generate import generate_step
     from phi3mlx.loader import load_model
@@ -271,18 +312,23 @@ def test_model_decodes_through_the_kernel(cpu_kernel, tmp_path, monkeypatch):
     make_phi3small_ckpt(tmp_path, cfg)
     model, _ = load_model(tmp_path)
     ids = np.random.default_rng(0).integers(0, 50000, 300).tolist()
-    plain = list(generate_step(ids, model, max_tokens=8))
 
-    def on_cpu(gpu, q, kbuf, vbuf, T, offset, scale, block, local, vert, step):
+    def cache():
+        return model.make_cache(kv_bits, 32 if kv_bits else None)
+
+    plain = list(generate_step(ids, model, max_tokens=8, cache=cache()))
+
+    def on_cpu(gpu, q, keys, values, T, offset, scale, block, local, vert, step, bits, group_size):
         kernels.note_used(K.NAME)
-        out = run_cpu(cpu_kernel, np.array(q), np.array(kbuf), np.array(vbuf), T, offset, block, local, vert, step,
-                      scale)
+        arrs = [tuple(np.array(a) for a in x) if bits else np.array(x[0]) for x in (keys, values)]
+        out = run_cpu(cpu_kernel_q if bits else cpu_kernel, np.array(q), *arrs, T, offset, block, local, vert, step,
+                      scale, bits or 0, group_size)
         return mx.array(out)
 
     monkeypatch.setattr(kernels, "backend", lambda: "cpu-threads")
     monkeypatch.setattr(K, "decode", on_cpu)
     kernels.reset_used()
-    fast = list(generate_step(ids, model, max_tokens=8))
+    fast = list(generate_step(ids, model, max_tokens=8, cache=cache()))
     assert kernels.used() == [K.NAME]
     assert [t for t, _ in fast] == [t for t, _ in plain]
     for (_, a), (_, b) in zip(fast, plain):

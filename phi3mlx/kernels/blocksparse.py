@@ -10,8 +10,10 @@ four partial results merge through threadgroup memory after one barrier. Keys re
 ``local * block + ceil(far blocks / vert) * block`` instead of T.
 
 Inputs: ``q`` (B, H, L, D); ``k``, ``v`` the cache buffers (B, KV, cap, D) (capacity ``cap`` >= T: the
-kernel reads only the visible rows, the buffer is never sliced or copied); ``params`` int32
-[B, H, KV, L, T, D, offset, block, local, vert, step, cap]; ``scale`` float32 [1]. Output (B, H, L, D).
+kernel reads only the visible rows, the buffer is never sliced or copied), or for a quantized cache
+(``--kv-bits``) each as packed words, scales and biases (``k``, ``k_s``, ``k_b``, ...); ``params``
+int32 [B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group size]; ``scale`` float32
+[1]. Output (B, H, L, D).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ K_SHARED float part_o[1024];
 int nB = params[0], nH = params[1], nKV = params[2], nL = params[3], nT = params[4], nD = params[5];
 int offset = params[6], block = params[7], local = params[8], vert = params[9], step = params[10];
 int cap = params[11];
+int bits = params[12], gsize = params[13];
 int row = (int)gid;
 if (row < nB * nH * nL) {
   uint lane = tid % 32;
@@ -65,10 +68,10 @@ if (row < nB * nH * nL) {
     if (j > pos || j >= nT) {
       continue;
     }
-    int base = ((b * nKV + kvh) * cap + j) * nD + (int)lane;
+    int base = (b * nKV + kvh) * cap + j;  // the key's row in the cache buffer
     float d = 0.0f;
     for (int i = 0; i < per; ++i) {
-      d += qv[i] * float(k[base + 32 * i]);
+      d += qv[i] * KLOAD(k, base, (int)lane + 32 * i);
     }
     for (uint mask = 16; mask > 0; mask >>= 1) {
       d += K_SHFL_XOR(d, mask);
@@ -78,7 +81,7 @@ if (row < nB * nH * nL) {
     float pr = K_EXP(d - m_new);
     s_sum = s_sum * corr + pr;
     for (int i = 0; i < per; ++i) {
-      acc[i] = acc[i] * corr + pr * float(v[base + 32 * i]);
+      acc[i] = acc[i] * corr + pr * KLOAD(v, base, (int)lane + 32 * i);
     }
     m = m_new;
   }
@@ -107,43 +110,69 @@ if (row < nB * nH * nL) {
 """
 
 
-def source(backend: str) -> tuple[str, str]:
+# How a lane reads element d of a cache row: float rows (D values), or MLX's affine quantization
+# (``mx.quantize``: ``bits`` 4 or 8, 32 / bits values per uint32 word, low bits first; value =
+# scale * q + bias per group of ``gsize``), read straight from the packed words.
+LOAD_FLOAT = "#define KLOAD(a, row, d) float(a[(row) * nD + (d)])\n"
+LOAD_QUANT = ("#define KLOAD(a, row, d) (float(a##_s[(row) * (nD / gsize) + (d) / gsize]) * "
+              "float((a[(row) * (nD * bits / 32) + (d) / (32 / bits)] >> (((d) % (32 / bits)) * bits)) & "
+              "((1u << bits) - 1u)) + float(a##_b[(row) * (nD / gsize) + (d) / gsize]))\n")
+QUANT_INPUTS = ["q", "k", "k_s", "k_b", "v", "v_s", "v_b", "params", "scale"]
+
+
+def body(quantized: bool) -> str:
+    return (LOAD_QUANT if quantized else LOAD_FLOAT) + BODY
+
+
+def source(backend: str, quantized: bool = False) -> tuple[str, str]:
     """(header, source) of the kernel for ``backend`` ("metal" or "cuda")."""
     header = {"metal": HEADER_METAL, "cuda": HEADER_CUDA}[backend]
-    return header, prologue(backend) + shared_decls(BODY, backend)
+    return header, prologue(backend) + shared_decls(body(quantized), backend)
 
 
-def cpu_params() -> list[tuple[str, str]]:
-    """The C++ parameters of the CPU rendering (float32 data)."""
-    return [("const float*", "q"), ("const float*", "k"), ("const float*", "v"), ("const int*", "params"),
-            ("const float*", "scale"), ("float*", "out")]
+def cpu_params(quantized: bool = False) -> list[tuple[str, str]]:
+    """The C++ parameters of the CPU rendering (float32 data; uint32 words for quantized keys)."""
+    if quantized:
+        cache = [(t, n) for x in ("k", "v")
+                 for t, n in (("const uint32_t*", x), ("const float*", x + "_s"), ("const float*", x + "_b"))]
+    else:
+        cache = [("const float*", "k"), ("const float*", "v")]
+    return [("const float*", "q"), *cache, ("const int*", "params"), ("const float*", "scale"), ("float*", "out")]
 
 
 _KERNELS: dict = {}
 
 
-def _kernel(backend: str):
-    if backend not in _KERNELS:
-        header, src = source(backend)
+def _kernel(backend: str, quantized: bool):
+    key = (backend, quantized)
+    if key not in _KERNELS:
+        header, src = source(backend, quantized)
         make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        _KERNELS[backend] = make(name=NAME, input_names=INPUTS, output_names=["out"], source=src, header=header)
-    return _KERNELS[backend]
+        _KERNELS[key] = make(name=NAME + ("_q" if quantized else ""), input_names=QUANT_INPUTS if quantized else INPUTS,
+                             output_names=["out"], source=src, header=header)
+    return _KERNELS[key]
 
 
-def supports(q: mx.array, kbuf: mx.array) -> bool:
+def supports(q: mx.array, keys: list, bits, group_size: int) -> bool:
     """Whether the kernel takes these shapes and types (else the MLX-op path runs)."""
     D = q.shape[-1]
-    return (q.shape[2] <= 8 and D % 32 == 0 and D <= MAX_D and q.dtype == kbuf.dtype
-            and q.dtype in (mx.float32, mx.float16, mx.bfloat16))
+    if not (q.shape[2] <= 8 and D % 32 == 0 and D <= MAX_D and q.dtype in (mx.float32, mx.float16, mx.bfloat16)):
+        return False
+    if bits is None:
+        return keys[0].dtype == q.dtype
+    return bits in (4, 8) and D % group_size == 0
 
 
-def decode(backend: str, q: mx.array, kbuf: mx.array, vbuf: mx.array, T: int, offset: int, scale: float,
-           block: int, local: int, vert: int, step: int) -> mx.array:
-    """Blocksparse attention of q (B, H, L, D) over the first T rows of the cache buffers (B, KV, cap, D)."""
+def decode(backend: str, q: mx.array, keys: list, values: list, T: int, offset: int, scale: float,
+           block: int, local: int, vert: int, step: int, bits=None, group_size: int = 64) -> mx.array:
+    """Blocksparse attention of q (B, H, L, D) over the first T rows of the cache buffers: ``keys`` and
+    ``values`` are [buffer (B, KV, cap, D)] or, quantized, [packed, scales, biases]."""
     B, H, L, D = q.shape
-    KV, cap = kbuf.shape[1], kbuf.shape[2]
-    params = mx.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap], dtype=mx.int32)
-    note_used(NAME)
-    return _kernel(backend)(inputs=[q, kbuf, vbuf, params, mx.array([scale], dtype=mx.float32)],
-                            output_shapes=[q.shape], output_dtypes=[q.dtype],
-                            grid=(B * H * L * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))[0]
+    KV, cap = keys[0].shape[1], keys[0].shape[2]
+    params = mx.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits or 0, group_size],
+                      dtype=mx.int32)
+    quantized = bits is not None
+    note_used(NAME + (f" ({bits}-bit keys)" if quantized else ""))
+    return _kernel(backend, quantized)(inputs=[q, *keys, *values, params, mx.array([scale], dtype=mx.float32)],
+                                       output_shapes=[q.shape], output_dtypes=[q.dtype],
+                                       grid=(B * H * L * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))[0]

@@ -221,20 +221,24 @@ class Blocksparse:
         T = offset + q.shape[2]
         step = int(head_offsets(self.n_heads, e.vert_stride, e.homo_head)[1].item()) if self.n_heads > 1 else 0
 
+        n = len(cache.keys)
+
         @mx.custom_function
-        def f(q, kbuf, vbuf):
-            return bs_kernel.decode(gpu, q, kbuf, vbuf, T, offset, scale, e.block_size, e.local_blocks,
-                                    e.vert_stride, step)
+        def f(q, *buffers):
+            return bs_kernel.decode(gpu, q, list(buffers[:n]), list(buffers[n:]), T, offset, scale, e.block_size,
+                                    e.local_blocks, e.vert_stride, step, cache.bits, cache.group_size)
 
         @f.vjp
         def f_vjp(primals, cotangent, output):
-            def ref(q, kbuf, vbuf):
+            def ref(q, *buffers):
                 m = blocksparse_mask(offset, q.shape[2], self.n_heads, e.block_size, e.local_blocks, e.vert_stride,
                                      e.homo_head)
-                return attend(q, kbuf[:, :, :T], vbuf[:, :, :T], scale, AttentionMask(m))
+                k, v = (_map(lambda a: a[:, :, :T], b[0] if n == 1 else tuple(b))
+                        for b in (buffers[:n], buffers[n:]))
+                return attend(q, k, v, scale, AttentionMask(m), cache)
             return mx.vjp(ref, list(primals), [cotangent])[1]
 
-        return f(q, cache.keys[0], cache.values[0])
+        return f(q, *cache.keys, *cache.values)
 
     def _blocksparse(self, q, k, v, offset: int, scale: float, cache):
         """Exact blocksparse attention, in query chunks aligned to ``chunk`` positions.
@@ -255,8 +259,8 @@ class Blocksparse:
             return attend(q, k, v, scale, AttentionMask("causal" if L > 1 else None), cache)
         if L <= 8:  # a few queries (decoding)
             gpu = kernels.backend()
-            if gpu and cache is not None and not cache.quantized and cache.start == 0 and \
-                    bs_kernel.supports(q, cache.keys[0]):
+            if gpu and cache is not None and cache.start == 0 and \
+                    bs_kernel.supports(q, cache.keys, cache.bits, cache.group_size):
                 return self._kernel_decode(gpu, q, cache, offset, scale)
             # MLX ops: one masked pass over all keys, the (H, L, T) mask shared by layers
             m = blocksparse_mask(offset, L, H, bs, local, vert, homo)
