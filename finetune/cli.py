@@ -525,6 +525,8 @@ def run_training(a, dpo: bool = False) -> list[dict]:
         problems += (["image rows train with phi3mlx lora (supervised), not DPO"] if dpo else
                      [f"{a.data}: images go with chat rows ('messages'), not {fmt} rows"] if fmt != "chat" else
                      D.image_problems(rows + val_rows))
+        if a.pack:
+            problems.append("--pack does not work with image rows (a packed window could start inside an image)")
     if problems:
         raise Phi3MLXError.many(problems)
     if warmup != a.warmup:

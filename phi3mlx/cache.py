@@ -339,6 +339,10 @@ class ModelCache(list):
         ids = meta["token_ids"]
         cache._ids = [mx.array([ids])] if ids else []
         cache._rows = [arrays["image_rows"]] if "image_rows" in arrays else []
+        n_image = sum(1 for t in ids if t < 0)
+        n_rows = arrays["image_rows"].shape[0] if "image_rows" in arrays else 0
+        if n_image != n_rows:
+            raise Phi3MLXError(f"{path} is damaged: {n_image} image positions but {n_rows} image rows")
         return cache
 
 # ------------------------------------------------------------------------------ construction

@@ -35,6 +35,7 @@ import mlx.core as mx
 from .errors import Phi3MLXError
 from .generate import GenerationResponse, image_key, make_sampler, stream_generate
 from .models import place_rows
+from .processor import IMAGE_TAG
 from .tokenizer import utf8_problem
 
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed")  # make_sampler's arguments
@@ -132,6 +133,8 @@ class Chat:
 
     def ask(self, user: str, write: Callable[[str], None]) -> Reply:
         """Answer ``user``, passing text pieces to ``write`` as they come; raise ContextOverflow if it can't fit."""
+        if hasattr(self.tokenizer, "tokenize") and IMAGE_TAG.search(user):
+            raise Phi3MLXError("image placeholders are added for you: attach images with /image PATH")
         user = "".join(f"<|image_{n}|>\n" for n in self.pending) + user
         ids, rows = self._ids(user)
         ctx = self.model.config.context_length
@@ -254,7 +257,7 @@ def run(chat: Chat, ui) -> None:
             continue
         try:
             reply = chat.ask(line, ui.write)
-        except ContextOverflow as e:
+        except Phi3MLXError as e:  # ContextOverflow, a placeholder typed into a vision chat, ...
             ui.notice(str(e))
             continue
         ui.end_answer(reply)

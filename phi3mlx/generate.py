@@ -159,6 +159,10 @@ def generate_step(
         raise Phi3MLXError("the prompt is empty")
     if prefill_step_size < 1 or max_tokens < 0:
         raise Phi3MLXError(f"prefill_step_size must be >= 1 and max_tokens >= 0 (got {prefill_step_size}, {max_tokens})")
+    n_image = sum(1 for t in ids if t < 0)
+    if n_image != (0 if image_rows is None else image_rows.shape[0]):
+        raise Phi3MLXError(f"the prompt has {n_image} image positions but "
+                           f"{0 if image_rows is None else image_rows.shape[0]} image rows were given")
     cache = model.make_cache() if cache is None else cache
     ctx = model.config.context_length
     if cache.offset + len(ids) > ctx:
@@ -169,7 +173,8 @@ def generate_step(
     progress = prompt_progress or (lambda done, total: None)
     generated: List[mx.array] = []  # tokens fed back so far, kept lazy (shape (1,) each)
     # what processors see as history: the cached prefix too, so a cache changes nothing about the result
-    history = mx.array((cache.token_ids if processors and cache.offset else []) + ids)
+    history = mx.array([t for t in (cache.token_ids if processors and cache.offset else []) + ids
+                        if t >= 0])  # image positions (negative ids) are no tokens to penalise
 
     def sample(logits: mx.array) -> Tuple[mx.array, mx.array]:
         if processors:

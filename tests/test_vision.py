@@ -503,3 +503,34 @@ def test_bad_preprocessor_config(tmp_path):
         ProcessorSettings.read(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"num_crops": 4}))
     assert ProcessorSettings.read(tmp_path).num_crops == 4
+
+
+def test_review_fixes(vision_ckpt, tmp_path, monkeypatch, capsys):
+    """Repetition penalty ignores image positions; a typed placeholder is a notice, not the end of the chat;
+    --pack is refused with image rows; an id prompt with image positions needs its rows."""
+    import io
+    import sys
+
+    from phi3mlx.generate import generate
+
+    folder, _ = vision_ckpt()
+    model, proc = load(folder)
+    img = photo(400, 300, seed=60)
+    prompt = "<|user|>\n<|image_1|>\nHi<|end|>\n<|assistant|>\n"
+    out = generate(model, proc, prompt, images=[img], max_tokens=4, repetition_penalty=1.3)
+    assert isinstance(out, str)
+    with pytest.raises(Phi3MLXError, match="image positions but 0 image rows"):
+        list(generate_step([1, -5, -5, 2], model, max_tokens=1))
+    img_path = tmp_path / "i.png"
+    img.save(img_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"<|image_1|> what?\n/image {img_path}\nWhat is it?\n"))
+    code, out, err = _cli(capsys, "chat", "--model", folder, "--max-tokens", 2)
+    assert code == 0 and "placeholders are added for you" in err
+    assert len(out.strip().splitlines()) == 1
+    data = tmp_path / "d"
+    data.mkdir()
+    img.save(data / "a.png")
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "images": ["a.png"]}
+    (data / "train.jsonl").write_text(json.dumps(row) + "\n")
+    code, _, err = _cli(capsys, "lora", "--model", folder, "--data", data, "--iters", 1, "--batch-size", 1, "--pack")
+    assert code == 1 and "--pack does not work with image rows" in err

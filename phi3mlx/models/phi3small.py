@@ -219,7 +219,7 @@ class Blocksparse:
         gradient is the MLX-op path's."""
         e = self.sec
         T = offset + q.shape[2]
-        step = int(head_offsets(self.n_heads, e.vert_stride, e.homo_head)[1].item()) if self.n_heads > 1 else 0
+        step = 0 if e.homo_head else max(1, e.vert_stride // self.n_heads)  # head_offsets' step, no device sync
 
         n = len(cache.keys)
 
