@@ -93,7 +93,7 @@ def convert(
         raise Phi3MLXError(problem)
 
     model = build_model(cfg)
-    vision = hasattr(model.model, "vision_embed_tokens")
+    vision = model.takes_images
     if quantize_vision and not vision:
         raise Phi3MLXError(f"--quantize-vision applies to vision models; {src} is {cfg.model_type}")
     if vision and not quantize_vision:

@@ -34,6 +34,7 @@ from phi3mlx.errors import Phi3MLXError
 from phi3mlx.hub import resolve
 from phi3mlx.loader import load, load_model
 from phi3mlx.models.maps import mlx_to_folder
+from phi3mlx.processor import Processor
 from phi3mlx.tiny import EMBEDDED_ID
 from phi3mlx.tokenizer import copy_tokenizer_files
 from phi3mlx.weights import atomic_dir, check_output, save_weights
@@ -537,7 +538,7 @@ def run_training(a, dpo: bool = False) -> list[dict]:
     model, tok = load(a.model)
     table = None
     if with_images:  # a vision model: its frozen tower encodes every image once, adapters go on the decoder
-        if not hasattr(tok, "preprocess"):
+        if not isinstance(tok, Processor):
             raise Phi3MLXError(f"{a.data} has images but {a.model} ({model.model_type}) takes no images")
         table = D.ImageTable(model, tok)
         n_images = len({str(p) for r in rows + val_rows

@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from phi3mlx.errors import Phi3MLXError
-from phi3mlx.processor import IMAGE_TAG
+from phi3mlx.processor import IMAGE_TAG, keyed_ids
 from phi3mlx.tokenizer import BaseTokenizer
 
 FORMATS = ("text", "completion", "chat", "preference", "openai_preference")
@@ -409,7 +409,7 @@ def encode_sft_images(row: dict, processor, table: ImageTable) -> SFTExample:
             ids = processor.tokenize(text, counts[:n])
         except Phi3MLXError as e:
             raise Phi3MLXError(f"{where}: {e} (placeholders must appear in order, each once)") from None
-        return [-keys[-t - 1] if t < 0 else t for t in ids]
+        return keyed_ids(ids, keys)
 
     return _assistant_mask(messages, processor, where, render=render)
 

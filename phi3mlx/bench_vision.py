@@ -38,6 +38,7 @@ from .errors import Phi3MLXError
 from .generate import generate_step
 from .loader import load
 from .models import build_model, parse_config, place_rows
+from .processor import Processor
 from .tiny import write_phi3_tokenizer
 from .weights import save_weights
 
@@ -166,7 +167,7 @@ def run_image_bench(model_path: Optional[str] = None, num_crops: int = 4, gen_to
     try:
         say(f"loading {path} (phi3mlx)")
         model, proc = load(str(path))
-        if not hasattr(proc, "preprocess"):
+        if not isinstance(proc, Processor):
             raise Phi3MLXError(f"bench --image needs a vision model folder (phi3_v); {path} is {model.model_type}")
         inputs = proc(PROMPT, [bench_image()], num_crops=num_crops)
         engines = [_ours(model, inputs)]

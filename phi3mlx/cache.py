@@ -143,6 +143,11 @@ class LayerCache:
         self.keys, self.values = list(arrays[:half]), list(arrays[half:])
         self.start, self.offset = start, offset
 
+def image_positions(ids: Sequence[int]) -> int:
+    """How many of ``ids`` are image positions (negative ids, vision models)."""
+    return sum(1 for t in ids if t < 0)
+
+
 class ModelCache(list):
     """The layer caches of one model plus the token ids they hold.
 
@@ -193,7 +198,7 @@ class ModelCache(list):
     def _keep(self, ids: List[int]) -> None:
         """Hold ``ids`` (a prefix of what is held) and the image rows of their negative ids."""
         rows = self.image_rows
-        n_img = sum(1 for t in ids if t < 0)
+        n_img = image_positions(ids)
         self._ids = [mx.array([ids])] if ids else []
         self._rows = [rows[:n_img]] if rows is not None and n_img else []
 
@@ -267,7 +272,7 @@ class ModelCache(list):
             chunk = ids[s : s + step]
             rows = None
             if image_rows is not None:
-                k = sum(1 for t in chunk if t < 0)
+                k = image_positions(chunk)
                 rows, at = (image_rows[at : at + k] if k else None), at + k
             model(mx.array(chunk)[None], cache=self, long_rope=long_rope, image_rows=rows)
             mx.eval([c.state for c in self])
@@ -339,7 +344,7 @@ class ModelCache(list):
         ids = meta["token_ids"]
         cache._ids = [mx.array([ids])] if ids else []
         cache._rows = [arrays["image_rows"]] if "image_rows" in arrays else []
-        n_image = sum(1 for t in ids if t < 0)
+        n_image = image_positions(ids)
         n_rows = arrays["image_rows"].shape[0] if "image_rows" in arrays else 0
         if n_image != n_rows:
             raise Phi3MLXError(f"{path} is damaged: {n_image} image positions but {n_rows} image rows")

@@ -35,7 +35,7 @@ import mlx.core as mx
 from .errors import Phi3MLXError
 from .generate import GenerationResponse, image_key, make_sampler, stream_generate
 from .models import place_rows
-from .processor import IMAGE_TAG
+from .processor import IMAGE_TAG, Processor, keyed_ids
 from .tokenizer import utf8_problem
 
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed")  # make_sampler's arguments
@@ -113,7 +113,7 @@ class Chat:
 
     def add_image(self, src: str) -> ChatImage:
         """Read an image and run the vision tower on it once; the next message carries it."""
-        if not hasattr(self.model.model, "vision_embed_tokens") or not hasattr(self.tokenizer, "preprocess"):
+        if not self.model.takes_images or not isinstance(self.tokenizer, Processor):
             raise Phi3MLXError(f"this model ({self.model.model_type}) takes no images")
         batch = self.tokenizer.preprocess([src], self.num_crops)
         rows = self.model.encode_images(batch.pixel_values, batch.image_sizes)[0]
@@ -129,11 +129,11 @@ class Chat:
             return self.tokenizer.encode(self.prompt(user)), None
         ids = self.tokenizer.tokenize(self.prompt(user), [im.tokens for im in self.images])
         rows = place_rows([ids], [im.rows for im in self.images])
-        return [-self.images[-t - 1].key if t < 0 else t for t in ids], rows
+        return keyed_ids(ids, [im.key for im in self.images]), rows
 
     def ask(self, user: str, write: Callable[[str], None]) -> Reply:
         """Answer ``user``, passing text pieces to ``write`` as they come; raise ContextOverflow if it can't fit."""
-        if hasattr(self.tokenizer, "tokenize") and IMAGE_TAG.search(user):
+        if isinstance(self.tokenizer, Processor) and IMAGE_TAG.search(user):
             raise Phi3MLXError("image placeholders are added for you: attach images with /image PATH")
         user = "".join(f"<|image_{n}|>\n" for n in self.pending) + user
         ids, rows = self._ids(user)

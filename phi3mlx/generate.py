@@ -27,10 +27,10 @@ from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from .cache import ModelCache
+from .cache import ModelCache, image_positions
 from .errors import Phi3MLXError
 from .models import place_rows
-from .processor import IMAGE_TAG
+from .processor import IMAGE_TAG, Processor, keyed_ids
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -159,7 +159,7 @@ def generate_step(
         raise Phi3MLXError("the prompt is empty")
     if prefill_step_size < 1 or max_tokens < 0:
         raise Phi3MLXError(f"prefill_step_size must be >= 1 and max_tokens >= 0 (got {prefill_step_size}, {max_tokens})")
-    n_image = sum(1 for t in ids if t < 0)
+    n_image = image_positions(ids)
     if n_image != (0 if image_rows is None else image_rows.shape[0]):
         raise Phi3MLXError(f"the prompt has {n_image} image positions but "
                            f"{0 if image_rows is None else image_rows.shape[0]} image rows were given")
@@ -191,7 +191,7 @@ def generate_step(
         progress(0, len(ids))
         head_rows = last_rows = None
         if image_rows is not None:
-            k = sum(1 for t in ids[:-1] if t < 0)
+            k = image_positions(ids[:-1])
             head_rows = image_rows[:k] if k else None
             last_rows = image_rows[k:] if ids[-1] < 0 else None
         cache.extend(model, ids[:-1], prefill_step_size, long, lambda done: progress(done, len(ids)), head_rows)
@@ -257,7 +257,7 @@ class ImagePrompt:
 
 def image_prompt(model, processor, prompt: str, images: Sequence, num_crops: Optional[int] = None) -> ImagePrompt:
     """A prompt with ``<|image_N|>`` placeholders and its images -> ids and image rows for the decoder."""
-    if not hasattr(model.model, "vision_embed_tokens") or not callable(processor):
+    if not model.takes_images or not isinstance(processor, Processor):
         raise Phi3MLXError(f"this model ({model.model_type}) takes no images")
     tic = time.perf_counter()
     inputs = processor(prompt, images, num_crops=num_crops)
@@ -273,7 +273,7 @@ def image_prompt(model, processor, prompt: str, images: Sequence, num_crops: Opt
         rows = place_rows([ids], feats)
         mx.eval(rows)
         keys = [image_key(inputs["pixel_values"][i], inputs["image_sizes"][i]) for i in range(len(images))]
-        ids = [-keys[-t - 1] if t < 0 else t for t in ids]
+        ids = keyed_ids(ids, keys)
     return ImagePrompt(ids, rows, list(inputs["num_img_tokens"]), time.perf_counter() - tic)
 
 
@@ -336,7 +336,7 @@ def stream_generate(
     an id prompt whose negative ids are image positions with their ``image_rows``.
     """
     image_seconds = 0.0
-    if images or (isinstance(prompt, str) and hasattr(tokenizer, "tokenize") and IMAGE_TAG.search(prompt)):
+    if images or (isinstance(prompt, str) and isinstance(tokenizer, Processor) and IMAGE_TAG.search(prompt)):
         if not isinstance(prompt, str):
             raise Phi3MLXError("a prompt with images must be text with <|image_N|> placeholders")
         ip = image_prompt(model, tokenizer, prompt, images, num_crops)
@@ -357,7 +357,7 @@ def stream_generate(
     cached = len(ids) - len(todo)
     todo_rows = None
     if image_rows is not None:
-        k = sum(1 for t in todo if t < 0)
+        k = image_positions(todo)
         todo_rows = image_rows[image_rows.shape[0] - k :] if k else None
     detok = tokenizer.detokenizer()
     mx.reset_peak_memory()

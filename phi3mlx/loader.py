@@ -52,7 +52,7 @@ def load_model(path: Path, strict: bool = True) -> Tuple[Model, ModelConfig]:
 def load_processor(path: Path, model: Model, cfg: ModelConfig) -> BaseTokenizer:
     """The folder's tokenizer; for a vision model, its processor (which is also its tokenizer)."""
     tokenizer = load_tokenizer(path, cfg.raw)
-    if hasattr(model.model, "vision_embed_tokens"):
+    if model.takes_images:
         return Processor(tokenizer, ProcessorSettings.read(path), cfg.section.grid)
     return tokenizer
 

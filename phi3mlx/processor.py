@@ -85,6 +85,12 @@ def image_order(text: str, n_images: int) -> list[int]:
     return tags
 
 
+def keyed_ids(ids: Sequence[int], keys: Sequence[int]) -> list[int]:
+    """The processor's ids with image N's positions (-N) as -keys[N - 1] (ids that name an image's
+    content in a cache, or a data set's image table)."""
+    return [-keys[-t - 1] if t < 0 else t for t in ids]
+
+
 class Processor(BaseTokenizer):
     """Text and images -> ``input_ids``, ``pixel_values``, ``image_sizes``, ``num_img_tokens``."""
 

@@ -190,10 +190,15 @@ class Model(nn.Module):
         h[mx.array(where[0]), mx.array(where[1])] = image_rows.astype(h.dtype)
         return h
 
+    @property
+    def takes_images(self) -> bool:
+        """Whether the model has a vision tower (phi3_v)."""
+        return hasattr(self.model, "vision_embed_tokens")
+
     def encode_images(self, pixel_values, image_sizes) -> list:
         """Vision models: pixel_values (n, crops, 3, 336, 336) and padded image_sizes (n, 2) -> one
         (positions, hidden) array per image (see ``models/vision.py``)."""
-        if not hasattr(self.model, "vision_embed_tokens"):
+        if not self.takes_images:
             raise ValueError(f"{self.model_type} has no vision tower")
         return self.model.vision_embed_tokens(pixel_values, image_sizes)
 
