@@ -4,32 +4,22 @@ the MLX-op path it replaces on GPUs."""
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from phi3mlx.kernels import blocksparse as K
-from phi3mlx.kernels.portable import cpu_translation_unit
 from phi3mlx.models.phi3small import Blocksparse, Phi3SmallSection, head_offsets
 
-GXX = shutil.which("g++")
+from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, captured_msl, clang_parses, cuda_wrap, nvrtc_compile, ptr, \
+    tsan_run
+
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is needed to run the kernel body on the CPU")
 
 
-def _tu(quantized: bool = False) -> str:
-    return cpu_translation_unit(K.NAME, K.body(quantized), K.cpu_params(quantized), threads=K.THREADS)
-
-
 def _build(d, quantized: bool):
-    (d / "k.cpp").write_text(_tu(quantized))
-    lib = d / "k.so"
-    r = subprocess.run([GXX, "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", str(d / "k.cpp"), "-o", str(lib)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return ctypes.CDLL(str(lib))
+    return build(d, K, quantized)
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +32,6 @@ def cpu_kernel_q(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("kernel_q"), True)
 
 
-def _ptr(a: np.ndarray):
-    return a.ctypes.data_as(ctypes.c_void_p)
-
-
 def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None, bits=0, group_size=64):
     """kbuf/vbuf: float arrays, or (packed, scales, biases) numpy tuples with ``bits``."""
     B, H, L, D = q.shape
@@ -54,8 +40,8 @@ def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None,
     params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group_size], dtype=np.int32)
     scale = np.array([D ** -0.5 if scale is None else scale], dtype=np.float32)
     out = np.zeros_like(q)
-    cache = [_ptr(a) for a in (list(kbuf) + list(vbuf) if bits else [kbuf, vbuf])]
-    lib.run_blocksparse_decode(_ptr(q), *cache, _ptr(params), _ptr(scale), _ptr(out), ctypes.c_int(B * H * L))
+    cache = [ptr(a) for a in (list(kbuf) + list(vbuf) if bits else [kbuf, vbuf])]
+    lib.run_blocksparse_decode(ptr(q), *cache, ptr(params), ptr(scale), ptr(out), ctypes.c_int(B * H * L))
     return out
 
 
@@ -146,15 +132,7 @@ int main() {
 
 
 def _tsan_run(tmp_path, extra_flags):
-    src = tmp_path / "t.cpp"
-    src.write_text(_tu() + TSAN_MAIN)
-    exe = tmp_path / "t"
-    r = subprocess.run([GXX, "-O1", "-g", "-std=c++20", "-pthread", "-fsanitize=thread", *extra_flags, str(src), "-o",
-                        str(exe)], capture_output=True, text=True)
-    if r.returncode != 0 and "tsan" in r.stderr.lower():
-        pytest.skip("ThreadSanitizer runtime not available")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return subprocess.run([str(exe)], capture_output=True, text=True, env={"TSAN_OPTIONS": "halt_on_error=0"})
+    return tsan_run(tmp_path, K, TSAN_MAIN, extra_flags)
 
 
 def test_no_race_under_thread_sanitizer(tmp_path):
@@ -171,129 +149,45 @@ def test_a_missing_barrier_is_a_race(tmp_path):
 
 # ------------------------------------------------------------------------------ the GPU renderings
 
-METAL_STUB = r"""
-#include <cstdint>
-#define kernel
-#define device
-#define threadgroup
-#define constant
-typedef unsigned int uint;
-typedef unsigned short ushort;
-struct uint3 { uint x, y, z; };
-namespace metal { float exp(float); float max(float, float); }
-enum class mem_flags { mem_threadgroup };
-void threadgroup_barrier(mem_flags);
-float simd_shuffle_xor(float, ushort);
-#define INFINITY __builtin_inff()
-"""
-
-
-def captured_msl(capfd, quantized: bool = False) -> str:
-    """The exact MSL MLX generates for the kernel, captured by tracing under mx.export_function."""
+def _msl(capfd, quantized: bool = False) -> str:
     header, src = K.source("metal", quantized)
     names = K.QUANT_INPUTS if quantized else K.INPUTS
     kern = mx.fast.metal_kernel(name=K.NAME, input_names=names, output_names=["out"], source=src, header=header)
-
-    def f(*args):
-        return kern(inputs=list(args), output_shapes=[args[0].shape], output_dtypes=[args[0].dtype],
-                    grid=(K.THREADS * 2, 1, 1), threadgroup=(K.THREADS, 1, 1), verbose=True)[0]
-
-    capfd.readouterr()
     if quantized:
         packed = [mx.zeros((1, 1, 40, 4), dtype=mx.uint32), mx.zeros((1, 1, 40, 1)), mx.zeros((1, 1, 40, 1))]
         cache = packed + packed
     else:
         cache = [mx.zeros((1, 1, 40, 32)), mx.zeros((1, 1, 40, 32))]
-    args = (mx.zeros((1, 2, 1, 32)), *cache, mx.zeros((14,), dtype=mx.int32), mx.ones((1,)))
-    try:
-        mx.export_function(str(_tmp_fn()), f, *args)
-    except Exception:  # noqa: BLE001  (exporting may refuse the custom kernel after printing it)
-        pass
-    out = capfd.readouterr().out
-    start = out.find("```\n") + 4
-    return out[start : out.find("```", start)]
-
-
-def _tmp_fn():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp()) / "trace.mlxfn"
-
-
-CLANG = shutil.which("clang++-14") or shutil.which("clang++")
+    args = [mx.zeros((1, 2, 1, 32)), *cache, mx.zeros((14,), dtype=mx.int32), mx.ones((1,))]
+    return captured_msl(capfd, kern, args, (1, 2, 1, 32), K.THREADS * 2, K.THREADS)
 
 
 @pytest.mark.skipif(CLANG is None, reason="clang++ is needed to parse the Metal rendering")
 @pytest.mark.parametrize("quantized", [False, True])
 def test_metal_rendering_parses(capfd, tmp_path, quantized):
-    import re
-
-    msl = captured_msl(capfd, quantized)
+    msl = _msl(capfd, quantized)
     assert "[[kernel]] void custom_kernel_blocksparse_decode" in msl
     # the attributes the prologue names reach the signature, and only those
     assert "[[thread_position_in_threadgroup]]" in msl and "[[threadgroup_position_in_grid]]" in msl
     assert "[[thread_position_in_grid]]" not in msl
-    body = msl.replace("#include <metal_stdlib>", "").replace("using namespace metal;", "")
-    body = re.sub(r"\[\[[^\]]*\]\]", "", body)
-    src = tmp_path / "k.cpp"
-    src.write_text(METAL_STUB + body)
-    r = subprocess.run([CLANG, "-fsyntax-only", "-std=c++17", "-x", "c++", str(src)], capture_output=True, text=True)
+    r = clang_parses(msl, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 def cuda_source(dtype: str = "float", quantized: bool = False) -> str:
-    """The kernel as MLX's CUDA backend wraps it (mlx/backend/cuda/custom_kernel.cpp: its default header,
-    ours, the signature in namespace mlx::core::cu), MLX's device utils stubbed by the CUDA type headers."""
     header, src = K.source("cuda", quantized)
-    cache = ([f"    const {t}* {x}{suf}" for x in ("k", "v") for t, suf in (("uint32_t", ""), (dtype, "_s"), (dtype, "_b"))]
-             if quantized else [f"    const {dtype}* k", f"    const {dtype}* v"])
-    sig = ",\n".join([f"    const {dtype}* q", *cache, "    const int32_t* params", "    const float* scale",
-                      f"    {dtype}* out"])
-    return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cuda/std/limits>\n"
-            "#include <cooperative_groups.h>\n#define inf cuda::std::numeric_limits<float>::infinity()\n"
-            + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
-            f"__global__ void custom_kernel_{K.NAME}(\n{sig}) {{\n{src}\n}}\n}} // namespace mlx::core::cu\n")
-
-
-def _nvrtc():
-    import glob
-    import os
-
-    try:
-        import nvidia  # noqa: F401
-    except ImportError:
-        pytest.skip("nvidia-cuda-nvrtc is not installed (pip install nvidia-cuda-nvrtc)")
-    libs = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*"))]
-    if not libs:
-        pytest.skip("libnvrtc not found")
-    d = os.path.dirname(libs[0])
-    for b in glob.glob(os.path.join(d, "libnvrtc-builtins.so*")):
-        ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
-    return ctypes.CDLL(sorted(libs)[0])
-
-
-CUDA_INCLUDE = next((p for p in ("/usr/local/cuda-13.0/include", "/usr/local/cuda/include")
-                     if __import__("os").path.isdir(p)), None)
+    cache = ([f"const {t}* {x}{suf}" for x in ("k", "v") for t, suf in (("uint32_t", ""), (dtype, "_s"), (dtype, "_b"))]
+             if quantized else [f"const {dtype}* k", f"const {dtype}* v"])
+    return cuda_wrap(K.NAME, header, src, [f"const {dtype}* q", *cache, "const int32_t* params", "const float* scale",
+                                           f"{dtype}* out"])
 
 
 @pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers are needed to compile the CUDA rendering")
 @pytest.mark.parametrize("dtype,quantized", [("float", False), ("__nv_bfloat16", False), ("__half", False),
                                              ("__nv_bfloat16", True)])
 def test_cuda_rendering_compiles_for_sm90(dtype, quantized):
-    nv = _nvrtc()
-    prog = ctypes.c_void_p()
-    src = cuda_source(dtype, quantized).encode()
-    assert nv.nvrtcCreateProgram(ctypes.byref(prog), src, b"k.cu", 0, None, None) == 0
-    opts = [b"--gpu-architecture=sm_90a", b"--device-as-default-execution-space", b"-std=c++17",
-            b"-I" + CUDA_INCLUDE.encode(), b"-I" + (CUDA_INCLUDE + "/cccl").encode()]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    rc = nv.nvrtcCompileProgram(prog, len(opts), arr)
-    size = ctypes.c_size_t()
-    nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    nv.nvrtcGetProgramLog(prog, log)
-    assert rc == 0, log.value.decode()[-3000:]
+    rc, log = nvrtc_compile(cuda_source(dtype, quantized))
+    assert rc == 0, log[-3000:]
 
 
 @pytest.mark.parametrize("kv_bits", [None, 4])

@@ -7,6 +7,8 @@ A body is written in the common subset of Metal Shading Language and CUDA C++, a
 * ``K_EXP(x)``, ``K_MAX(a, b)``;
 * ``K_SHARED`` before a threadgroup array declaration (``K_SHARED float buf[128];``): threadgroup /
   ``__shared__`` / one array per threadgroup on the CPU;
+* ``K_ATOMIC_ADD(out, i, v)``: ``out[i] += v`` atomically, float32 (Metal kernels built with
+  ``atomic_outputs=True``);
 * ``K_BARRIER()``: the whole threadgroup; ``K_SHFL_XOR(x, mask)``: exchange with lane ``lane ^ mask`` of
   the same 32-lane group (every lane of the group must call it);
 * ``K_IN(T)`` / ``K_OUT(T)``: pointer types of inputs and outputs for helper functions.
@@ -31,6 +33,7 @@ using namespace metal;
 #define K_SHFL_XOR(x, m) simd_shuffle_xor(x, (ushort)(m))
 #define K_IN(T) const device T*
 #define K_OUT(T) device T*
+#define K_ATOMIC_ADD(a, i, v) atomic_fetch_add_explicit(&a[i], v, memory_order_relaxed)
 """
 
 HEADER_CUDA = """
@@ -44,6 +47,7 @@ typedef unsigned int uint;
 #define K_SHFL_XOR(x, m) __shfl_xor_sync(0xffffffffu, x, m)
 #define K_IN(T) const T*
 #define K_OUT(T) T*
+#define K_ATOMIC_ADD(a, i, v) atomicAdd(&a[i], v)
 """
 
 # The CPU rendering: the body becomes a function run by one std::thread per GPU thread of a
@@ -51,6 +55,7 @@ typedef unsigned int uint;
 # order, so each declaration lands at the same offset); shuffles go through a per-32-lane scratch array
 # between two barriers of that group.
 HEADER_CPU = r"""
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -64,6 +69,7 @@ typedef unsigned int uint;
 #define K_MAX(a, b) std::fmax(a, b)
 #define K_IN(T) const T*
 #define K_OUT(T) T*
+#define K_ATOMIC_ADD(a, i, v) std::atomic_ref<float>(a[i]).fetch_add(v, std::memory_order_relaxed)
 
 struct KGroup {
   std::barrier<>* all;

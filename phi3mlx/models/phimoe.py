@@ -46,7 +46,9 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..config import ModelConfig, Section
+from ..kernels import moe as moe_kernel
 
 LONGROPE_MODES = ("transformers", "by_length")
 MOE_ATTR = "block_sparse_moe"  # the decoder-layer attribute holding the MoE block (mlx-lm's and the Hub's name)
@@ -191,7 +193,7 @@ def sparsemixer(
     for r in range(top_k):
         with_grad = masked_scores
         top = mx.stop_gradient(with_grad.max(axis=-1, keepdims=True))
-        top_ind = mx.argmax(with_grad, axis=-1, keepdims=True)
+        top_ind = mx.stop_gradient(mx.argmax(with_grad, axis=-1, keepdims=True))  # indices take no gradient
         factor = mx.maximum(abs_scores, top)
         outside = (top - mx.stop_gradient(scores)) / factor > 2 * jitter_eps
         masked_gates = mx.where(outside, neg_inf, with_grad)
@@ -243,5 +245,48 @@ class PhimoeSparseMoe(nn.Module):
             x = x * mx.random.uniform(1.0 - self.input_jitter, 1.0 + self.input_jitter, shape=x.shape, dtype=x.dtype)
         scores = self.gate(x)
         inds, weights = sparsemixer(scores, self.jitter_eps, self.top_k, self.training, draws)
+        gpu = kernels.backend()
+        if gpu and not self.training and moe_kernel.supports(x, self.switch_mlp):
+            return self._kernel_decode(gpu, x, inds, weights)
+        return self._experts(x, inds, weights)
+
+    def _experts(self, x, inds, weights):
+        """The MLX-op path: gathered matmuls for the routed experts, weighted and summed."""
         y = self.switch_mlp(x, inds)  # (..., top_k, hidden)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+    def _kernel_decode(self, gpu: str, x, inds, weights):
+        """The fused MoE decode kernel for a few tokens. Its gradient (to x, the router weights and the
+        expert weights) is the MLX-op path's."""
+        names = ("gate_proj", "up_proj", "down_proj")
+        parts = [moe_kernel.weights_of(getattr(self.switch_mlp, p)) for p in names]
+        counts = [len(ws) for ws, _, _ in parts]
+        _, bits, group_size = parts[0]
+        intermediate = self.switch_mlp.gate_proj.output_dims
+        keys = ("weight", "scales", "biases")
+
+        @mx.custom_function
+        def f(x, weights, *arrays):
+            flat = x.reshape(-1, x.shape[-1])  # (N, H): every token of the batch
+            y = moe_kernel.decode(gpu, flat, inds.reshape(flat.shape[0], -1), weights.reshape(flat.shape[0], -1),
+                                  list(arrays), intermediate, bits, group_size)
+            return y.astype(x.dtype).reshape(x.shape)
+
+        @f.vjp
+        def f_vjp(primals, cotangent, output):
+            if bits:  # packed words take no gradient (QLoRA freezes them)
+                grads = mx.vjp(lambda x, w: self._experts(x, inds, w), list(primals[:2]), [cotangent])[1]
+                return [*grads, *(mx.zeros_like(a) for a in primals[2:])]
+            saved = self.switch_mlp.parameters()
+
+            def ref(x, w, *arrays):
+                it = iter(arrays)
+                self.switch_mlp.update({p: {k: next(it) for k in keys[:c]} for p, c in zip(names, counts)})
+                return self._experts(x, inds, w)
+
+            try:
+                return mx.vjp(ref, list(primals), [cotangent])[1]
+            finally:
+                self.switch_mlp.update(saved)
+
+        return f(x, weights, *[a for ws, _, _ in parts for a in ws])

@@ -1,0 +1,142 @@
+"""Running a kernel body without its GPU: C++ threads (and ThreadSanitizer), MLX's exact Metal rendering
+parsed by clang, MLX's CUDA wrapping compiled by NVRTC. Shared by the kernel tests."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from phi3mlx.kernels.portable import cpu_translation_unit
+
+GXX = shutil.which("g++")
+CLANG = shutil.which("clang++-14") or shutil.which("clang++")
+CUDA_INCLUDE = next((p for p in ("/usr/local/cuda-13.0/include", "/usr/local/cuda/include") if os.path.isdir(p)),
+                    None)
+
+
+def translation_unit(K, quantized: bool = False) -> str:
+    """The C++-threads rendering of kernel module ``K`` (its NAME, body, cpu_params and THREADS)."""
+    return cpu_translation_unit(K.NAME, K.body(quantized), K.cpu_params(quantized), threads=K.THREADS)
+
+
+def build(d: Path, K, quantized: bool = False):
+    (d / "k.cpp").write_text(translation_unit(K, quantized))
+    lib = d / "k.so"
+    r = subprocess.run([GXX, "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", str(d / "k.cpp"), "-o", str(lib)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+def ptr(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def tsan_run(tmp_path: Path, K, main: str, extra_flags: list):
+    """Build ``K``'s C++ rendering plus ``main`` with ThreadSanitizer and run it (skips without its runtime)."""
+    src = tmp_path / "t.cpp"
+    src.write_text(translation_unit(K) + main)
+    exe = tmp_path / "t"
+    r = subprocess.run([GXX, "-O1", "-g", "-std=c++20", "-pthread", "-fsanitize=thread", *extra_flags, str(src), "-o",
+                        str(exe)], capture_output=True, text=True)
+    if r.returncode != 0 and "tsan" in r.stderr.lower():
+        pytest.skip("ThreadSanitizer runtime not available")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return subprocess.run([str(exe)], capture_output=True, text=True, env={"TSAN_OPTIONS": "halt_on_error=0"})
+
+
+METAL_STUB = r"""
+#include <cstdint>
+#define kernel
+#define device
+#define threadgroup
+#define constant
+typedef unsigned int uint;
+typedef unsigned short ushort;
+struct uint3 { uint x, y, z; };
+namespace metal { float exp(float); float max(float, float); }
+enum class mem_flags { mem_threadgroup };
+void threadgroup_barrier(mem_flags);
+float simd_shuffle_xor(float, ushort);
+template <typename T> struct atomic { T v; };
+enum memory_order { memory_order_relaxed };
+float atomic_fetch_add_explicit(atomic<float>*, float, memory_order);
+#define INFINITY __builtin_inff()
+"""
+
+
+def captured_msl(capfd, kernel, args: list, output_shape, grid: int, threads: int) -> str:
+    """The exact MSL MLX generates for ``kernel`` called on ``args``, captured by tracing under
+    mx.export_function (no Metal device needed)."""
+
+    def f(*a):
+        return kernel(inputs=list(a), output_shapes=[output_shape], output_dtypes=[mx.float32],
+                      grid=(grid, 1, 1), threadgroup=(threads, 1, 1), verbose=True)[0]
+
+    capfd.readouterr()
+    try:
+        mx.export_function(str(Path(tempfile.mkdtemp()) / "trace.mlxfn"), f, *args)
+    except Exception:  # noqa: BLE001  (exporting may refuse the custom kernel after printing it)
+        pass
+    out = capfd.readouterr().out
+    start = out.find("```\n") + 4
+    return out[start : out.find("```", start)]
+
+
+def clang_parses(msl: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A clang syntax pass over the MSL against METAL_STUB (attributes removed)."""
+    body = msl.replace("#include <metal_stdlib>", "").replace("using namespace metal;", "")
+    body = re.sub(r"\[\[[^\]]*\]\]", "", body)
+    src = tmp_path / "k.cpp"
+    src.write_text(METAL_STUB + body)
+    return subprocess.run([CLANG, "-fsyntax-only", "-std=c++17", "-x", "c++", str(src)], capture_output=True, text=True)
+
+
+def cuda_wrap(name: str, header: str, src: str, signature: list) -> str:
+    """The kernel as MLX's CUDA backend wraps it (mlx/backend/cuda/custom_kernel.cpp: its default header,
+    ours, the signature in namespace mlx::core::cu), MLX's device utils stubbed by the CUDA type headers."""
+    sig = ",\n".join(f"    {s}" for s in signature)
+    return ("#include <cuda_fp16.h>\n#include <cuda_bf16.h>\n#include <cuda/std/limits>\n"
+            "#include <cooperative_groups.h>\n#define inf cuda::std::numeric_limits<float>::infinity()\n"
+            + header + "namespace mlx::core::cu {\nnamespace cg = cooperative_groups;\n"
+            f"__global__ void custom_kernel_{name}(\n{sig}) {{\n{src}\n}}\n}} // namespace mlx::core::cu\n")
+
+
+def _nvrtc():
+    try:
+        import nvidia
+    except ImportError:
+        pytest.skip("nvidia-cuda-nvrtc is not installed (pip install nvidia-cuda-nvrtc)")
+    libs = [p for d in nvidia.__path__ for p in glob.glob(os.path.join(d, "*", "lib", "libnvrtc.so*"))]
+    if not libs:
+        pytest.skip("libnvrtc not found")
+    d = os.path.dirname(libs[0])
+    for b in glob.glob(os.path.join(d, "libnvrtc-builtins.so*")):
+        ctypes.CDLL(b, mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(sorted(libs)[0])
+
+
+def nvrtc_compile(source: str) -> tuple[int, str]:
+    """(return code, log) of compiling ``source`` for sm_90a with NVRTC as MLX does."""
+    nv = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert nv.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"k.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=sm_90a", b"--device-as-default-execution-space", b"-std=c++17",
+            b"-I" + CUDA_INCLUDE.encode(), b"-I" + (CUDA_INCLUDE + "/cccl").encode()]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    rc = nv.nvrtcCompileProgram(prog, len(opts), arr)
+    size = ctypes.c_size_t()
+    nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nv.nvrtcGetProgramLog(prog, log)
+    return rc, log.value.decode()
