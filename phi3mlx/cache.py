@@ -211,6 +211,20 @@ class ModelCache(list):
         self._ids = [ids]
         return ids[0].tolist()
 
+    def copy(self) -> "ModelCache":
+        """An independent cache holding the same positions (later updates of either leave the other as is)."""
+        layers = []
+        for c in self:
+            n = LayerCache(c.window, c.bits, c.group_size)
+            if c.keys is not None:
+                n.set_state(c.state, c.start, c.offset)  # slices: new arrays, the buffers are not shared
+            layers.append(n)
+        out = ModelCache(layers, self._identity)
+        out.long_rope = self.long_rope
+        out._ids = list(self._ids)
+        out._rows = list(self._rows)
+        return out
+
     def reset(self) -> None:
         for c in self:
             c.reset()

@@ -1,5 +1,5 @@
-"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, bench, lora, dpo, fuse, pretrain,
-corpus, tokenizer train.
+"""The ``phi3mlx`` command line: convert, export-hf, generate, chat, serve, bench, lora, dpo, fuse,
+pretrain, corpus, tokenizer train.
 
 Every user mistake is printed as one line ``phi3mlx: error: ...`` with exit code 1: a bad command line
 (argparse's errors: unknown flag, missing flag, bad value or choice; the line names the subcommand and
@@ -35,6 +35,7 @@ from .generate import format_stats, stream_generate
 from . import kernels
 from .loader import load
 from .processor import IMAGE_TAG
+from .server import serve
 from .tiny import EMBEDDED_ID, TINY_ID
 from .tokenizer import utf8_problem
 
@@ -259,8 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-memory", action="store_true",
                    help="instead: KV-cache size and peak memory after generating 1x, 2x and 4x a sliding-window "
                    "model's window (with --compare-mlx-lm, mlx-lm's too)")
+    p.add_argument("--serve", action="store_true",
+                   help="instead: an OpenAI-compatible server's total tokens/s and time to first token at 1, 4 and "
+                   "16 concurrent streams (with --compare-mlx-lm, mlx_lm.server's on the same folder)")
     add_train_args(p)  # phi3mlx bench --train
     add_pretrain_args(p)  # phi3mlx bench --pretrain
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, streaming, batched)",
+                       formatter_class=_Formatter,
+                       description="Serve the model over the OpenAI API: POST /v1/chat/completions, POST "
+                       "/v1/completions, GET /v1/models, GET /health; streaming (server-sent events) or not. "
+                       "Requests that arrive together are decoded together, one batched step over every active "
+                       "request (each with its own KV cache, sampler and stop rules); repeated prompt prefixes "
+                       "are reused from a prefix cache. Point any OpenAI client at http://HOST:PORT/v1.")
+    _model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8080, help="TCP port")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: the PHI3MLX_API_KEY environment variable, "
+                   "else no key)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get HTTP 429")
+    p.add_argument("--model-id", default=None, help="the name clients use (default: the --model argument)")
 
     add_parsers(sub, _Formatter)
     return parser
@@ -422,6 +443,13 @@ def _cmd_pretrain(a):
     run_pretrain(a)
 
 
+def _cmd_serve(a):
+    model, tok = load(a.model, adapter_path=a.adapter_path)
+    _note_tiny(a)
+    key = a.api_key if a.api_key is not None else os.environ.get("PHI3MLX_API_KEY") or None
+    serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue)
+
+
 def _cmd_tokenizer(a):
     run_tokenizer_train(a)  # "train" is the group's only command
 
@@ -433,7 +461,7 @@ def _cmd_corpus(a):
 COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate,
             "cache-prompt": _cmd_cache_prompt, "chat": _cmd_chat,
             "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse,
-            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "corpus": _cmd_corpus}
+            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "corpus": _cmd_corpus, "serve": _cmd_serve}
 
 
 def check_args(a) -> None:
@@ -456,6 +484,10 @@ def check_args(a) -> None:
         need("--num-crops", lambda v: 1 <= v <= 64, "between 1 and 64")
     if a.command == "cache-prompt":
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
+    if a.command == "serve":
+        need("--port", lambda v: 0 < v < 65536, "in 1..65535")
+        need("--max-batch", lambda v: v >= 1, "at least 1")
+        need("--max-queue", lambda v: v >= 1, "at least 1")
     if a.command == "bench" and not (a.train or a.pretrain):  # before the model loads (and the tiny notice)
         try:
             check_bench_args(a.prompt_tokens, a.gen_tokens, a.repeats)

@@ -139,16 +139,25 @@ class Attention(nn.Module):
         s = cfg.attention_scale
         self.scale = (s * self.rope.score_scale(False), s * self.rope.score_scale(True))
 
-    def __call__(self, x: mx.array, p: Pass, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, p, cache=None) -> mx.array:
+        """``p`` a Pass (every row of x one sequence at the same positions, ``cache`` one LayerCache or
+        None), or a list of B Passes: a ragged batch whose row i is its own sequence, with its own
+        positions and ``cache[i]`` (projections run batched, attention per row)."""
         B, L, _ = x.shape
         q, k, v = self.projection.qkv(self, x)
+        if isinstance(p, list):
+            o = mx.concatenate([self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], p[i], cache[i])
+                                for i in range(B)], axis=0)
+        else:
+            o = self._attend(q, k, v, p, cache)
+        return self.projection.out(self, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q, k, v, p: Pass, cache) -> mx.array:
         q = self.rope(q, p.offset, p.long_rope)
         k = self.rope(k, p.offset, p.long_rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, D) or quantized tuples
         scale = self.scale[p.long_rope]
         if self.mask_maker is None:
-            o = attend(q, k, v, scale, p.mask(), cache)
-        else:
-            o = self.mask_maker(q, k, v, scale, p, cache)
-        return self.projection.out(self, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            return attend(q, k, v, scale, p.mask(), cache)
+        return self.mask_maker(q, k, v, scale, p, cache)

@@ -149,17 +149,10 @@ class Model(nn.Module):
         """
         cfg = self.config
         B, L = inputs.shape
-        offset = cache.offset if cache is not None else 0
-        if long_rope is None:
-            long_rope = cfg.rope.uses_long(offset + L)
-        key_start = 0
-        if cache is not None:
-            if offset and cache.long_rope is not None and cache.long_rope != long_rope and cfg.rope.kind == "longrope":
-                cache.reencode(self, long_rope)
-            cache.long_rope = long_rope
-            cache.record(inputs, image_rows)
-            key_start = cache[0].key_start(L)
-        p = Pass(offset, L, long_rope, key_start, cfg.sliding_window)
+        if cache is None:
+            p = Pass(0, L, cfg.rope.uses_long(L) if long_rope is None else long_rope, 0, cfg.sliding_window)
+        else:
+            p = self._pass(cache, inputs, long_rope, image_rows)
         h = self.embed(inputs, image_rows)  # (B, L, hidden)
         if cfg.embedding_multiplier != 1.0:
             h = h * cfg.embedding_multiplier
@@ -170,6 +163,24 @@ class Model(nn.Module):
                 h = layer(h, p, cache[i] if cache is not None else None)
         if last_only:
             h = h[:, -1:]
+        return self._head(h)
+
+    def _pass(self, cache: ModelCache, inputs: mx.array, long_rope: Optional[bool], image_rows=None) -> Pass:
+        """The Pass of ``inputs`` (B, L) continuing ``cache``, which records them (a prefix encoded with
+        the other LongRoPE set is re-encoded first)."""
+        cfg = self.config
+        L = inputs.shape[1]
+        offset = cache.offset
+        if long_rope is None:
+            long_rope = cfg.rope.uses_long(offset + L)
+        if offset and cache.long_rope is not None and cache.long_rope != long_rope and cfg.rope.kind == "longrope":
+            cache.reencode(self, long_rope)
+        cache.long_rope = long_rope
+        cache.record(inputs, image_rows)
+        return Pass(offset, L, long_rope, cache[0].key_start(L), cfg.sliding_window)
+
+    def _head(self, h: mx.array) -> mx.array:
+        cfg = self.config
         h = self.model.norm(h)
         if cfg.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
@@ -178,6 +189,20 @@ class Model(nn.Module):
         if cfg.logit_divisor != 1.0:  # muP
             logits = logits.astype(mx.float32) / cfg.logit_divisor
         return self.parts.logits(cfg, logits)
+
+    def decode_batch(self, tokens: mx.array, caches: list) -> mx.array:
+        """One decoding step of B independent sequences: ``tokens`` (B,) the next token of each, ``caches``
+        their B ModelCaches (any lengths). Projections, MLPs and the head run as one batched pass;
+        attention runs per sequence over its own cache, at its own positions, so each row equals what
+        ``model(tokens[i:i+1, None], cache=caches[i])`` gives. Returns logits (B, V)."""
+        rows = tokens.reshape(-1, 1)  # (B, 1)
+        passes = [self._pass(c, rows[i : i + 1], None) for i, c in enumerate(caches)]
+        h = self.embed(rows)
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, passes, [c[i] for c in caches])
+        return self._head(h)[:, -1, :]
 
     def embed(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> mx.array:
         """Token embeddings (B, L, hidden); with ``image_rows``, the negative ids' rows are those."""

@@ -1,0 +1,337 @@
+"""Continuous batching: many requests decoded together on one model, each with its own cache and rules.
+
+``Engine(model, tokenizer)`` owns the model on one thread. ``submit(request)`` queues a ``Request``
+(or raises ``QueueFull``); the engine thread loops:
+
+1. admit queued requests into free slots (at most ``max_batch`` active). A joining request takes a
+   copy of the longest matching prefix from the prefix pool (caches of finished requests, keyed by
+   the token ids they hold: a shared system prompt or a growing conversation is not recomputed);
+2. prefill: every joining request runs at most ``prefill_chunk`` prompt tokens per loop, so a long
+   prompt never stalls the others for long; the last prompt token gives its first logits;
+3. decode: one ``model.decode_batch`` over every active sequence (projections, MLPs and the head as
+   one batched pass; attention per sequence over its own cache), then each request's own sampler,
+   stop ids, stop strings, ``max_tokens`` and the model's context.
+
+A request leaves the batch between two steps when it finishes or is cancelled (``Request.cancel()``,
+e.g. a client that disconnected); its cache joins the prefix pool (bounded in entries and tokens).
+Each request's output arrives through its ``emit`` callback (called on the engine thread): ``Delta``
+events, then one ``Done``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import mlx.core as mx
+
+from .cache import ModelCache, image_positions
+from .errors import Phi3MLXError
+from .generate import image_prompt, make_sampler, reuse_prefix
+
+
+class QueueFull(Exception):
+    """The engine's queue is at its limit."""
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    text: str
+    logprob: float
+    top: List[tuple]  # [(token id, text, logprob)] most likely first
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: List[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" (end token or stop string), "length" (max_tokens or context), "cancelled", "error"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    error: Optional[str] = None
+    bad_request: bool = False  # the error is the request's (its prompt), not the server's
+
+
+@dataclass
+class Request:
+    """One generation. ``ids``: the prompt's token ids; or ``text`` with ``images`` for a vision model
+    (tokenized and encoded on the engine thread). ``emit(event)`` receives Delta and Done events."""
+
+    emit: Callable[[object], None]
+    ids: Optional[List[int]] = None
+    text: Optional[str] = None
+    images: Sequence = ()
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: Sequence[str] = ()
+    logprobs: Optional[int] = None  # None: no logprobs; k: the chosen token's and the k most likely
+    _cancelled: bool = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+
+
+class _Slot:
+    """A request being served: its cache, sampler, detokenizer and stop state."""
+
+    def __init__(self, req: Request, ids: List[int], rows, cache: ModelCache, todo: List[int], tokenizer):
+        self.req, self.ids, self.cache = req, ids, cache
+        self.todo = todo  # prompt ids still to prefill (the last one gives the first logits)
+        self.rows = rows  # image rows of todo's negative ids
+        self.cached = len(ids) - len(todo)
+        self.long = None  # the LongRoPE set of the prompt (None until the prefill starts)
+        self.sampler = make_sampler(req.temperature, req.top_p, 0, 0.0, req.seed)
+        self.detok = tokenizer.detokenizer()
+        self.tokenizer = tokenizer
+        self.text = ""  # generated text so far
+        self.sent = 0  # characters of it already emitted
+        self.pending_lp: List[TokenLogprob] = []
+        self.n = 0
+        self.last: Optional[int] = None
+        self.done = False
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
+                 pool_entries: int = 8, pool_tokens: int = 65536, kv_bits: Optional[int] = None,
+                 kv_group_size: Optional[int] = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.pool_entries, self.pool_tokens = pool_entries, pool_tokens
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self.context = model.config.context_length
+        self._queue: "queue.Queue[Request]" = queue.Queue()
+        self._active: List[_Slot] = []
+        self._pool: List[ModelCache] = []  # most recently used last
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+        self.steps = 0  # decode steps run
+        self.max_seen_batch = 0
+
+    # ------------------------------------------------------------------------------ life cycle
+
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="phi3mlx-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(self, req: Request) -> None:
+        if self._queue.qsize() >= self.max_queue:
+            raise QueueFull(f"the server is busy ({self.max_queue} requests waiting); try again shortly")
+        self._queue.put(req)
+        self._wake.set()
+
+    @property
+    def load(self) -> dict:
+        return {"active": len(self._active), "queued": self._queue.qsize(), "pooled": len(self._pool)}
+
+    # ------------------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._admit()
+            if not self._active:
+                mx.clear_cache()
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                self._prefill()
+                self._decode()
+            except Exception as e:  # noqa: BLE001  (one bad step must not stop the server)
+                for s in self._active:
+                    self._finish(s, "error", f"{type(e).__name__}: {e}")
+            self._active = [s for s in self._active if not s.done]
+
+    def _admit(self) -> None:
+        while len(self._active) < self.max_batch:
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if req._cancelled:
+                req.emit(Done("cancelled", 0, 0, 0))
+                continue
+            try:
+                self._active.append(self._slot(req))
+            except Phi3MLXError as e:
+                req.emit(Done("error", 0, 0, 0, str(e), bad_request=True))
+
+    def _slot(self, req: Request) -> _Slot:
+        rows = None
+        if req.text is not None:
+            ip = image_prompt(self.model, self.tokenizer, req.text, list(req.images))
+            ids, rows = ip.ids, ip.rows
+        else:
+            ids = list(req.ids)
+        if not ids:
+            raise Phi3MLXError("the prompt is empty")
+        if len(ids) >= self.context:
+            raise Phi3MLXError(f"the prompt has {len(ids)} tokens but the model's context is {self.context} tokens")
+        cache = self._from_pool(ids)
+        todo = reuse_prefix(self.model, cache, ids)
+        if rows is not None:
+            k = image_positions(todo)
+            rows = rows[rows.shape[0] - k :] if k else None
+        return _Slot(req, ids, rows, cache, todo, self.tokenizer)
+
+    def _from_pool(self, ids: List[int]) -> ModelCache:
+        """A copy of the pooled cache sharing the longest prefix with ``ids``, else a new cache."""
+        best, best_k = None, 0
+        for c in self._pool:
+            held = c.token_ids
+            k = 0
+            for a, b in zip(held, ids):
+                if a != b:
+                    break
+                k += 1
+            if k > best_k:
+                best, best_k = c, k
+        if best is None:
+            return self.model.make_cache(self.kv_bits, self.kv_group_size)
+        self._pool.remove(best)
+        self._pool.append(best)  # most recently used
+        return best.copy()
+
+    def _to_pool(self, cache: ModelCache) -> None:
+        if not cache.offset:
+            return
+        self._pool.append(cache)
+        while len(self._pool) > self.pool_entries or sum(c.offset for c in self._pool) > self.pool_tokens:
+            self._pool.pop(0)
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        for s in self._active:
+            if s.last is not None or s.done or budget <= 0:
+                continue
+            if s.req._cancelled:
+                self._finish(s, "cancelled")
+                continue
+            if s.long is None:
+                s.long = self.model.config.rope.uses_long(s.cache.offset + len(s.todo))
+            head = s.todo[:-1][:budget]
+            if head:
+                k = image_positions(head)
+                rows = None
+                if s.rows is not None and k:
+                    rows, s.rows = s.rows[:k], s.rows[k:]
+                s.cache.extend(self.model, head, len(head), s.long, image_rows=rows)
+                s.todo = s.todo[len(head) :]
+                budget -= len(head)
+            if len(s.todo) == 1 and budget > 0:
+                rows = s.rows if s.todo[0] < 0 else None
+                logits = self.model(mx.array(s.todo)[None], cache=s.cache, long_rope=s.long, last_only=True,
+                                    image_rows=rows)[:, -1, :]
+                s.todo = []
+                budget -= 1
+                self._take([s], logits)
+
+    def _decode(self) -> None:
+        ready = [s for s in self._active if s.last is not None and not s.done]
+        live = []
+        for s in ready:
+            if s.req._cancelled:
+                self._finish(s, "cancelled")
+            else:
+                live.append(s)
+        if not live:
+            return
+        self.max_seen_batch = max(self.max_seen_batch, len(live))
+        logits = self.model.decode_batch(mx.array([s.last for s in live]), [s.cache for s in live])
+        self.steps += 1
+        self._take(live, logits)
+
+    def _take(self, slots: List[_Slot], logits: mx.array) -> None:
+        """Sample each slot's next token from its row of ``logits`` (B, V) and emit it."""
+        logprobs = logits.astype(mx.float32)
+        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+        toks = [s.sampler(logprobs[i : i + 1]) for i, s in enumerate(slots)]
+        mx.eval(toks)
+        for i, (s, t) in enumerate(zip(slots, toks)):
+            self._step(s, int(t.item()), logprobs[i])
+
+    def _step(self, s: _Slot, tok: int, logprobs: mx.array) -> None:
+        if tok in self.tokenizer.stop_ids:  # an end token: no text, not counted
+            s.text += s.detok.finalize()
+            if not self._check_stop(s, final=True):
+                self._finish(s, "stop")
+            return
+        s.n += 1
+        piece = s.detok.add(tok)
+        if s.req.logprobs is not None:
+            s.pending_lp.append(self._logprob(tok, logprobs, s.req.logprobs))
+        s.text += piece
+        if self._check_stop(s):
+            return
+        if s.n >= s.req.max_tokens or s.cache.offset + 1 >= self.context:
+            s.text += s.detok.finalize()
+            if not self._check_stop(s, final=True):
+                self._finish(s, "length")
+            return
+        s.last = tok
+
+    def _logprob(self, tok: int, logprobs: mx.array, k: int) -> TokenLogprob:
+        top = []
+        if k > 0:
+            order = mx.argpartition(-logprobs, kth=k - 1)[:k]
+            vals = logprobs[order]
+            top = sorted(((int(i), self.tokenizer.decode([int(i)]), float(v))
+                          for i, v in zip(order.tolist(), vals.tolist())), key=lambda x: -x[2])
+        return TokenLogprob(tok, self.tokenizer.decode([tok]), float(logprobs[tok].item()), top)
+
+    def _check_stop(self, s: _Slot, final: bool = False) -> bool:
+        """Emit what can be sent; finish with "stop" at a stop string. Text that may be the start of
+        a stop string is held back until it is decided."""
+        stops = [x for x in s.req.stop if x]
+        if stops:
+            start = max(0, s.sent - max(len(x) for x in stops))
+            hits = [j for j in (s.text.find(x, start) for x in stops) if j >= 0]
+            if hits:
+                self._emit(s, s.text[: min(hits)])
+                self._finish(s, "stop")
+                return True
+        end = len(s.text)
+        if stops and not final:
+            for x in stops:
+                for m in range(min(len(x) - 1, end - s.sent), 0, -1):
+                    if s.text.endswith(x[:m]):
+                        end = min(end, len(s.text) - m)
+                        break
+        self._emit(s, s.text[:end])
+        return False
+
+    def _emit(self, s: _Slot, upto: str) -> None:
+        if len(upto) > s.sent or s.pending_lp:
+            s.req.emit(Delta(upto[s.sent :], s.pending_lp))
+            s.sent = len(upto)
+            s.pending_lp = []
+
+    def _finish(self, s: _Slot, reason: str, error: Optional[str] = None) -> None:
+        if s.done:
+            return
+        s.done = True
+        if s.pending_lp:
+            self._emit(s, s.text[: s.sent])
+        if reason != "error":
+            self._to_pool(s.cache)
+        s.req.emit(Done(reason, len(s.ids), s.n, s.cached, error))
