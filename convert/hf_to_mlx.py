@@ -21,6 +21,7 @@ from phi3mlx.errors import Phi3MLXError
 from phi3mlx.hub import resolve
 from phi3mlx.models import build_model, parse_config
 from phi3mlx.models.maps import hf_to_mlx, mlx_to_folder
+from phi3mlx.plan import DEVICES, MIN_CONTEXT, check_device, fit_for, swift_problem
 from phi3mlx.quant import check_quant_args, estimate_memory, quantize_model
 from phi3mlx.tokenizer import copy_tokenizer_files, missing_tokenizer
 from phi3mlx.weights import atomic_dir, check_output, check_weights, folder_bytes, read_weights, save_weights
@@ -36,6 +37,32 @@ class ConvertResult:
     path: Path
     bytes_on_disk: int
     summary: list = field(default_factory=list)
+
+
+def _for_target(cfg, target: str, quantize: bool, q_bits: int, dtype: Optional[str], context: Optional[int]):
+    """(quantize, bits, dtype) for a device target; every reason it cannot work, at once."""
+    problems = []
+    label, budget = DEVICES[target]
+    if target.startswith("iphone"):
+        p = swift_problem(cfg.model_type)
+        if p:
+            problems.append(p)
+        if cfg.model_type == "phimoe" and not (cfg.section.lm_head_bias and cfg.section.attention_bias):
+            problems.append("mlx-swift-lm's PhiMoE reads biased attention projections and a biased lm_head; this "
+                            "checkpoint has none (attention_bias / lm_head_bias are false)")
+    fit = fit_for(cfg, target, min_context=context or MIN_CONTEXT)
+    if not quantize:
+        if fit.choice is None:
+            problems.append(f"no weight format fits the {label} budget of about {budget:.1f} GB with "
+                            f"{min(context or MIN_CONTEXT, cfg.context_length)} tokens of context (4-bit weights "
+                            f"alone are {fit.weights_gb:.2f} GB); see phi3mlx plan")
+        elif fit.choice != "float16":
+            quantize, q_bits = True, 8 if fit.choice == "8-bit" else 4
+        elif dtype is None:
+            dtype = "float16"
+    if problems:
+        raise Phi3MLXError.many(problems)
+    return quantize, q_bits, dtype
 
 
 def _progress():
@@ -56,9 +83,14 @@ def convert(
     force: bool = False,
     context: Optional[int] = None,
     show_progress: bool = True,
+    target: Optional[str] = None,
 ) -> ConvertResult:
     """Convert ``hf_path`` into ``mlx_path``; with ``quantize``, ``q_bits`` (default 4) bits per weight in groups
     of ``q_group_size`` (default 64). Giving ``q_bits``/``q_group_size`` without ``quantize`` is an error.
+
+    ``target`` (a ``phi3mlx.plan.DEVICES`` name, e.g. "iphone-8gb"): without ``quantize``, the weight
+    format ``phi3mlx plan`` chooses for that device (float16, 8-bit or 4-bit, the most faithful that holds
+    ``context`` or 2048 tokens); an iPhone target also checks that MLX Swift can load the model type.
 
     Vision models (phi3_v): quantizing covers the language model; the vision tower and projector stay
     float unless ``quantize_vision``."""
@@ -79,6 +111,11 @@ def convert(
         problems.append(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     if context is not None and context <= 0:
         problems.append(f"--context must be a positive number, got {context}")
+    if target is not None:
+        try:
+            check_device(target)
+        except Phi3MLXError as e:
+            problems.append(f"--target: {e}")
     if problems:
         raise Phi3MLXError.many(problems)
     out = Path(mlx_path)
@@ -91,6 +128,8 @@ def convert(
     problem = missing_tokenizer(src, cfg.model_type)  # fail before the work, as loading the result would
     if problem:
         raise Phi3MLXError(problem)
+    if target is not None:
+        quantize, q_bits, dtype = _for_target(cfg, target, quantize, q_bits, dtype, context)
 
     model = build_model(cfg)
     vision = model.takes_images

@@ -17,9 +17,14 @@ import os
 import sys
 from pathlib import Path
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
 from . import __version__
 from .bench import check_bench_args
 from .bench import main as bench_main
+from .bench_serve import main as bench_serve_main
 from .bench_vision import main as bench_image_main
 from .cache import ModelCache
 from .chat import main as chat_main
@@ -34,6 +39,10 @@ from .finetune.tokenizer_train import run as run_tokenizer_train
 from .generate import format_stats, stream_generate
 from . import kernels
 from .loader import load
+from .hub import resolve
+from .config import read_json_object
+from .models import parse_config, read_model_config
+from .plan import DEVICES, plan, swift_problem
 from .processor import IMAGE_TAG
 from .server import serve
 from .tiny import EMBEDDED_ID, TINY_ID
@@ -178,7 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="float type of the weights (default: the checkpoint's)")
     p.add_argument("--context", type=int, default=None, help="context length for the memory estimate (default: min(model context, 4096))")
+    p.add_argument("--target", default=None, choices=list(DEVICES), metavar="DEVICE",
+                   help="size the folder for a device (" + ", ".join(DEVICES) + "): without -q, the weight format "
+                   "'phi3mlx plan' chooses for it; iPhone targets also check that MLX Swift loads the model type")
     p.add_argument("--force", action="store_true", help="replace the output folder if it exists")
+
+    p = sub.add_parser("plan", help="which context fits each Mac and iPhone, and which quantization to choose",
+                       formatter_class=_Formatter,
+                       description="For a model (folder, hub id or config.json), per device: the budget an app can "
+                       "use, the weight format to choose (float16, 8-bit or 4-bit: the most faithful that holds "
+                       "--min-context tokens), its size and the largest context that fits beside weights and "
+                       "one prefill chunk's activations; also the context with 4-bit weights and with a 4-bit "
+                       "KV cache. Computed from config.json alone: no weights are read.")
+    _model_arg(p)
+    p.add_argument("--device", action="append", choices=list(DEVICES), metavar="DEVICE", default=None,
+                   help="only this device (repeatable; default: " + ", ".join(DEVICES) + ")")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens processed per chunk")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="a quantized KV cache")
+    p.add_argument("--min-context", type=int, default=2048, help="context a weight format must hold to be chosen")
+    p.add_argument("--budget-gb", type=float, default=None, help="a memory budget in GB instead of the devices' own")
 
     p = sub.add_parser("export-hf", help="write an MLX folder back as a Hugging Face checkpoint",
                        formatter_class=_Formatter,
@@ -291,7 +318,7 @@ def _cmd_convert(a):
     keep = tuple(n for n, on in (("model.embed_tokens", a.keep_embeddings_float), ("lm_head", a.keep_head_float)) if on)
     res = convert(a.hf_path, a.mlx_path, quantize=a.quantize, q_bits=a.q_bits, q_group_size=a.q_group_size,
                   dtype=a.dtype, keep_float=keep, quantize_vision=a.quantize_vision, force=a.force,
-                  context=a.context)
+                  context=a.context, target=a.target)
     for line in res.summary:
         print(line)
 
@@ -423,6 +450,8 @@ def _cmd_bench(a):
         return bench_train_main(a)
     if a.image:
         return bench_image_main(a, DEFAULT_MODEL)
+    if a.serve:
+        return bench_serve_main(a)
     _note_tiny(a)
     bench_main(a)
 
@@ -450,6 +479,28 @@ def _cmd_serve(a):
     serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue)
 
 
+def _cmd_plan(a):
+    path = Path(a.model)
+    if path.is_file():  # a config.json of any name
+        cfg = parse_config(read_json_object(path), source=str(path))
+    else:
+        cfg = read_model_config(resolve(a.model))
+    fits = plan(cfg, a.device, a.prefill_chunk, a.kv_bits, a.min_context, a.budget_gb)
+    kv = f"{a.kv_bits}-bit" if a.kv_bits else "float16"
+    table = Table(box=box.SIMPLE_HEAD)
+    for col in ("device", "budget GB", "choose", "weights GB", f"context, {kv} KV", "4-bit", "4-bit, 4-bit KV"):
+        table.add_column(col, justify="left" if col in ("device", "choose") else "right", no_wrap=True)
+    for f in fits:
+        table.add_row(f.device, f"{f.budget_gb:.1f}", f.choice or "none fits", f"{f.weights_gb:.2f}",
+                      f"{f.context:,}" if f.choice else "-", f"{f.context_4bit:,}", f"{f.context_4bit_kv4:,}")
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+    out.print(f"{a.model}: {cfg.model_type}, context {cfg.context_length:,}, prefill chunk {a.prefill_chunk}; the "
+              "largest context that fits beside the weights (the last two columns: with 4-bit weights)")
+    out.print(table)
+    if swift_problem(cfg.model_type):
+        out.print(f"note: {swift_problem(cfg.model_type)}")
+
+
 def _cmd_tokenizer(a):
     run_tokenizer_train(a)  # "train" is the group's only command
 
@@ -461,7 +512,8 @@ def _cmd_corpus(a):
 COMMANDS = {"convert": _cmd_convert, "export-hf": _cmd_export, "generate": _cmd_generate,
             "cache-prompt": _cmd_cache_prompt, "chat": _cmd_chat,
             "bench": _cmd_bench, "lora": _cmd_lora, "dpo": _cmd_dpo, "fuse": _cmd_fuse,
-            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "corpus": _cmd_corpus, "serve": _cmd_serve}
+            "pretrain": _cmd_pretrain, "tokenizer": _cmd_tokenizer, "corpus": _cmd_corpus, "serve": _cmd_serve,
+            "plan": _cmd_plan}
 
 
 def check_args(a) -> None:
@@ -484,6 +536,10 @@ def check_args(a) -> None:
         need("--num-crops", lambda v: 1 <= v <= 64, "between 1 and 64")
     if a.command == "cache-prompt":
         need("--prefill-step-size", lambda v: v >= 1, "at least 1")
+    if a.command == "plan":
+        need("--prefill-chunk", lambda v: v >= 1, "at least 1")
+        need("--min-context", lambda v: v >= 1, "at least 1")
+        need("--budget-gb", lambda v: v > 0, "positive")
     if a.command == "serve":
         need("--port", lambda v: 0 < v < 65536, "in 1..65535")
         need("--max-batch", lambda v: v >= 1, "at least 1")
