@@ -262,13 +262,21 @@ class Engine:
         self._take(live, logits)
 
     def _take(self, slots: List[_Slot], logits: mx.array) -> None:
-        """Sample each slot's next token from its row of ``logits`` (B, V) and emit it."""
-        logprobs = logits.astype(mx.float32)
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        toks = [s.sampler(logprobs[i : i + 1]) for i, s in enumerate(slots)]
-        mx.eval(toks)
-        for i, (s, t) in enumerate(zip(slots, toks)):
-            self._step(s, int(t.item()), logprobs[i])
+        """Sample each slot's next token from its row of ``logits`` (B, V) and emit it. Greedy rows
+        without logprobs share one batched argmax; the others run their own sampler."""
+        plain = [s.req.temperature == 0 and s.req.logprobs is None for s in slots]
+        toks: List[Optional[mx.array]] = [None] * len(slots)
+        # as generate_step computes them (same dtype), so a request's tokens equal phi3mlx generate's
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.argmax(logprobs, axis=-1) if any(plain) else None
+        for i, s in enumerate(slots):
+            if not plain[i]:
+                toks[i] = s.sampler(logprobs[i : i + 1])
+        mx.eval([picked] + [t for t in toks if t is not None])
+        greedy = picked.tolist() if picked is not None else None
+        for i, s in enumerate(slots):
+            tok = greedy[i] if plain[i] else int(toks[i].item())
+            self._step(s, tok, logprobs[i])
 
     def _step(self, s: _Slot, tok: int, logprobs: mx.array) -> None:
         if tok in self.tokenizer.stop_ids:  # an end token: no text, not counted

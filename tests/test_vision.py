@@ -534,3 +534,50 @@ def test_review_fixes(vision_ckpt, tmp_path, monkeypatch, capsys):
     (data / "train.jsonl").write_text(json.dumps(row) + "\n")
     code, _, err = _cli(capsys, "lora", "--model", folder, "--data", data, "--iters", 1, "--batch-size", 1, "--pack")
     assert code == 1 and "--pack does not work with image rows" in err
+
+
+def test_server_takes_image_url_parts(vision_ckpt, tmp_path):
+    """``phi3mlx serve`` with a vision model: image_url parts (a data: URL and a file path) answer as
+    generate does with the same images; a text model refuses image parts with a 400."""
+    import base64
+    import io
+
+    import openai
+
+    from phi3mlx.generate import generate
+    from phi3mlx.server import Server
+
+    from .test_serve import Running
+
+    folder, _ = vision_ckpt()
+    model, proc = load(folder)
+    img = photo(500, 450, seed=23)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    path = tmp_path / "img.png"
+    img.save(path)
+    r = Running(Server(model, proc, "vision"))
+    try:
+        c = r.client(key="none")
+        prompt = proc.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is it?"}],
+                                          add_generation_prompt=True, tokenize=False)
+        expected = generate(model, proc, prompt, max_tokens=5, images=[img])
+        for url in (data_url, str(path)):
+            resp = c.chat.completions.create(model="vision", temperature=0, max_tokens=5, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is it?"}]}])
+            assert resp.choices[0].message.content == expected
+        with pytest.raises(openai.BadRequestError, match="image file not found"):
+            c.chat.completions.create(model="vision", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(tmp_path / "no.png")}}]}])
+    finally:
+        r.close()
+    text_model, tok = load("phi3mlx:embedded")
+    r = Running(Server(text_model, tok, "text"))
+    try:
+        with pytest.raises(openai.BadRequestError, match="takes no images"):
+            r.client(key="none").chat.completions.create(model="text", max_tokens=2, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}}]}])
+    finally:
+        r.close()

@@ -146,15 +146,24 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         q, k, v = self.projection.qkv(self, x)
         if isinstance(p, list):
-            o = mx.concatenate([self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], p[i], cache[i])
-                                for i in range(B)], axis=0)
+            longs = {r.long_rope for r in p}
+            if len(longs) == 1:  # one rotation for every row, each at its own position
+                long = longs.pop()
+                offsets = mx.array([r.offset for r in p])
+                q, k = self.rope(q, offsets, long), self.rope(k, offsets, long)
+                rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], p[i], cache[i], rotated=True)
+                        for i in range(B)]
+            else:
+                rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], p[i], cache[i]) for i in range(B)]
+            o = mx.concatenate(rows, axis=0)
         else:
             o = self._attend(q, k, v, p, cache)
         return self.projection.out(self, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _attend(self, q, k, v, p: Pass, cache) -> mx.array:
-        q = self.rope(q, p.offset, p.long_rope)
-        k = self.rope(k, p.offset, p.long_rope)
+    def _attend(self, q, k, v, p: Pass, cache, rotated: bool = False) -> mx.array:
+        if not rotated:
+            q = self.rope(q, p.offset, p.long_rope)
+            k = self.rope(k, p.offset, p.long_rope)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, D) or quantized tuples
         scale = self.scale[p.long_rope]
