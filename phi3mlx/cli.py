@@ -44,7 +44,7 @@ from .config import read_json_object
 from .models import parse_config, read_model_config
 from .plan import DEVICES, plan, swift_problem
 from .processor import IMAGE_TAG
-from .server import serve
+from .server import check_listen, serve
 from .tiny import EMBEDDED_ID, TINY_ID
 from .tokenizer import utf8_problem
 
@@ -473,6 +473,7 @@ def _cmd_pretrain(a):
 
 
 def _cmd_serve(a):
+    check_listen(a.host, a.port)  # before the model loads
     model, tok = load(a.model, adapter_path=a.adapter_path)
     _note_tiny(a)
     key = a.api_key if a.api_key is not None else os.environ.get("PHI3MLX_API_KEY") or None

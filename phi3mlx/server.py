@@ -15,6 +15,7 @@ import io
 import json
 import os
 import secrets
+import socket
 import time
 import uuid
 from typing import Optional
@@ -396,6 +397,23 @@ def _image(url: str):
         raise APIError(400, f"the image could not be read: {e}", param="messages")
 
 
+def check_listen(host: str, port: int) -> None:
+    """A one-line error now, before the model loads, if ``host:port`` cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise Phi3MLXError(f"--host {host}: {e.strerror or e}")
+    family, kind, proto, _, addr = infos[0]
+    s = socket.socket(family, kind, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+    except OSError as e:
+        raise Phi3MLXError(f"cannot listen on {host}:{port}: {e.strerror or e}")
+    finally:
+        s.close()
+
+
 def build_app(model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
               max_queue: int = 64) -> Server:
     return Server(model, tokenizer, model_id, api_key, max_batch, max_queue)
@@ -404,7 +422,6 @@ def build_app(model, tokenizer, model_id: str, api_key: Optional[str] = None, ma
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
           max_batch: int = 16, max_queue: int = 64, log_level: str = "info") -> None:
     """Run the server until interrupted."""
-    if not (0 < port < 65536):
-        raise Phi3MLXError(f"--port must be in 1..65535, got {port}")
     server = build_app(model, tokenizer, model_id, api_key, max_batch, max_queue)
+    print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)

@@ -414,3 +414,35 @@ def test_load_of_concurrent_clients(running, embedded):
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * model.config.head_dim * 4
     pooled = engine.pool_entries * 512 * per_token  # the prefix pool's bound for these short chats
     assert after <= before + pooled + (1 << 20), (before, after)
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_serve_command(capsys, tmp_path):
+    """`phi3mlx serve` as a user starts it: a subprocess answering on its port; its bad flags and a taken
+    port are one-line errors before the model loads."""
+    import subprocess
+    import sys
+
+    from phi3mlx.bench_serve import Subprocess, free_port, stream_request
+
+    port = free_port()
+    proc = Subprocess("phi3mlx serve", [sys.executable, "-m", "phi3mlx", "serve", "--port", str(port),
+                                        "--model-id", "m"], port)
+    try:
+        ttft, n = stream_request(port, "m", "What is 12 + 30?", 8)
+        assert n >= 1 and ttft > 0
+        taken = subprocess.run([sys.executable, "-m", "phi3mlx", "serve", "--port", str(port)], capture_output=True,
+                               text=True, timeout=120)
+        assert taken.returncode == 1 and taken.stderr.strip().splitlines() == [
+            f"phi3mlx: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    finally:
+        proc.close()
+    for argv, needle in ((["--port", "70000"], "--port must be in 1..65535"),
+                         (["--max-batch", "0"], "--max-batch must be at least 1"),
+                         (["--bogus"], "unrecognized arguments: --bogus"),
+                         (["--model", str(tmp_path / "none")], "model path not found")):
+        assert main(["serve", *argv]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
