@@ -202,6 +202,10 @@ class ModelCache(list):
         self._ids = [mx.array([ids])] if ids else []
         self._rows = [rows[:n_img]] if rows is not None and n_img else []
 
+    def hold(self, ids: List[int]) -> None:
+        """Record ``ids`` as the token ids of the positions now stored (after ``set_state`` of each layer)."""
+        self._ids = [mx.array([ids])] if ids else []
+
     @property
     def token_ids(self) -> List[int]:
         """The ids the cache holds (first row of the batch), in order."""
@@ -428,3 +432,110 @@ def make_cache(cfg: ModelConfig, kv_bits: Optional[int] = None, kv_group_size: O
     w = cfg.sliding_window if window and cfg.sliding_window and cfg.sliding_window < cfg.context_length else None
     layers = [LayerCache(w, kv_bits, group or 64) for _ in range(cfg.num_hidden_layers)]
     return ModelCache(layers, identity or config_identity(cfg))
+
+
+class SlotBatch:
+    """The keys and values of a batch of sequences, one buffer per layer (rows, K, capacity, D): row r
+    holds its sequence's positions 0 .. lengths[r] - 1 from the start (a window model keeps them all;
+    the window is applied by the mask). One decoding step writes each row's new key at its own
+    position with a single scatter per layer and reads every row with one attention call (the rows
+    beyond a row's length are masked), where per-sequence caches need per-row operations.
+
+    Float caches that never dropped a key only (``loadable``). ``add`` appends a sequence from its
+    ModelCache, ``take`` removes row r and gives it back as one; ``lengths`` advance by ``advance()``
+    after every layer has stored the step's keys.
+    """
+
+    step = 256
+
+    def __init__(self, n_layers: int):
+        self.keys: List[Optional[mx.array]] = [None] * n_layers
+        self.values: List[Optional[mx.array]] = [None] * n_layers
+        self.lengths: List[int] = []
+        self._positions: Optional[mx.array] = None
+
+    @staticmethod
+    def loadable(cache: "ModelCache") -> bool:
+        return all(c.bits is None and c.start == 0 for c in cache)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2] if self.keys[0] is not None else 0
+
+    def _grow(self, need: int) -> None:
+        cap = -(-need // self.step) * self.step
+        for store in (self.keys, self.values):
+            for i, a in enumerate(store):
+                if a is not None and a.shape[2] < cap:
+                    pad = mx.zeros(a.shape[:2] + (cap - a.shape[2],) + a.shape[3:], a.dtype)
+                    store[i] = mx.concatenate([a, pad], axis=2)
+
+    def add(self, cache: "ModelCache") -> None:
+        """Append ``cache``'s sequence (batch 1) as the last row."""
+        n = cache.offset
+        if self.rows:
+            self._grow(max(n + 1, self.capacity))
+        cap = max(self.capacity, -(-(n + 1) // self.step) * self.step)
+        for i, layer in enumerate(cache):
+            for store, part in ((self.keys, layer.keys[0]), (self.values, layer.values[0])):
+                row = part[:, :, :n]  # (1, K, n, D)
+                row = mx.concatenate([row, mx.zeros(row.shape[:2] + (cap - n,) + row.shape[3:], row.dtype)], axis=2)
+                store[i] = row if store[i] is None else mx.concatenate([store[i], row], axis=0)
+        self.lengths.append(n)
+        self._positions = None
+
+    def take(self, r: int, cache: "ModelCache") -> "ModelCache":
+        """Remove row r, putting its positions into the empty ``cache`` (same layout as loaded)."""
+        n = self.lengths[r]
+        for i, layer in enumerate(cache):
+            layer.set_state([self.keys[i][r : r + 1, :, :n], self.values[i][r : r + 1, :, :n]], 0, n)
+        keep = [j for j in range(self.rows) if j != r]
+        for store in (self.keys, self.values):
+            for i, a in enumerate(store):
+                store[i] = a[mx.array(keep)] if keep else None
+        del self.lengths[r]
+        self._positions = None
+        return cache
+
+    def positions(self) -> mx.array:
+        """(rows,) int32: the position each row's next token takes."""
+        if self._positions is None:
+            self._positions = mx.array(self.lengths, dtype=mx.int32)
+        return self._positions
+
+    def prepare(self) -> None:
+        """Room for one more position in every row (call before a step)."""
+        if max(self.lengths, default=0) + 1 > self.capacity:
+            self._grow(max(self.lengths) + 1)
+
+    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array):
+        """Store k, v (rows, K, 1, D) at each row's position; return keys and values (rows, K, T, D) up to
+        the longest row (T = max length + 1)."""
+        pos = self.positions()
+        B, K, _, D = k.shape
+        idx = mx.broadcast_to(pos.reshape(B, 1, 1, 1), (B, K, 1, D))
+        self.keys[layer] = mx.put_along_axis(self.keys[layer], idx, k.astype(self.keys[layer].dtype), axis=2)
+        self.values[layer] = mx.put_along_axis(self.values[layer], idx, v.astype(self.values[layer].dtype), axis=2)
+        T = max(self.lengths) + 1
+        return self.keys[layer][:, :, :T], self.values[layer][:, :, :T]
+
+    def advance(self) -> None:
+        self.lengths = [n + 1 for n in self.lengths]
+        self._positions = None
+
+    def layer(self, i: int) -> "SlotLayer":
+        return SlotLayer(self, i)
+
+
+class SlotLayer:
+    """Layer i of a SlotBatch, as the attention sees it."""
+
+    def __init__(self, batch: SlotBatch, i: int):
+        self.batch, self.i = batch, i
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        return self.batch.update_and_fetch(self.i, k, v)

@@ -8,9 +8,13 @@
    the token ids they hold: a shared system prompt or a growing conversation is not recomputed);
 2. prefill: every joining request runs at most ``prefill_chunk`` prompt tokens per loop, so a long
    prompt never stalls the others for long; the last prompt token gives its first logits;
-3. decode: one ``model.decode_batch`` over every active sequence (projections, MLPs and the head as
-   one batched pass; attention per sequence over its own cache), then each request's own sampler,
-   stop ids, stop strings, ``max_tokens`` and the model's context.
+3. decode: one batched forward pass over every active sequence, then each request's own sampler,
+   stop ids, stop strings, ``max_tokens`` and the model's context. After its prefill a sequence joins
+   the ``SlotBatch`` (models whose layers all attend densely, float caches): one buffer per layer for
+   every row, so a step is one scatter and one attention call per layer (``model.decode_slots``).
+   Otherwise (Phi-3-small's blocksparse layers, ``kv_bits``, a row whose LongRoPE set differs from
+   the batch's) it decodes in the ragged batch: projections batched, attention per sequence over its
+   own cache (``model.decode_batch``).
 
 A request leaves the batch between two steps when it finishes or is cancelled (``Request.cancel()``,
 e.g. a client that disconnected); its cache joins the prefix pool (bounded in entries and tokens).
@@ -27,7 +31,7 @@ from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import ModelCache, image_positions
+from .cache import ModelCache, SlotBatch, image_positions
 from .errors import Phi3MLXError
 from .generate import image_prompt, make_sampler, reuse_prefix
 
@@ -99,6 +103,9 @@ class _Slot:
         self.n = 0
         self.last: Optional[int] = None
         self.done = False
+        self.in_batch = False  # a row of the engine's SlotBatch (its cache's positions live there)
+        self.held: List[int] = []  # in the batch: the ids its row holds
+        self.long_cur: Optional[bool] = None  # in the batch: the LongRoPE set its row was encoded with
 
 
 class Engine:
@@ -113,6 +120,9 @@ class Engine:
         self._queue: "queue.Queue[Request]" = queue.Queue()
         self._active: List[_Slot] = []
         self._pool: List[ModelCache] = []  # most recently used last
+        dense = model.slot_ready and kv_bits is None
+        self.slots: Optional[SlotBatch] = SlotBatch(len(model.layers)) if dense else None
+        self._rows: List[_Slot] = []  # the SlotBatch's rows, in order
         self._wake = threading.Event()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
@@ -158,7 +168,11 @@ class Engine:
                 self._prefill()
                 self._decode()
             except Exception as e:  # noqa: BLE001  (one bad step must not stop the server)
+                if self.slots is not None:  # its rows may be half-updated: every active request ends
+                    self.slots = SlotBatch(len(self.model.layers))
+                self._rows = []
                 for s in self._active:
+                    s.in_batch = False
                     self._finish(s, "error", f"{type(e).__name__}: {e}")
             self._active = [s for s in self._active if not s.done]
 
@@ -245,21 +259,51 @@ class Engine:
                 s.todo = []
                 budget -= 1
                 self._take([s], logits)
+                if not s.done and self.slots is not None and SlotBatch.loadable(s.cache):
+                    self._join(s)
+
+    def _join(self, s: _Slot) -> None:
+        s.held, s.long_cur = s.cache.token_ids, s.cache.long_rope
+        self.slots.add(s.cache)
+        s.cache.reset()
+        self._rows.append(s)
+        s.in_batch = True
+
+    def _leave(self, s: _Slot) -> None:
+        """Move s's row out of the SlotBatch into its own cache again."""
+        r = self._rows.index(s)
+        s.cache.reset()
+        self.slots.take(r, s.cache)
+        s.cache.hold(s.held)
+        s.cache.long_rope = s.long_cur
+        self._rows.pop(r)
+        s.in_batch = False
 
     def _decode(self) -> None:
-        ready = [s for s in self._active if s.last is not None and not s.done]
-        live = []
-        for s in ready:
-            if s.req._cancelled:
-                self._finish(s, "cancelled")
-            else:
-                live.append(s)
-        if not live:
+        for s in [s for s in self._active if s.last is not None and not s.done and s.req._cancelled]:
+            self._finish(s, "cancelled")
+        rope = self.model.config.rope
+        if self._rows:  # the batch keeps one LongRoPE set: rows needing the long one leave unless all do
+            long = all(rope.uses_long(n + 1) for n in self.slots.lengths)
+            for s, n in list(zip(self._rows, self.slots.lengths)):
+                if rope.uses_long(n + 1) != long or (s.long_cur is not None and s.long_cur != long):
+                    self._leave(s)
+        ragged = [s for s in self._active if s.last is not None and not s.done and not s.in_batch]
+        rows = list(self._rows)
+        if not rows and not ragged:
             return
-        self.max_seen_batch = max(self.max_seen_batch, len(live))
-        logits = self.model.decode_batch(mx.array([s.last for s in live]), [s.cache for s in live])
+        self.max_seen_batch = max(self.max_seen_batch, len(rows) + len(ragged))
+        parts = []
+        if rows:
+            long = all(rope.uses_long(n + 1) for n in self.slots.lengths)
+            parts.append(self.model.decode_slots(mx.array([s.last for s in rows]), self.slots, long))
+            for s in rows:
+                s.held.append(s.last)
+                s.long_cur = long
+        if ragged:
+            parts.append(self.model.decode_batch(mx.array([s.last for s in ragged]), [s.cache for s in ragged]))
         self.steps += 1
-        self._take(live, logits)
+        self._take(rows + ragged, parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0))
 
     def _take(self, slots: List[_Slot], logits: mx.array) -> None:
         """Sample each slot's next token from its row of ``logits`` (B, V) and emit it. Greedy rows
@@ -338,6 +382,8 @@ class Engine:
         if s.done:
             return
         s.done = True
+        if s.in_batch:
+            self._leave(s)
         if s.pending_lp:
             self._emit(s, s.text[: s.sent])
         if reason != "error":

@@ -446,3 +446,53 @@ def test_serve_command(capsys, tmp_path):
         assert main(["serve", *argv]) == 1
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_batched_rows_crossing_the_longrope_threshold(folders):
+    """Phi-3-mini-128k's LongRoPE with the threshold at 32 positions: rows that cross it during decoding
+    leave the one-buffer batch and re-encode with the long factors; every row still gets its own tokens."""
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import tiny_hf_config
+
+    cfg = parse_config(tiny_hf_config("Phi-3-mini-128k-instruct", original_max_position_embeddings=32))
+    mx.random.seed(5)
+    model = build_model(cfg)
+    model.eval()
+    mx.eval(model.parameters())
+    _, tok = load(str(folders["phi3"]))  # the same Phi-3 vocabulary
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(100, 5000, n).tolist() for n in (20, 28, 10, 40)]
+    alone = [[t for t, _ in generate_step(p, model, max_tokens=16)] for p in prompts]
+    engine = Engine(model, tok, max_batch=4)
+    got = {i: [] for i in range(4)}
+    done = {}
+    reqs = [Request(emit=lambda ev, i=i: done.__setitem__(i, ev) if isinstance(ev, Done) else None, ids=p,
+                    max_tokens=16) for i, p in enumerate(prompts)]
+    step = engine._step
+    left = []
+    leave = engine._leave
+
+    def spy(slot, token, logprobs):
+        got[reqs.index(slot.req)].append(token)
+        step(slot, token, logprobs)
+
+    def spy_leave(slot):
+        if not slot.done:  # not at its end: it left because of the threshold
+            left.append(reqs.index(slot.req))
+        leave(slot)
+
+    engine._step, engine._leave = spy, spy_leave
+    for r in reqs:
+        engine.submit(r)
+    engine.start()
+    t0 = time.time()
+    while len(done) < 4:
+        assert time.time() - t0 < 60
+        time.sleep(0.01)
+    engine.stop()
+    # rows 0 and 1 cross the threshold while decoding; row 3 begins past it; row 2 never reaches it
+    assert len(set(left)) >= 2 and 2 not in left, left
+    for i in range(4):
+        assert got[i] == alone[i][: len(got[i])], i
+        assert len(got[i]) == 16 or got[i][-1] in tok.stop_ids

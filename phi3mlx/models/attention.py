@@ -65,6 +65,16 @@ class Pass:
         return self._mask
 
 
+@dataclass
+class SlotPass:
+    """One decoding step of a SlotBatch (``phi3mlx.cache``): row b's token at ``positions[b]``; ``mask``
+    (B, 1, 1, T) True where row b may attend (its own positions, within the window)."""
+
+    positions: mx.array
+    long_rope: bool
+    mask: mx.array
+
+
 def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> mx.array:
     """softmax(q k^T * scale + mask) v for float or quantized (tuple) keys and values.
 
@@ -141,11 +151,16 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, p, cache=None) -> mx.array:
         """``p`` a Pass (every row of x one sequence at the same positions, ``cache`` one LayerCache or
-        None), or a list of B Passes: a ragged batch whose row i is its own sequence, with its own
-        positions and ``cache[i]`` (projections run batched, attention per row)."""
+        None); a list of B Passes: a ragged batch whose row i is its own sequence, with its own
+        positions and ``cache[i]`` (projections run batched, attention per row); or a SlotPass with
+        ``cache`` a layer of a SlotBatch (dense layers only)."""
         B, L, _ = x.shape
         q, k, v = self.projection.qkv(self, x)
-        if isinstance(p, list):
+        if isinstance(p, SlotPass):  # rows of a SlotBatch: one rotation, one scatter, one attention
+            q, k = self.rope(q, p.positions, p.long_rope), self.rope(k, p.positions, p.long_rope)
+            k, v = cache.update_and_fetch(k, v)  # (B, K, T, D), T = the longest row + 1
+            o = attend(q, k, v, self.scale[p.long_rope], AttentionMask(p.mask))
+        elif isinstance(p, list):
             longs = {r.long_rope for r in p}
             if len(longs) == 1:  # one rotation for every row, each at its own position
                 long = longs.pop()

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from ..cache import ModelCache, config_identity, make_cache
 from ..config import ModelConfig
-from .attention import Attention, FusedQKV, Pass
+from .attention import Attention, FusedQKV, Pass, SlotPass
 
 
 @partial(mx.compile, shapeless=True)
@@ -202,6 +202,31 @@ class Model(nn.Module):
             h = h * self.config.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
             h = layer(h, passes, [c[i] for c in caches])
+        return self._head(h)[:, -1, :]
+
+    @property
+    def slot_ready(self) -> bool:
+        """Whether every layer attends densely (the SlotBatch decoding path; not Phi-3-small's blocksparse)."""
+        return all(layer.self_attn.mask_maker is None for layer in self.model.layers)
+
+    def decode_slots(self, tokens: mx.array, batch, long_rope: bool) -> mx.array:
+        """One decoding step of every row of ``batch`` (a ``SlotBatch``): ``tokens`` (B,) at the rows'
+        positions, with the LongRoPE set ``long_rope``; logits (B, V). Each row's result equals its own
+        decoding over its own cache, up to float rounding of the masked reduction."""
+        batch.prepare()
+        pos = batch.positions()
+        ar = mx.arange(max(batch.lengths) + 1)
+        mask = ar[None, :] <= pos[:, None]  # (B, T)
+        w = self.config.sliding_window
+        if w is not None and w < self.config.context_length:
+            mask = mask & (pos[:, None] - ar[None, :] < w)
+        p = SlotPass(pos, long_rope, mask[:, None, None, :])
+        h = self.embed(tokens.reshape(-1, 1))
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, p, batch.layer(i))
+        batch.advance()
         return self._head(h)[:, -1, :]
 
     def embed(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> mx.array:
