@@ -115,6 +115,9 @@ def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     else:
         p.add_argument("--mask-prompt", action="store_true", help="prompt/completion data: loss on the completion only")
         p.add_argument("--pack", action="store_true", help="text data: pack examples into --max-seq-length windows")
+        p.add_argument("--mixed-lengths", action="store_true",
+                       help="batches of randomly drawn examples (each padded to its longest) instead of length-sorted "
+                       "ones: with many short examples of several kinds, sorted batches each hold one kind")
 
 
 def add_parsers(sub, formatter) -> None:
@@ -577,7 +580,8 @@ def run_training(a, dpo: bool = False) -> list[dict]:
             if val_ex else None
     else:
         loss_fn = sft_loss if table is None else make_image_sft_loss(table.rows_for)
-        batches = D.iterate_batches(train_ex, a.batch_size, a.max_seq_length, seed=a.seed, loop=True, pack=a.pack)
+        batches = D.iterate_batches(train_ex, a.batch_size, a.max_seq_length, seed=a.seed, loop=True, pack=a.pack,
+                                    by_length=not a.mixed_lengths)
         val = (lambda: D.iterate_batches(val_ex, a.batch_size, a.max_seq_length, shuffle=False, pack=a.pack)) \
             if val_ex else None
     if val is not None:

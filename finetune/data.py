@@ -520,9 +520,13 @@ def _pad(seqs: Sequence[SFTExample], width: Optional[int] = None) -> Batch:
     return mx.array(inputs), mx.array(targets), mx.array(mask)
 
 
-def _batch_plan(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Example indices sorted by length (stable) cut into batches; the last may be smaller."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+def _batch_plan(lengths: Sequence[int], batch_size: int, by_length: bool = True, seed: int = 0) -> list[list[int]]:
+    """Example indices sorted by length (stable), or in a random order from ``default_rng(seed)``, cut
+    into batches; the last may be smaller."""
+    if by_length:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    else:
+        order = [int(i) for i in np.random.default_rng(seed).permutation(len(lengths))]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
@@ -555,14 +559,16 @@ def sequence_count(examples: Sequence[SFTExample], max_seq_length: int, pack: bo
 
 
 def iterate_batches(examples: Sequence[SFTExample], batch_size: int, max_seq_length: int, *, shuffle: bool = True,
-                    seed: int = 0, loop: bool = False, pack: bool = False) -> Iterator[Batch]:
+                    seed: int = 0, loop: bool = False, pack: bool = False, by_length: bool = True) -> Iterator[Batch]:
     """SFT batches ``(inputs (B, L) int32, targets (B, L) int32, loss_mask (B, L) float32)``.
 
     Examples are ``(ids, mask)`` (see ``encode_sft``), cut to ``max_seq_length + 1`` tokens (so
     L <= max_seq_length), sorted by length and grouped ``batch_size`` at a time (the last batch of an
     epoch may be smaller); each epoch yields every example once, in batch order shuffled by
     ``numpy.random.default_rng(seed)`` (deterministic; a new order each epoch). ``loop`` repeats
-    epochs forever. ``pack`` first concatenates the examples into ``max_seq_length + 1`` windows
+    epochs forever. ``by_length`` False: batches of randomly drawn examples instead of length-sorted
+    ones (short examples of several kinds then share a batch rather than each filling batches of its
+    own). ``pack`` first concatenates the examples into ``max_seq_length + 1`` windows
     (see ``_pack``; meant for text). Fewer examples (or windows) than ``batch_size`` is a Phi3MLXError,
     raised at the call.
     """
@@ -576,7 +582,7 @@ def iterate_batches(examples: Sequence[SFTExample], batch_size: int, max_seq_len
         seqs = [(list(ids[: max_seq_length + 1]), list(mask[: max_seq_length + 1])) for ids, mask in examples]
         if len(seqs) < batch_size:
             raise Phi3MLXError(f"{len(seqs)} examples are fewer than the batch size {batch_size}")
-    plan = _batch_plan([len(ids) for ids, _ in seqs], batch_size)
+    plan = _batch_plan([len(ids) for ids, _ in seqs], batch_size, by_length, seed)
 
     def batches() -> Iterator[Batch]:
         for idx in _epochs(plan, shuffle, seed, loop):

@@ -371,6 +371,24 @@ def test_batches_deterministic_and_cover_each_example_once():
     assert widths == sorted(widths)
 
 
+def test_mixed_length_batches():
+    """by_length=False (--mixed-lengths): batches of randomly drawn examples, deterministic by seed, every
+    example once an epoch; sorted batches of the same data hold near-equal lengths."""
+    lengths = [3, 30, 4, 28, 5, 26, 6, 24, 7, 22, 8, 20]
+    examples = make_examples(lengths)
+
+    def groups(batches):
+        return [sorted(lengths[int(i) - 1000] for i in b[0][:, 0]) for b in batches]
+
+    mixed = collect(D.iterate_batches(examples, 4, 64, seed=3, shuffle=False, by_length=False))
+    assert collect(D.iterate_batches(examples, 4, 64, seed=3, shuffle=False, by_length=False))[0][0].tolist() == \
+        mixed[0][0].tolist()
+    assert sorted(x for g in groups(mixed) for x in g) == sorted(lengths)
+    sorted_groups = groups(collect(D.iterate_batches(examples, 4, 64, shuffle=False)))
+    assert sorted_groups == [[3, 4, 5, 6], [7, 8, 20, 22], [24, 26, 28, 30]]
+    assert groups(mixed) != sorted_groups and max(g[-1] - g[0] for g in groups(mixed)) > 16
+
+
 def test_loop_reshuffles_each_epoch_deterministically():
     examples = make_examples(range(2, 26))  # 24 examples, 6 batches per epoch
     it = D.iterate_batches(examples, 4, 64, seed=0, loop=True)

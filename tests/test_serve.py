@@ -496,3 +496,43 @@ def test_batched_rows_crossing_the_longrope_threshold(folders):
     for i in range(4):
         assert got[i] == alone[i][: len(got[i])], i
         assert len(got[i]) == 16 or got[i][-1] in tok.stop_ids
+
+
+@pytest.mark.parametrize("kind", ["embedded", "phimoe-window"])
+def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
+    """Model.decode_slots over a SlotBatch (rows of different lengths, a row leaving and joining again,
+    a sliding window shorter than the rows) gives each row the logits of its own decoding."""
+    from phi3mlx.cache import SlotBatch
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import FT_MOE
+
+    if kind == "embedded":
+        model = embedded[0]
+    else:
+        mx.random.seed(0)
+        model = build_model(parse_config(dict(FT_MOE, sliding_window=20)))
+        model.eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (3, 17, 40, 9)]
+    batch = SlotBatch(len(model.layers))
+    alone = []
+    for p in prompts:
+        c = model.make_cache()
+        model(mx.array(p)[None], cache=c)
+        alone.append(c)
+        c2 = model.make_cache()
+        model(mx.array(p)[None], cache=c2)
+        batch.add(c2)
+    toks = mx.array([5, 6, 7, 8])
+    for step in range(30):
+        got = model.decode_slots(toks, batch, False)
+        want = mx.concatenate([model(toks[i : i + 1][None], cache=alone[i])[:, -1] for i in range(4)])
+        assert float(mx.abs(got - want).max()) <= 1e-5
+        toks = mx.argmax(want, -1)
+        if step == 10:  # row 1 leaves (into a cache of its own) and joins again as the last row
+            back = batch.take(1, model.make_cache())
+            assert back.offset == len(prompts[1]) + 11
+            batch.add(back)
+            alone.append(alone.pop(1))
+            toks = mx.concatenate([toks[:1], toks[2:], toks[1:2]])
