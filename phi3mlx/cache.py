@@ -143,6 +143,16 @@ class LayerCache:
         self.keys, self.values = list(arrays[:half]), list(arrays[half:])
         self.start, self.offset = start, offset
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids ``a`` and ``b`` share."""
+    k = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        k += 1
+    return k
+
+
 def image_positions(ids: Sequence[int]) -> int:
     """How many of ``ids`` are image positions (negative ids, vision models)."""
     return sum(1 for t in ids if t < 0)

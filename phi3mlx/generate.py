@@ -27,7 +27,7 @@ from typing import Callable, Generator, List, Optional, Sequence, Tuple, Union
 import mlx.core as mx
 import numpy as np
 
-from .cache import ModelCache, image_positions
+from .cache import ModelCache, common_prefix, image_positions
 from .errors import Phi3MLXError
 from .models import place_rows
 from .processor import IMAGE_TAG, Processor, keyed_ids
@@ -230,12 +230,7 @@ def reuse_prefix(model, cache: ModelCache, ids: Sequence[int]) -> List[int]:
     is always left to process, for the next token's logits). Used by chat turns and prompt caches.
     """
     held = cache.token_ids
-    k = 0
-    for a, b in zip(held, ids):
-        if a != b:
-            break
-        k += 1
-    k = min(k, len(ids) - 1)
+    k = min(common_prefix(held, ids), len(ids) - 1)
     cache.trim(len(held) - k, model)
     return list(ids[k:])
 

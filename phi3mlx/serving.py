@@ -31,7 +31,7 @@ from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import ModelCache, SlotBatch, image_positions
+from .cache import ModelCache, SlotBatch, common_prefix, image_positions
 from .errors import Phi3MLXError
 from .generate import image_prompt, make_sampler, reuse_prefix
 
@@ -212,12 +212,7 @@ class Engine:
         """A copy of the pooled cache sharing the longest prefix with ``ids``, else a new cache."""
         best, best_k = None, 0
         for c in self._pool:
-            held = c.token_ids
-            k = 0
-            for a, b in zip(held, ids):
-                if a != b:
-                    break
-                k += 1
+            k = common_prefix(c.token_ids, ids)
             if k > best_k:
                 best, best_k = c, k
         if best is None:

@@ -205,7 +205,7 @@ def test_cli_without_torch_prints_nothing_more(tiny_folder):
 # ---------------------------------------------------------------- 5. argparse's errors: one line, exit 1
 
 SUBCOMMANDS = ["convert", "export-hf", "generate", "cache-prompt", "chat", "bench", "lora", "dpo", "fuse", "pretrain",
-               "tokenizer", "corpus"]
+               "tokenizer", "corpus", "serve", "plan"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)

@@ -19,7 +19,7 @@ from phi3mlx.cli import main
 from phi3mlx.generate import generate, generate_step, stream_generate
 from phi3mlx.loader import load
 from phi3mlx.server import Server
-from phi3mlx.serving import Delta, Done, Engine, Request
+from phi3mlx.serving import Done, Engine, Request
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 
@@ -315,6 +315,36 @@ def test_a_client_that_disconnects_frees_its_slot(running):
 # ------------------------------------------------------------------------------ batching
 
 
+def run_engine(engine: Engine, prompts: list, max_tokens: int, on_leave=None) -> tuple[dict, dict]:
+    """Submit one greedy request per prompt before the engine starts (so they are admitted together),
+    run it to the end; every sampled token of request i (end tokens included) and its Done event."""
+    got = {i: [] for i in range(len(prompts))}
+    done = {}
+    reqs = [Request(emit=lambda ev, i=i: done.__setitem__(i, ev) if isinstance(ev, Done) else None, ids=p,
+                    max_tokens=max_tokens) for i, p in enumerate(prompts)]
+    step, leave = engine._step, engine._leave
+
+    def spy_step(slot, token, logprobs):
+        got[reqs.index(slot.req)].append(token)
+        step(slot, token, logprobs)
+
+    def spy_leave(slot):
+        if on_leave is not None:
+            on_leave(reqs.index(slot.req), slot)
+        leave(slot)
+
+    engine._step, engine._leave = spy_step, spy_leave
+    for r in reqs:
+        engine.submit(r)
+    engine.start()
+    t0 = time.time()
+    while len(done) < len(prompts):
+        assert time.time() - t0 < 60
+        time.sleep(0.01)
+    engine.stop()
+    return got, done
+
+
 @pytest.mark.parametrize("kind", ["phi3", "phimoe", "phi3small"])
 def test_batched_greedy_equals_alone(folders, kind):
     """8 greedy requests admitted together are decoded in one batch; each gets the tokens it gets alone."""
@@ -323,35 +353,12 @@ def test_batched_greedy_equals_alone(folders, kind):
     prompts = [rng.integers(100, 5000, n).tolist() for n in (3, 9, 17, 30, 5, 44, 12, 21)]
     alone = [[t for t, _ in generate_step(p, model, max_tokens=12)] for p in prompts]
     engine = Engine(model, tok, max_batch=8)
-    got = {i: [] for i in range(8)}
-    done = {}
-
-    def emitter(i):
-        def emit(ev):
-            if isinstance(ev, Done):
-                done[i] = ev
-        return emit
-
-    reqs = [Request(emit=emitter(i), ids=p, max_tokens=12, temperature=0.0) for i, p in enumerate(prompts)]
-    for r in reqs:
-        engine.submit(r)
-    step = engine._step
-
-    def spy(slot, token, logprobs):  # every sampled token, end tokens included
-        got[reqs.index(slot.req)].append(token)
-        step(slot, token, logprobs)
-
-    engine._step = spy
-    engine.start()
-    t0 = time.time()
-    while len(done) < 8:
-        assert time.time() - t0 < 60
-        time.sleep(0.01)
-    engine.stop()
+    got, done = run_engine(engine, prompts, 12)
     assert engine.max_seen_batch == 8
     for i in range(8):
         assert got[i] == alone[i][: len(got[i])], i
         assert len(got[i]) == 12 or got[i][-1] in tok.stop_ids  # it stops only at max_tokens or an end token
+        assert done[i].completion_tokens == len([t for t in got[i] if t not in tok.stop_ids])
 
 
 def test_load_of_concurrent_clients(running, embedded):
@@ -465,32 +472,9 @@ def test_batched_rows_crossing_the_longrope_threshold(folders):
     prompts = [rng.integers(100, 5000, n).tolist() for n in (20, 28, 10, 40)]
     alone = [[t for t, _ in generate_step(p, model, max_tokens=16)] for p in prompts]
     engine = Engine(model, tok, max_batch=4)
-    got = {i: [] for i in range(4)}
-    done = {}
-    reqs = [Request(emit=lambda ev, i=i: done.__setitem__(i, ev) if isinstance(ev, Done) else None, ids=p,
-                    max_tokens=16) for i, p in enumerate(prompts)]
-    step = engine._step
     left = []
-    leave = engine._leave
-
-    def spy(slot, token, logprobs):
-        got[reqs.index(slot.req)].append(token)
-        step(slot, token, logprobs)
-
-    def spy_leave(slot):
-        if not slot.done:  # not at its end: it left because of the threshold
-            left.append(reqs.index(slot.req))
-        leave(slot)
-
-    engine._step, engine._leave = spy, spy_leave
-    for r in reqs:
-        engine.submit(r)
-    engine.start()
-    t0 = time.time()
-    while len(done) < 4:
-        assert time.time() - t0 < 60
-        time.sleep(0.01)
-    engine.stop()
+    # a row leaving before its end left because of the threshold
+    got, done = run_engine(engine, prompts, 16, on_leave=lambda i, slot: None if slot.done else left.append(i))
     # rows 0 and 1 cross the threshold while decoding; row 3 begins past it; row 2 never reaches it
     assert len(set(left)) >= 2 and 2 not in left, left
     for i in range(4):
@@ -501,7 +485,7 @@ def test_batched_rows_crossing_the_longrope_threshold(folders):
 @pytest.mark.parametrize("kind", ["embedded", "phimoe-window"])
 def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
     """Model.decode_slots over a SlotBatch (rows of different lengths, a row leaving and joining again,
-    a sliding window shorter than the rows) gives each row the logits of its own decoding."""
+    a sliding window shorter than the rows) gives each row the logits of its own decoding (the project's parity bound, 1e-4)."""
     from phi3mlx.cache import SlotBatch
     from phi3mlx.models import build_model, parse_config
 
@@ -528,7 +512,7 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
     for step in range(30):
         got = model.decode_slots(toks, batch, False)
         want = mx.concatenate([model(toks[i : i + 1][None], cache=alone[i])[:, -1] for i in range(4)])
-        assert float(mx.abs(got - want).max()) <= 1e-5
+        assert float(mx.abs(got - want).max()) <= 1e-4  # float rounding of the masked reduction
         toks = mx.argmax(want, -1)
         if step == 10:  # row 1 leaves (into a cache of its own) and joins again as the last row
             back = batch.take(1, model.make_cache())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import note_used
-from .portable import HEADER_CUDA, HEADER_METAL, prologue, shared_decls
+from .portable import packed, render
 
 NAME = "blocksparse_decode"
 THREADS = 128  # 4 groups of 32 lanes
@@ -126,15 +126,13 @@ def body(quantized: bool) -> str:
 
 def source(backend: str, quantized: bool = False) -> tuple[str, str]:
     """(header, source) of the kernel for ``backend`` ("metal" or "cuda")."""
-    header = {"metal": HEADER_METAL, "cuda": HEADER_CUDA}[backend]
-    return header, prologue(backend) + shared_decls(body(quantized), backend)
+    return render(backend, body(quantized))
 
 
 def cpu_params(quantized: bool = False) -> list[tuple[str, str]]:
     """The C++ parameters of the CPU rendering (float32 data; uint32 words for quantized keys)."""
     if quantized:
-        cache = [(t, n) for x in ("k", "v")
-                 for t, n in (("const uint32_t*", x), ("const float*", x + "_s"), ("const float*", x + "_b"))]
+        cache = packed(("k", "v"))
     else:
         cache = [("const float*", "k"), ("const float*", "v")]
     return [("const float*", "q"), *cache, ("const int*", "params"), ("const float*", "scale"), ("float*", "out")]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import note_used
-from .portable import HEADER_CUDA, HEADER_METAL, prologue, shared_decls
+from .portable import packed, render
 
 NAME = "moe_decode"
 THREADS = 256  # 8 groups of 32 lanes
@@ -131,15 +131,13 @@ def body(quantized: bool) -> str:
 
 def source(backend: str, quantized: bool = False) -> tuple[str, str]:
     """(header, source) of the kernel for ``backend`` ("metal" or "cuda")."""
-    header = {"metal": HEADER_METAL, "cuda": HEADER_CUDA}[backend]
-    return header, prologue(backend) + shared_decls(body(quantized), backend)
+    return render(backend, body(quantized))
 
 
 def cpu_params(quantized: bool = False) -> list[tuple[str, str]]:
     """The C++ parameters of the CPU rendering (float32 data; uint32 words for quantized weights)."""
     if quantized:
-        ws = [(t, n) for w in ("wg", "wu", "wd")
-              for t, n in (("const uint32_t*", w), ("const float*", w + "_s"), ("const float*", w + "_b"))]
+        ws = packed(("wg", "wu", "wd"))
     else:
         ws = [("const float*", w) for w in ("wg", "wu", "wd")]
     return [("const float*", "x"), ("const uint32_t*", "inds"), ("const float*", "wts"), *ws,

@@ -136,6 +136,18 @@ def shared_decls(body: str, backend: str) -> str:
     return "\n".join(out)
 
 
+def render(backend: str, body: str) -> tuple[str, str]:
+    """(header, source) of a kernel body for ``backend`` ("metal" or "cuda")."""
+    header = {"metal": HEADER_METAL, "cuda": HEADER_CUDA}[backend]
+    return header, prologue(backend) + shared_decls(body, backend)
+
+
+def packed(names) -> list[tuple[str, str]]:
+    """C++ parameters of quantized arrays: each name's packed words, then its float scales and biases."""
+    return [(t, n) for x in names
+            for t, n in (("const uint32_t*", x), ("const float*", x + "_s"), ("const float*", x + "_b"))]
+
+
 def cpu_translation_unit(name: str, body: str, params: list[tuple[str, str]], helpers: str = "",
                          threads: int = 128) -> str:
     """A C++ file exposing ``extern "C" void run_<name>(params..., int groups)`` that runs ``body``
