@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the built-in model (phi3mlx:embedded) from scratch: pretrain, four chat-tuning stages, evaluate.
+# Rebuild the built-in model (phi3mlx:embedded) from scratch: pretrain, six chat-tuning stages, evaluate.
 # Run from the repository root. Resumable: rerun a step with --resume after an interruption.
 set -euo pipefail
 OUT="${1:-phi3mlx/assets/embedded}"
@@ -15,23 +15,29 @@ phi3mlx lora --config examples/embedded-chat3.yaml --force                      
 phi3mlx fuse --model runs/embedded-stage2 --adapter-path runs/embedded-chat3 --save-path runs/embedded-stage3 --force
 phi3mlx corpus dialogues --out runs/embedded-chat4-data --examples 150000 --valid 300 --seed 13 --shares addition=0.9,world=0.08,unknown=0.02 --force  # 8.
 phi3mlx lora --config examples/embedded-chat4.yaml --force                      # 9. stage 4
-phi3mlx fuse --model runs/embedded-stage3 --adapter-path runs/embedded-chat4 --save-path "$OUT" --force  # 10. fuse
-python - "$OUT" <<'PY'                                                         # 11. record the recipe
+phi3mlx fuse --model runs/embedded-stage3 --adapter-path runs/embedded-chat4 --save-path runs/embedded-stage4 --force
+phi3mlx corpus dialogues --out runs/embedded-chat5-data --examples 250000 --valid 300 --seed 14 --shares addition=0.9,world=0.08,unknown=0.02 --force  # 10.
+phi3mlx lora --config examples/embedded-chat5.yaml --force                      # 11. stage 5
+phi3mlx fuse --model runs/embedded-stage4 --adapter-path runs/embedded-chat5 --save-path runs/embedded-stage5 --force
+phi3mlx corpus dialogues --out runs/embedded-chat6-data --examples 130000 --valid 300 --seed 15 --shares addition=0.85,world=0.12,unknown=0.03 --force  # 12.
+phi3mlx lora --config examples/embedded-chat6.yaml --force                      # 13. stage 6 (mixed batches)
+phi3mlx fuse --model runs/embedded-stage5 --adapter-path runs/embedded-chat6 --save-path "$OUT" --force  # 14. fuse
+python - "$OUT" <<'PY'                                                         # 15. record the recipe
 import json, re, sys, yaml
 from pathlib import Path
 out = Path(sys.argv[1])
 script = Path("examples/build_embedded.sh").read_text()
 stages = []
-for n, (run, data) in enumerate([("embedded-chat", "embedded-chat-data"), ("embedded-chat2", "embedded-chat2-data"),
-                                 ("embedded-chat3", "embedded-chat3-data"), ("embedded-chat4", "embedded-chat4-data")],
+for n, (run, data) in enumerate([(f"embedded-chat{k}", f"embedded-chat{k}-data") for k in ("", 2, 3, 4, 5, 6)],
                                 start=1):
     m = re.search(rf"--out runs/{data} --examples (\d+) --valid (\d+) --seed (\d+)(?: --shares (\S+))?", script)
     state = json.loads(Path(f"runs/{run}/checkpoint/trainer_state.json").read_text())
     adapters = json.loads(Path(f"runs/{run}/adapter_config.json").read_text())
     adapters.pop("base_model", None)
+    chat = yaml.safe_load(Path(f"examples/{run}.yaml").read_text())
     stages.append({"data": {"examples": int(m[1]), "valid": int(m[2]), "seed": int(m[3]), "shares": m[4]},
-                   "args": state["args"], "adapters": adapters})
+                   "args": state["args"], "adapters": adapters, "mixed_lengths": chat.get("mixed_lengths", False)})
 recipe = {"pretrain": yaml.safe_load(Path("runs/embedded-base/pretrain.yaml").read_text()), "chat_stages": stages}
 (out / "recipe.json").write_text(json.dumps(recipe, indent=1))
 PY
-python examples/eval_embedded.py --model "$OUT"                                 # 12. evaluate
+python examples/eval_embedded.py --model "$OUT"                                 # 16. evaluate
