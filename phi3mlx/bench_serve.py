@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Optional
@@ -44,12 +45,14 @@ class Subprocess:
 
     def __init__(self, name: str, argv: list, port: int, timeout: float = 180.0):
         self.name, self.port = name, port
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        self.log = tempfile.TemporaryFile(mode="w+")  # read on failure; a pipe nobody reads could fill and block
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         t0 = time.time()
         while True:
             if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() or "").strip().splitlines()
+                self.log.seek(0)
+                err = self.log.read().strip().splitlines()
                 raise Phi3MLXError(f"{name} did not start: {err[-1] if err else 'exit ' + str(self.proc.returncode)}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)

@@ -212,9 +212,11 @@ class ModelCache(list):
         self._ids = [mx.array([ids])] if ids else []
         self._rows = [rows[:n_img]] if rows is not None and n_img else []
 
-    def hold(self, ids: List[int]) -> None:
-        """Record ``ids`` as the token ids of the positions now stored (after ``set_state`` of each layer)."""
+    def hold(self, ids: List[int], image_rows: Optional[mx.array] = None) -> None:
+        """Record ``ids`` (and the image rows of their negative ids) as what the positions now stored
+        hold (after ``set_state`` of each layer)."""
         self._ids = [mx.array([ids])] if ids else []
+        self._rows = [image_rows] if image_rows is not None else []
 
     @property
     def token_ids(self) -> List[int]:
@@ -501,8 +503,9 @@ class SlotBatch:
     def take(self, r: int, cache: "ModelCache") -> "ModelCache":
         """Remove row r, putting its positions into the empty ``cache`` (same layout as loaded)."""
         n = self.lengths[r]
-        for i, layer in enumerate(cache):
-            layer.set_state([self.keys[i][r : r + 1, :, :n], self.values[i][r : r + 1, :, :n]], 0, n)
+        for i, layer in enumerate(cache):  # copies: a view would keep the whole batch buffer alive
+            layer.set_state([mx.contiguous(self.keys[i][r : r + 1, :, :n]),
+                             mx.contiguous(self.values[i][r : r + 1, :, :n])], 0, n)
         keep = [j for j in range(self.rows) if j != r]
         for store in (self.keys, self.values):
             for i, a in enumerate(store):

@@ -7,7 +7,7 @@ device, the budget must hold
 
 * the weights;
 * the KV cache: ``2 x layers x KV heads x head_dim`` values per token (float16, or ``--kv-bits`` 4/8
-  with a float16 scale and bias per group of 64);
+  with a float16 scale and bias per group of 64, or of 32 for head size 96);
 * the activations of one prefill chunk of ``c`` tokens: ``c x (4 x hidden + 3 x intermediate)`` float16
   values for a layer's working set plus ``c x vocab`` float32 logits.
 
@@ -72,8 +72,11 @@ def weight_bytes_for(cfg: ModelConfig, bits: Optional[int], group_size: int = 64
 
 
 def kv_bytes_per_token(cfg: ModelConfig, kv_bits: Optional[int] = None) -> float:
+    """KV-cache bytes per token: float16, or ``kv_bits`` with a float16 scale and bias per group (64, or
+    32 where the head size is not a multiple of 64: the group the cache itself chooses)."""
     values = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
-    return values * (2.0 if kv_bits is None else kv_bits / 8 + 4 / 64)
+    group = 64 if cfg.head_dim % 64 == 0 else 32
+    return values * (2.0 if kv_bits is None else kv_bits / 8 + 4 / group)
 
 
 def activation_bytes(cfg: ModelConfig, chunk: int) -> int:

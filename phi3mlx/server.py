@@ -21,7 +21,7 @@ import uuid
 from typing import Optional
 
 import uvicorn
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -67,13 +67,13 @@ def sampling(body: dict, context: int) -> dict:
     """The generation settings of a request body, validated (every problem is a 400 naming the field)."""
     n = _field(body, "n", int, 1, lambda v: v == 1, "must be 1 (one choice per request)")
     del n
-    mt = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    mt = body.get(name)
     if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
         raise APIError(400, f"'{name}' must be a positive integer (got {json.dumps(mt)[:80]})", param=name)
     temperature = _field(body, "temperature", _NUM, 1.0, lambda v: 0 <= v <= 2, "must be a number in [0, 2]")
     top_p = _field(body, "top_p", _NUM, 1.0, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
-    seed = _field(body, "seed", int, None, None, "must be an integer")
+    seed = _field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "must be an integer in [0, 2^63)")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -231,6 +231,10 @@ class Server:
                 raise APIError(400, "'prompt' is empty", param="prompt")
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            vocab = self.model.config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"token ids must be in [0, {vocab}): got {bad[0]}", param="prompt")
             return prompt
         raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
 
@@ -257,6 +261,8 @@ class Server:
                 bool(body["stream_options"].get("include_usage"))
         except APIError as e:
             return e.response()
+        except Phi3MLXError as e:  # the tokenizer's or the processor's word on the request's text
+            return APIError(400, str(e)).response()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -278,13 +284,18 @@ class Server:
 
     async def _whole(self, request, req: Request, events: asyncio.Queue, rid: str, created: int, chat: bool):
         text, lps = "", []
+        checked = time.monotonic()
         while True:
             try:
                 ev = await asyncio.wait_for(events.get(), timeout=0.25)
             except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() - checked >= 0.25:  # whether or not tokens are flowing
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     req.cancel()
                     return Response(status_code=499)
+            if ev is None:
                 continue
             if isinstance(ev, Delta):
                 text += ev.text
@@ -334,7 +345,8 @@ class Server:
                     yield chunk(c)
                     continue
                 if ev.finish_reason == "error":
-                    err = {"error": {"message": ev.error or "generation failed", "type": "server_error",
+                    err = {"error": {"message": ev.error or "generation failed",
+                                     "type": "invalid_request_error" if ev.bad_request else "server_error",
                                      "param": None, "code": None}}
                     yield f"data: {json.dumps(err)}\n\n"
                     break
@@ -393,8 +405,10 @@ def _image(url: str):
         if not os.path.isfile(path):
             raise APIError(400, f"image file not found: {path}", param="messages")
         return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise APIError(400, f"the image could not be read: {e}", param="messages")
+    except APIError:
+        raise
+    except Exception as e:  # noqa: BLE001  (unreadable, truncated, a decompression bomb: the request's image)
+        raise APIError(400, f"the image could not be read: {type(e).__name__}: {e}", param="messages")
 
 
 def check_listen(host: str, port: int) -> None:

@@ -106,6 +106,7 @@ class _Slot:
         self.in_batch = False  # a row of the engine's SlotBatch (its cache's positions live there)
         self.held: List[int] = []  # in the batch: the ids its row holds
         self.long_cur: Optional[bool] = None  # in the batch: the LongRoPE set its row was encoded with
+        self.held_rows = None  # in the batch: the image rows of its negative ids (vision models)
 
 
 class Engine:
@@ -189,6 +190,8 @@ class Engine:
                 self._active.append(self._slot(req))
             except Phi3MLXError as e:
                 req.emit(Done("error", 0, 0, 0, str(e), bad_request=True))
+            except Exception as e:  # noqa: BLE001  (one bad request must not stop the engine)
+                req.emit(Done("error", 0, 0, 0, f"{type(e).__name__}: {e}"))
 
     def _slot(self, req: Request) -> _Slot:
         rows = None
@@ -222,7 +225,7 @@ class Engine:
         return best.copy()
 
     def _to_pool(self, cache: ModelCache) -> None:
-        if not cache.offset:
+        if not cache.offset or cache.offset > self.pool_tokens:  # an oversized one would empty the pool
             return
         self._pool.append(cache)
         while len(self._pool) > self.pool_entries or sum(c.offset for c in self._pool) > self.pool_tokens:
@@ -258,7 +261,7 @@ class Engine:
                     self._join(s)
 
     def _join(self, s: _Slot) -> None:
-        s.held, s.long_cur = s.cache.token_ids, s.cache.long_rope
+        s.held, s.long_cur, s.held_rows = s.cache.token_ids, s.cache.long_rope, s.cache.image_rows
         self.slots.add(s.cache)
         s.cache.reset()
         self._rows.append(s)
@@ -269,7 +272,7 @@ class Engine:
         r = self._rows.index(s)
         s.cache.reset()
         self.slots.take(r, s.cache)
-        s.cache.hold(s.held)
+        s.cache.hold(s.held, s.held_rows)
         s.cache.long_rope = s.long_cur
         self._rows.pop(r)
         s.in_batch = False
@@ -330,7 +333,8 @@ class Engine:
         s.text += piece
         if self._check_stop(s):
             return
-        if s.n >= s.req.max_tokens or s.cache.offset + 1 >= self.context:
+        held = len(s.held) if s.in_batch else s.cache.offset  # positions the sequence holds
+        if s.n >= s.req.max_tokens or held + 1 >= self.context:
             s.text += s.detok.finalize()
             if not self._check_stop(s, final=True):
                 self._finish(s, "length")
@@ -360,7 +364,7 @@ class Engine:
         end = len(s.text)
         if stops and not final:
             for x in stops:
-                for m in range(min(len(x) - 1, end - s.sent), 0, -1):
+                for m in range(min(len(x) - 1, len(s.text) - s.sent), 0, -1):
                     if s.text.endswith(x[:m]):
                         end = min(end, len(s.text) - m)
                         break

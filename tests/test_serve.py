@@ -520,3 +520,62 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
             batch.add(back)
             alone.append(alone.pop(1))
             toks = mx.concatenate([toks[:1], toks[2:], toks[1:2]])
+
+
+def test_engine_survives_bad_requests_and_keeps_to_the_context(folders):
+    """A request that fails at admission ends alone (the engine goes on); rows decoding in the shared
+    buffer stop at the model's context."""
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import FT_PHI3
+
+    _, tok = load(str(folders["phi3"]))
+    cfg = parse_config(dict(FT_PHI3, model_type="phi3", num_hidden_layers=2, intermediate_size=256, vocab_size=32064,
+                            max_position_embeddings=24, original_max_position_embeddings=24, rms_norm_eps=1e-5))
+    mx.random.seed(0)
+    model = build_model(cfg)
+    model.eval()
+    mx.eval(model.parameters())  # MLX streams are per thread: the engine thread gets evaluated weights
+    engine = Engine(model, tok).start()
+    try:
+        done = {}
+        engine.submit(Request(emit=lambda ev: done.__setitem__("bad", ev) if isinstance(ev, Done) else None,
+                              ids=[5, 6], temperature=0.7, seed=-1))
+        engine.submit(Request(emit=lambda ev: done.__setitem__("ok", ev) if isinstance(ev, Done) else None,
+                              ids=list(range(100, 110)), max_tokens=100))
+        t0 = time.time()
+        while len(done) < 2:
+            assert time.time() - t0 < 30
+            time.sleep(0.01)
+        assert done["bad"].finish_reason == "error" and done["bad"].error
+        ok = done["ok"]
+        assert ok.finish_reason in ("length", "stop") and ok.prompt_tokens + ok.completion_tokens <= 24
+    finally:
+        engine.stop()
+
+
+def test_stop_strings_are_held_back_until_decided(embedded):
+    """Text that may begin a stop string is not sent (with several stop strings too); at a stop string
+    the text before it is sent and the request ends."""
+    from types import SimpleNamespace
+
+    model, tok = embedded
+    engine = Engine(model, tok)
+    sent, ends = [], []
+    req = SimpleNamespace(stop=["zq", "xyzw"], emit=lambda ev: (sent if not isinstance(ev, Done) else ends).append(ev))
+    s = SimpleNamespace(req=req, text="", sent=0, pending_lp=[], done=False, in_batch=False, ids=[1], n=0, cached=0,
+                        cache=model.make_cache())
+    for piece in ("ab", "xyz"):
+        s.text += piece
+        assert not engine._check_stop(s)
+    assert "".join(d.text for d in sent) == "ab"  # "xyz" may begin "xyzw"
+    s.text += "w"
+    assert engine._check_stop(s) and ends[0].finish_reason == "stop"
+    assert "".join(d.text for d in sent) == "ab"
+
+
+def test_token_id_prompts_are_range_checked(running):
+    code, err = _post(running.url + "/v1/completions", {"model": MODEL, "prompt": [5, 99999], "max_tokens": 2})
+    assert code == 400 and "token ids must be in [0, 1024)" in err["error"]["message"]
+    code, err = _post(running.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1})
+    assert code == 400 and err["error"]["param"] == "seed"
