@@ -30,6 +30,7 @@ from typing import Iterator, Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
+from phi3mlx.cache import common_prefix
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.processor import IMAGE_TAG, keyed_ids
 from phi3mlx.tokenizer import BaseTokenizer
@@ -250,16 +251,6 @@ def _render(tokenizer: BaseTokenizer, messages: Messages, add_generation_prompt:
     return [int(i) for i in ids]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading ids ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _unstable(where: str, k: int) -> Phi3MLXError:
     return Phi3MLXError(f"{where}: the chat template does not tokenize prefix-stably (the conversation up to "
                         f"message {k} is not a prefix of the whole), so its assistant tokens cannot be found")
@@ -284,7 +275,7 @@ def _assistant_mask(messages: Messages, tokenizer: BaseTokenizer, where: str, to
         before = render(messages[:k], True)
         closed = render(messages[: k + 1], False)
         opened = render(messages[: k + 1], True)
-        end = _common_prefix(closed, opened)
+        end = common_prefix(closed, opened)
         if full[: len(before)] != before or full[:end] != closed[:end] or end <= len(before):
             raise _unstable(where, k)
         mask[len(before) : end] = [1] * (end - len(before))

@@ -143,6 +143,7 @@ class LayerCache:
         self.keys, self.values = list(arrays[:half]), list(arrays[half:])
         self.start, self.offset = start, offset
 
+
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading ids ``a`` and ``b`` share."""
     k = 0
