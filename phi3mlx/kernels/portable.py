@@ -151,7 +151,8 @@ def packed(names) -> list[tuple[str, str]]:
 def cpu_translation_unit(name: str, body: str, params: list[tuple[str, str]], helpers: str = "",
                          threads: int = 128) -> str:
     """A C++ file exposing ``extern "C" void run_<name>(params..., int groups)`` that runs ``body``
-    for every threadgroup with ``threads`` std::threads (the same body the GPU renderings run)."""
+    for every threadgroup, one after another, with ``threads`` std::threads (the same body the GPU
+    renderings run)."""
     sig = ", ".join(f"{t} {n}" for t, n in params)
     args = ", ".join(n for _, n in params)
     return f"""{HEADER_CPU}
@@ -162,20 +163,25 @@ static void body_{name}(KThread& kt, uint tid, uint gid, {sig}) {{
 
 extern "C" void run_{name}({sig}, int groups) {{
   const uint T = {threads};
-  for (int g = 0; g < groups; ++g) {{
-    KGroup grp;
-    std::barrier<> all(T);
-    std::vector<std::barrier<>*> warps;
-    for (uint w = 0; w < (T + 31) / 32; ++w) warps.push_back(new std::barrier<>(32));
-    grp.all = &all;
-    grp.warps = warps;
-    grp.scratch.assign(((T + 31) / 32) * 32, 0.0f);
-    grp.arena.assign(1 << 16, 0);
-    std::vector<std::thread> ts;
-    for (uint t = 0; t < T; ++t)
-      ts.emplace_back([&, t]() {{ KThread kt{{&grp, t}}; body_{name}(kt, t, (uint)g, {args}); }});
-    for (auto& th : ts) th.join();
-    for (auto* w : warps) delete w;
-  }}
+  KGroup grp;
+  std::barrier<> all(T);
+  std::vector<std::barrier<>*> warps;
+  for (uint w = 0; w < (T + 31) / 32; ++w) warps.push_back(new std::barrier<>(32));
+  grp.all = &all;
+  grp.warps = warps;
+  grp.scratch.assign(((T + 31) / 32) * 32, 0.0f);
+  grp.arena.assign(1 << 16, 0);
+  std::vector<std::thread> ts;
+  // the same T threads serve every threadgroup in turn; a barrier after each frees its shared memory
+  for (uint t = 0; t < T; ++t)
+    ts.emplace_back([&, t]() {{
+      for (int g = 0; g < groups; ++g) {{
+        KThread kt{{&grp, t}};
+        body_{name}(kt, t, (uint)g, {args});
+        all.arrive_and_wait();
+      }}
+    }});
+  for (auto& th : ts) th.join();
+  for (auto* w : warps) delete w;
 }}
 """
