@@ -479,13 +479,17 @@ class SlotBatch:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys[0] is not None else 0
 
+    @staticmethod
+    def _pad(a: mx.array, cap: int) -> mx.array:
+        """``a`` (rows, K, n, D) with zero positions appended up to ``cap``."""
+        return mx.concatenate([a, mx.zeros(a.shape[:2] + (cap - a.shape[2],) + a.shape[3:], a.dtype)], axis=2)
+
     def _grow(self, need: int) -> None:
         cap = -(-need // self.step) * self.step
         for store in (self.keys, self.values):
             for i, a in enumerate(store):
                 if a is not None and a.shape[2] < cap:
-                    pad = mx.zeros(a.shape[:2] + (cap - a.shape[2],) + a.shape[3:], a.dtype)
-                    store[i] = mx.concatenate([a, pad], axis=2)
+                    store[i] = self._pad(a, cap)
 
     def add(self, cache: "ModelCache") -> None:
         """Append ``cache``'s sequence (batch 1) as the last row."""
@@ -495,8 +499,7 @@ class SlotBatch:
         cap = max(self.capacity, -(-(n + 1) // self.step) * self.step)
         for i, layer in enumerate(cache):
             for store, part in ((self.keys, layer.keys[0]), (self.values, layer.values[0])):
-                row = part[:, :, :n]  # (1, K, n, D)
-                row = mx.concatenate([row, mx.zeros(row.shape[:2] + (cap - n,) + row.shape[3:], row.dtype)], axis=2)
+                row = self._pad(part[:, :, :n], cap)  # (1, K, cap, D)
                 store[i] = row if store[i] is None else mx.concatenate([store[i], row], axis=0)
         self.lengths.append(n)
         self._positions = None

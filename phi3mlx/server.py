@@ -65,12 +65,9 @@ def _field(body: dict, name: str, types, default=None, check=None, why: str = ""
 
 def sampling(body: dict, context: int) -> dict:
     """The generation settings of a request body, validated (every problem is a 400 naming the field)."""
-    n = _field(body, "n", int, 1, lambda v: v == 1, "must be 1 (one choice per request)")
-    del n
+    _field(body, "n", int, 1, lambda v: v == 1, "must be 1 (one choice per request)")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    mt = body.get(name)
-    if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt <= 0):
-        raise APIError(400, f"'{name}' must be a positive integer (got {json.dumps(mt)[:80]})", param=name)
+    mt = _field(body, name, int, None, lambda v: v > 0, "must be a positive integer")
     temperature = _field(body, "temperature", _NUM, 1.0, lambda v: 0 <= v <= 2, "must be a number in [0, 2]")
     top_p = _field(body, "top_p", _NUM, 1.0, lambda v: 0 < v <= 1, "must be a number in (0, 1]")
     seed = _field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "must be an integer in [0, 2^63)")

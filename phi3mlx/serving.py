@@ -96,7 +96,6 @@ class _Slot:
         self.long = None  # the LongRoPE set of the prompt (None until the prefill starts)
         self.sampler = make_sampler(req.temperature, req.top_p, 0, 0.0, req.seed)
         self.detok = tokenizer.detokenizer()
-        self.tokenizer = tokenizer
         self.text = ""  # generated text so far
         self.sent = 0  # characters of it already emitted
         self.pending_lp: List[TokenLogprob] = []
@@ -281,8 +280,9 @@ class Engine:
         for s in [s for s in self._active if s.last is not None and not s.done and s.req._cancelled]:
             self._finish(s, "cancelled")
         rope = self.model.config.rope
-        if self._rows:  # the batch keeps one LongRoPE set: rows needing the long one leave unless all do
-            long = all(rope.uses_long(n + 1) for n in self.slots.lengths)
+        # the batch keeps one LongRoPE set: rows needing the long one leave unless all do
+        long = all(rope.uses_long(n + 1) for n in self.slots.lengths) if self._rows else False
+        if self._rows:
             for s, n in list(zip(self._rows, self.slots.lengths)):
                 if rope.uses_long(n + 1) != long or (s.long_cur is not None and s.long_cur != long):
                     self._leave(s)
@@ -293,7 +293,6 @@ class Engine:
         self.max_seen_batch = max(self.max_seen_batch, len(rows) + len(ragged))
         parts = []
         if rows:
-            long = all(rope.uses_long(n + 1) for n in self.slots.lengths)
             parts.append(self.model.decode_slots(mx.array([s.last for s in rows]), self.slots, long))
             for s in rows:
                 s.held.append(s.last)
@@ -322,9 +321,7 @@ class Engine:
 
     def _step(self, s: _Slot, tok: int, logprobs: mx.array) -> None:
         if tok in self.tokenizer.stop_ids:  # an end token: no text, not counted
-            s.text += s.detok.finalize()
-            if not self._check_stop(s, final=True):
-                self._finish(s, "stop")
+            self._end(s, "stop")
             return
         s.n += 1
         piece = s.detok.add(tok)
@@ -335,11 +332,16 @@ class Engine:
             return
         held = len(s.held) if s.in_batch else s.cache.offset  # positions the sequence holds
         if s.n >= s.req.max_tokens or held + 1 >= self.context:
-            s.text += s.detok.finalize()
-            if not self._check_stop(s, final=True):
-                self._finish(s, "length")
+            self._end(s, "length")
             return
         s.last = tok
+
+    def _end(self, s: _Slot, reason: str) -> None:
+        """The sequence ends by itself: the detokenizer's rest and held-back text go out (a stop string
+        in them still wins), then it finishes with ``reason``."""
+        s.text += s.detok.finalize()
+        if not self._check_stop(s, final=True):
+            self._finish(s, reason)
 
     def _logprob(self, tok: int, logprobs: mx.array, k: int) -> TokenLogprob:
         top = []

@@ -154,8 +154,6 @@ class Model(nn.Module):
         else:
             p = self._pass(cache, inputs, long_rope, image_rows)
         h = self.embed(inputs, image_rows)  # (B, L, hidden)
-        if cfg.embedding_multiplier != 1.0:
-            h = h * cfg.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
             if self.checkpoint_layers and cache is None:
                 h = _checkpointed(layer, h, p)
@@ -198,8 +196,6 @@ class Model(nn.Module):
         rows = tokens.reshape(-1, 1)  # (B, 1)
         passes = [self._pass(c, rows[i : i + 1], None) for i, c in enumerate(caches)]
         h = self.embed(rows)
-        if self.config.embedding_multiplier != 1.0:
-            h = h * self.config.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
             h = layer(h, passes, [c[i] for c in caches])
         return self._head(h)[:, -1, :]
@@ -222,23 +218,24 @@ class Model(nn.Module):
             mask = mask & (pos[:, None] - ar[None, :] < w)
         p = SlotPass(pos, long_rope, mask[:, None, None, :])
         h = self.embed(tokens.reshape(-1, 1))
-        if self.config.embedding_multiplier != 1.0:
-            h = h * self.config.embedding_multiplier
         for i, layer in enumerate(self.model.layers):
             h = layer(h, p, batch.layer(i))
         batch.advance()
         return self._head(h)[:, -1, :]
 
     def embed(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> mx.array:
-        """Token embeddings (B, L, hidden); with ``image_rows``, the negative ids' rows are those."""
+        """The first layer's input (B, L, hidden): token embeddings (with ``image_rows``, the negative ids'
+        rows are those), times the config's embedding multiplier (Phi-3-small's muP)."""
         if image_rows is None:
-            return self.model.embed_tokens(inputs)
-        where = np.nonzero(np.array(inputs) < 0)
-        if len(where[0]) != image_rows.shape[0]:
-            raise ValueError(f"{len(where[0])} image positions but {image_rows.shape[0]} image rows")
-        h = self.model.embed_tokens(mx.maximum(inputs, 0))
-        h[mx.array(where[0]), mx.array(where[1])] = image_rows.astype(h.dtype)
-        return h
+            h = self.model.embed_tokens(inputs)
+        else:
+            where = np.nonzero(np.array(inputs) < 0)
+            if len(where[0]) != image_rows.shape[0]:
+                raise ValueError(f"{len(where[0])} image positions but {image_rows.shape[0]} image rows")
+            h = self.model.embed_tokens(mx.maximum(inputs, 0))
+            h[mx.array(where[0]), mx.array(where[1])] = image_rows.astype(h.dtype)
+        m = self.config.embedding_multiplier
+        return h * m if m != 1.0 else h
 
     @property
     def takes_images(self) -> bool:
