@@ -45,10 +45,11 @@ from . import pretrain as P
 from .corpus import general_corpus
 from .synthetic import chat_dialogues, textbook_documents, write_jsonl
 from .losses import make_dpo_loss, make_image_sft_loss, sft_loss
-from .trainer import CHECKPOINT, METRICS, TrainArgs, remove_run_files, train
+from .trainer import CHECKPOINT, METRICS, STEPS, TrainArgs, remove_run_files, train
 
 # What a training run writes into --adapter-path (--force replaces exactly these).
-RUN_FILES = (lora.ADAPTER_FILE, lora.CONFIG_FILE, CHECKPOINT, METRICS, CHECKPOINT + ".tmp", CHECKPOINT + ".old")
+RUN_FILES = (lora.ADAPTER_FILE, lora.CONFIG_FILE, CHECKPOINT, METRICS, CHECKPOINT + ".tmp", CHECKPOINT + ".old",
+             STEPS)
 # Flags that exclude each other: one given on the command line clears the other from a --config file.
 EXCLUSIVE = (("iters", "epochs"), ("dora", "full"))
 
@@ -103,6 +104,9 @@ def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     p.add_argument("--val-every", type=int, default=100, help="validate every N steps (and at the end)")
     p.add_argument("--val-batches", type=int, default=25, help="validation batches (-1: all)")
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep every checkpoint's adapters in --adapter-path/steps/NNNNNNN (to pick the best "
+                   "step afterwards: phi3mlx fuse --adapter-path ADAPTERS/steps/NNNNNNN)")
     p.add_argument("--report-every", type=int, default=10, help="print training loss every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --adapter-path/checkpoint")
     p.add_argument("--force", action="store_true",
@@ -521,7 +525,7 @@ def run_training(a, dpo: bool = False) -> list[dict]:
                      warmup=warmup, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
                      val_every=a.val_every, val_batches=a.val_batches, save_every=a.save_every,
                      report_every=a.report_every, grad_checkpoint=a.grad_checkpoint, grad_clip=a.grad_clip,
-                     seed=a.seed)
+                     seed=a.seed, keep_checkpoints=a.keep_checkpoints)
     problems += args.problems()
     problems += _size_problems(len(rows), len(val_rows), a.batch_size, world)
     with_images = any(r.get("images") for r in rows + val_rows)

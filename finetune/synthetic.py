@@ -686,6 +686,27 @@ def eval_sets() -> dict:
     return {"addition": addition, "world": world, "unknown": unknown}
 
 
+SELECTION_SEED = 4242
+
+
+def selection_sets() -> dict:
+    """Questions for choosing among a run's checkpoints, in ``eval_sets()``'s layout and never the held-out
+    ones: 200 addition pairs drawn like the training pairs (so training may have seen them; held-out pairs
+    excluded), each world fact in its next phrasing, and unknowns about the training pools' names and
+    places. Picking a checkpoint by these leaves ``eval_sets()`` an unbiased final score."""
+    rng = random.Random(SELECTION_SEED)
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < HELDOUT_SIZE:
+        a, b = _pair(rng)
+        if (a, b) not in pairs:
+            pairs.append((a, b))
+    addition = [(addition_prompt(a, b, i % len(ADDITION_FORMS)), a, b, a + b) for i, (a, b) in enumerate(pairs)]
+    world = [(qa.questions[(i + 1) % len(qa.questions)], qa.expected) for i, qa in enumerate(world_qas())]
+    unknown = [_UNKNOWN_PERSON_Q[i % len(_UNKNOWN_PERSON_Q)].format(n=n) for i, n in enumerate(_UNKNOWN_NAMES)]
+    unknown += [_UNKNOWN_PLACE_Q[i % len(_UNKNOWN_PLACE_Q)].format(n=n) for i, n in enumerate(_UNKNOWN_PLACES)]
+    return {"addition": addition, "world": world, "unknown": unknown}
+
+
 _INT = re.compile(r"-?\d+")
 
 

@@ -28,7 +28,9 @@ checkpoints, metrics and reports.
 
 Checkpoints (every ``args.save_every`` steps, at the end, and on Ctrl-C) hold the trained arrays,
 the optimizer state, the step and the number of micro-batches consumed, written to a temporary
-folder and renamed. ``resume=True`` restores them and skips the consumed batches, and the random
+folder and renamed. With ``keep_checkpoints`` each one is also published to ``out_dir/steps/NNNNNNN``
+and kept, so a run's best step can be chosen afterwards (accuracy on a task can move up and down
+between checkpoints while the loss falls). ``resume=True`` restores them and skips the consumed batches, and the random
 state is reseeded per step (``args.seed + step``: dropout, MoE routing), so a resumed run reproduces
 an uninterrupted one. Ctrl-C in the middle of a step saves the state before that step (its
 micro-batches are given back); a Ctrl-C that arrives while the update is applied takes effect once
@@ -64,6 +66,7 @@ from . import lora
 
 CHECKPOINT = "checkpoint"
 METRICS = "metrics.jsonl"
+STEPS = "steps"  # out_dir/steps/NNNNNNN: what every checkpoint published, with keep_checkpoints
 
 
 @dataclass
@@ -83,6 +86,7 @@ class TrainArgs:
     grad_clip: Optional[float] = None  # clip the step's gradient to this global norm (None: no clipping)
     seed: int = 0
     compile: bool = True  # compile the whole step, update included (mx.compile; traced once per batch shape)
+    keep_checkpoints: bool = False  # also publish every checkpoint's arrays to out_dir/steps/NNNNNNN (kept)
 
     def check(self) -> None:
         problems = self.problems()
@@ -447,6 +451,8 @@ def train(
                     report(rec)
             if rank == 0 and (step % args.save_every == 0 or step == args.iters):
                 save_checkpoint(out_dir, model, optimizer, store, state_now())
+                if args.keep_checkpoints:
+                    store.publish(out_dir / STEPS / f"{step:07d}", model)
     except KeyboardInterrupt:
         if rank == 0:
             save_checkpoint(out_dir, model, optimizer, store, state_now())

@@ -415,3 +415,28 @@ def test_nothing_is_written_before_the_first_report(folders, tmp_path):
     with pytest.raises(ValueError):
         train(model, broken, batches(task(4, 5), 2), TrainArgs(iters=2, batch_size=2, compile=False), tmp_path / "no", cfg)
     assert not (tmp_path / "no").exists()
+
+
+def test_kept_checkpoints_hold_each_saved_steps_adapters(folders, tmp_path):
+    seqs = task(12, 3)
+    args = dict(batch_size=2, learning_rate=5e-3, min_lr_ratio=1.0, save_every=2, report_every=1, seed=3)  # constant lr
+    model, cfg = trained(folders["phi3"], tmp_path)
+    train(model, sft_loss, batches(seqs, 2), TrainArgs(iters=5, keep_checkpoints=True, **args), tmp_path / "k", cfg)
+    kept = sorted(p.name for p in (tmp_path / "k" / "steps").iterdir())
+    assert kept == ["0000002", "0000004", "0000005"]  # every save_every and the end
+    last = mx.load(str(tmp_path / "k" / "steps" / "0000005" / lora.ADAPTER_FILE))
+    published = mx.load(str(tmp_path / "k" / lora.ADAPTER_FILE))
+    assert all(bool(mx.array_equal(last[k], published[k])) for k in published)
+    early = mx.load(str(tmp_path / "k" / "steps" / "0000002" / lora.ADAPTER_FILE))
+    assert max(float(mx.abs(early[k] - last[k]).max()) for k in last) > 0  # a real earlier state, not a copy
+    # a kept step loads on the base like any adapter folder, and equals the run at that step
+    again, cfg2 = trained(folders["phi3"], tmp_path)
+    train(again, sft_loss, batches(seqs, 2), TrainArgs(iters=2, **args), tmp_path / "two", cfg2)
+    loaded, _ = load(folders["phi3"], adapter_path=str(tmp_path / "k" / "steps" / "0000002"))
+    x = mx.array(seqs[0][None, :-1])
+    again.eval()
+    assert float(mx.abs(loaded(x) - again(x)).max()) <= 1e-5
+    # without the option nothing is kept
+    plain, cfg3 = trained(folders["phi3"], tmp_path)
+    train(plain, sft_loss, batches(seqs, 2), TrainArgs(iters=2, **args), tmp_path / "p", cfg3)
+    assert not (tmp_path / "p" / "steps").exists()

@@ -163,6 +163,21 @@ def test_eval_sets_shape():
     assert all(e in values for _, e in sets["world"])
 
 
+
+def test_selection_sets_never_use_the_held_out_questions():
+    sel, ev = S.selection_sets(), S.eval_sets()
+    assert [len(sel[k]) for k in ("addition", "world")] == [200, len(ev["world"])]
+    pairs = [(a, b) for _, a, b, _ in sel["addition"]]
+    assert len(set(pairs)) == 200 and all(s == a + b for _, a, b, s in sel["addition"])
+    assert not set(pairs) & set(S.HELDOUT_ADDITION)
+    assert not set(pairs) & {(b, a) for a, b in S.HELDOUT_ADDITION}
+    assert all(not S.leaks(q) for q, *_ in sel["addition"]) and all(not S.leaks(q) for q in sel["unknown"])
+    # another phrasing of each world fact where it has one; the same expected answers
+    assert [e for _, e in sel["world"]] == [e for _, e in ev["world"]]
+    assert sum(q != qe for (q, _), (qe, _) in zip(sel["world"], ev["world"])) > len(ev["world"]) // 2
+    assert not set(sel["unknown"]) & set(ev["unknown"])
+    assert S.selection_sets() == sel  # fixed, like the held-out sets
+
 @pytest.mark.parametrize("reply, n", [("The answer is 85.", 85), ("85", 85), ("It is -3 now", -3),
                                       ("no numbers", None), ("", None), ("47 + 38 = 85", 47)])
 def test_first_number(reply, n):
