@@ -143,6 +143,9 @@ class Processor(BaseTokenizer):
     def convert_tokens_to_ids(self, token):
         return self.tokenizer.convert_tokens_to_ids(token)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.tokenizer.token_bytes(token)
+
     @property
     def eos_token_id(self) -> Optional[int]:
         return self.tokenizer.eos_token_id

@@ -368,13 +368,9 @@ def _usage(ev: Done) -> dict:
             "prompt_tokens_details": {"cached_tokens": ev.cached_tokens}}
 
 
-def _bytes(s: str) -> list:
-    return list(s.encode("utf-8"))
-
-
 def _chat_logprobs(lps: list) -> dict:
-    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": _bytes(t.text),
-                         "top_logprobs": [{"token": x, "logprob": v, "bytes": _bytes(x)} for _, x, v in t.top]}
+    return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": t.bytes,
+                         "top_logprobs": [{"token": x, "logprob": v, "bytes": b} for _, x, v, b in t.top]}
                         for t in lps]}
 
 
@@ -385,7 +381,7 @@ def _completion_logprobs(lps: list, start: int = 0) -> dict:
         offsets.append(start)
         start += len(t.text)
     return {"tokens": [t.text for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{x: v for _, x, v in t.top} for t in lps], "text_offset": offsets}
+            "top_logprobs": [{x: v for _, x, v, _ in t.top} for t in lps], "text_offset": offsets}
 
 
 def _image(url: str):

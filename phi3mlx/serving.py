@@ -45,7 +45,8 @@ class TokenLogprob:
     token: int
     text: str
     logprob: float
-    top: List[tuple]  # [(token id, text, logprob)] most likely first
+    top: List[tuple]  # [(token id, text, logprob, utf-8 bytes)] most likely first
+    bytes: List[int] = field(default_factory=list)  # the token's UTF-8 bytes (a byte-fallback token: its byte)
 
 
 @dataclass
@@ -348,9 +349,18 @@ class Engine:
         if k > 0:
             order = mx.argpartition(-logprobs, kth=k - 1)[:k]
             vals = logprobs[order]
-            top = sorted(((int(i), self.tokenizer.decode([int(i)]), float(v))
-                          for i, v in zip(order.tolist(), vals.tolist())), key=lambda x: -x[2])
-        return TokenLogprob(tok, self.tokenizer.decode([tok]), float(logprobs[tok].item()), top)
+            for i, v in zip(order.tolist(), vals.tolist()):
+                text, raw = self._token_text(int(i))
+                top.append((int(i), text, float(v), raw))
+            top.sort(key=lambda x: -x[2])
+        text, raw = self._token_text(tok)
+        return TokenLogprob(tok, text, float(logprobs[tok].item()), top, raw)
+
+    def _token_text(self, tok: int) -> tuple:
+        """A token's text for logprobs (its leading space kept; a lone byte of a longer character is
+        U+FFFD) and its UTF-8 bytes as a list."""
+        raw = self.tokenizer.token_bytes(tok)
+        return raw.decode("utf-8", errors="replace"), list(raw)
 
     def _check_stop(self, s: _Slot, final: bool = False) -> bool:
         """Emit what can be sent; finish with "stop" at a stop string. Text that may be the start of

@@ -15,6 +15,7 @@ Two back ends behind one interface (``BaseTokenizer``):
 from __future__ import annotations
 
 import json
+import re
 import logging
 import shutil
 from pathlib import Path
@@ -189,6 +190,9 @@ def missing_tokenizer(folder: Path, model_type: Optional[str] = None) -> Optiona
     return f"no tokenizer in {folder}: expected tokenizer.json, tokenizer.model or {TIKTOKEN_FILE}"
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a sentencepiece byte-fallback piece
+
+
 class StreamingDetokenizer:
     """Turns a growing list of ids into text pieces whose concatenation is ``decode(all ids)``.
 
@@ -268,6 +272,11 @@ class BaseTokenizer:
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The UTF-8 bytes one token stands for, its leading space included (a byte-fallback token: its
+        one raw byte, which alone decodes to U+FFFD); a text's tokens' bytes join to the text's bytes."""
+        return self.decode([int(token)]).encode("utf-8")
+
     def save(self, folder: Path):
         raise NotImplementedError
 
@@ -298,6 +307,14 @@ class Tokenizer(BaseTokenizer):
 
     def convert_tokens_to_ids(self, token):
         return self._tok.convert_tokens_to_ids(token)
+
+    def token_bytes(self, token: int) -> bytes:
+        # from the piece, not decode([token]): a sentencepiece decode drops the leading space of "▁word"
+        piece = self._tok.convert_ids_to_tokens(int(token)) or ""
+        m = _BYTE_PIECE.fullmatch(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8") if "\u2581" in piece else super().token_bytes(token)
 
     @property
     def eos_token_id(self) -> Optional[int]:
@@ -394,6 +411,10 @@ class TiktokenTokenizer(BaseTokenizer):
         if skip_special_tokens:
             ids = [i for i in ids if i not in self._special_ids]
         return self._enc.decode(ids, errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        self.decode([token])  # its range check
+        return self._enc.decode_single_token_bytes(int(token))
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kw):
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, **kw}

@@ -176,6 +176,8 @@ def test_logprobs(running, embedded):
     ref = list(generate_step(ids, model, max_tokens=6))
     for entry, (t, lp) in zip(content, ref):
         assert entry.token == tok.decode([t])
+        assert entry.bytes == list(tok.token_bytes(t))
+        assert all(x.bytes == list(x.token.encode("utf-8")) for x in entry.top_logprobs)  # whole characters here
         assert abs(entry.logprob - float(lp[t])) < 1e-4
         assert [x.logprob for x in entry.top_logprobs] == sorted([x.logprob for x in entry.top_logprobs], reverse=True)
         assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the most likely

@@ -90,6 +90,14 @@ def test_round_trip(tok, text):
     assert tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("text", TEXTS)
+def test_token_bytes_join_to_the_text(tok, text):
+    ids = tok.encode(text)
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    with pytest.raises(ValueError, match="out of range"):
+        tok.token_bytes(10**7)
+
+
 def test_special_tokens(tok):
     expect = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
               "<|fim_suffix|>": 100260, "<|system|>": 100261, "<|user|>": 100262, "<|assistant|>": 100263,

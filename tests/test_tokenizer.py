@@ -98,6 +98,19 @@ def test_streaming_detokenizer_on_byte_fallback_pieces(tok):
     assert "".join(out) + detok.finalize() == tok.decode(ids)
 
 
+@pytest.mark.parametrize("text", TEXTS[:4])
+def test_token_bytes_join_to_the_text(tok, text):
+    """Each token's bytes keep its leading space (a sentencepiece decode of one token drops it) and a
+    byte-fallback token is its one byte, so the bytes of a text's tokens join to the text's bytes (after
+    the dummy-prefix space the Phi-3 tokenizer puts in front)."""
+    ids = tok.encode(text, add_special_tokens=False)
+    joined = b"".join(tok.token_bytes(i) for i in ids)
+    assert joined == b" " + text.encode("utf-8") or joined == text.encode("utf-8"), joined
+    robot = [tok.token_bytes(i) for i in tok.encode("🤖", add_special_tokens=False)]
+    assert b"".join(robot).strip() == "🤖".encode("utf-8") and max(len(b) for b in robot) == 1
+    assert tok.token_bytes(tok.convert_tokens_to_ids("<|end|>")) == b"<|end|>"
+
+
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     from phi3mlx.errors import Phi3MLXError
 
