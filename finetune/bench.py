@@ -620,7 +620,7 @@ class _NoStore:
 
 def _pretrain_ours(c: PretrainConfig, steps: int):
     def run(engine: _Engine, batches: list, s: PretrainBenchArgs):
-        args = train_args(c, steps)
+        args = train_args(c, [steps])
         args.val_every = args.save_every = steps
         args.report_every = 1
         optimizer = make_pretrain_optimizer(c, steps, None)

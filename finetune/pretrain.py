@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -474,9 +475,12 @@ def init_model(raw: dict, base_width: Optional[int] = None, init_std: float = 0.
     return model, mup
 
 
-def train_args(c: PretrainConfig, total: int) -> TrainArgs:
-    """The trainer's settings for a run of ``total`` optimizer steps."""
-    return TrainArgs(iters=total, batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.lr,
+def train_args(c: PretrainConfig, steps: list[int]) -> TrainArgs:
+    """The trainer's settings for a run of ``steps[i]`` optimizer steps in phase i (validated at each
+    phase's end too)."""
+    total = sum(steps)
+    ends = tuple(itertools.accumulate(steps))
+    return TrainArgs(iters=total, val_at=ends, batch_size=c.batch_size, grad_accum=c.grad_accum, learning_rate=c.lr,
                      warmup=min(c.warmup, total), weight_decay=c.weight_decay, val_every=c.val_every,
                      val_batches=c.val_batches, save_every=c.save_every, report_every=c.report_every,
                      grad_clip=c.grad_clip, seed=c.seed, compile=c.compile)
@@ -532,7 +536,7 @@ def prepare(c: PretrainConfig, resume: bool = False, force: bool = False, say: C
     total = sum(steps)
     batches = PD.PretrainBatches(windows, phases, steps, c.batch_size, c.grad_accum, seed=c.seed)
     val = {p.name: PD.validation_batches(windows, p, c.batch_size, c.val_batches) for p in phases}
-    args = train_args(c, total)
+    args = train_args(c, steps)
     optimizer = make_pretrain_optimizer(c, total, mup)
     settings = {"config": c.resolved(), "end_token_id": ids.get("end_token_id"),
                 "phases": [(p.name, n) for p, n in zip(phases, steps)]}

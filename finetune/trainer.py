@@ -87,6 +87,7 @@ class TrainArgs:
     seed: int = 0
     compile: bool = True  # compile the whole step, update included (mx.compile; traced once per batch shape)
     keep_checkpoints: bool = False  # also publish every checkpoint's arrays to out_dir/steps/NNNNNNN (kept)
+    val_at: tuple = ()  # steps validated besides every val_every (pretraining: the end of each phase)
 
     def check(self) -> None:
         problems = self.problems()
@@ -433,7 +434,7 @@ def train(
                                **{k: v / max(1, window_tokens) for k, v in window_metrics.items()}}
                         window_tokens, window_loss, window_metrics, window_t0 = 0, 0.0, {}, time.perf_counter()
                         history.append(rec)
-            if val_sets and (step % args.val_every == 0 or step == args.iters):
+            if val_sets and (step % args.val_every == 0 or step == args.iters or step in args.val_at):
                 if rec is None:
                     rec = {"step": step, **(annotate(step) if annotate else {})}
                     history.append(rec)

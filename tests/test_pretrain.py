@@ -71,6 +71,10 @@ def test_resume_across_a_phase_boundary_is_exact(corpus_dir, tmp_path):
     assert [r["phase"] for r in full if "loss" in r] == ["one"] * 3 + ["two"] * 3
     assert {"val_one_loss", "val_two_loss", "val_loss"} <= set(full[-1])
     assert full[-1]["val_loss"] == full[-1]["val_two_loss"]  # the current phase's set
+    # validated every val_every (4) steps and at each phase's end (6, 12), with the ending phase's set
+    assert [r["step"] for r in full if "val_loss" in r] == [4, 6, 8, 12]
+    at6 = next(r for r in full if r["step"] == 6)
+    assert at6["phase"] == "one" and at6["val_loss"] == at6["val_one_loss"]
 
     c2 = config(corpus_dir, tmp_path / "b")
     prep2 = P.prepare(c2)
