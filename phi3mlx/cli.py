@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get HTTP 429")
     p.add_argument("--model-id", default=None, help="the name clients use (default: the --model argument)")
+    p.add_argument("--image-dir", default=None,
+                   help="vision models: image_url paths must lie in this folder (default: any local path when "
+                   "listening on loopback, none otherwise; data: URLs always work)")
 
     add_parsers(sub, _Formatter)
     return parser
@@ -477,7 +480,7 @@ def _cmd_serve(a):
     model, tok = load(a.model, adapter_path=a.adapter_path)
     _note_tiny(a)
     key = a.api_key if a.api_key is not None else os.environ.get("PHI3MLX_API_KEY") or None
-    serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue)
+    serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue, image_dir=a.image_dir)
 
 
 def _cmd_plan(a):
@@ -545,6 +548,8 @@ def check_args(a) -> None:
         need("--port", lambda v: 0 < v < 65536, "in 1..65535")
         need("--max-batch", lambda v: v >= 1, "at least 1")
         need("--max-queue", lambda v: v >= 1, "at least 1")
+        if a.image_dir is not None and not Path(a.image_dir).is_dir():
+            problems.append(f"--image-dir {a.image_dir} is not a folder")
     if a.command == "bench" and not (a.train or a.pretrain):  # before the model loads (and the tiny notice)
         try:
             check_bench_args(a.prompt_tokens, a.gen_tokens, a.repeats)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import ipaddress
 import json
 import os
 import secrets
@@ -31,6 +32,7 @@ from .errors import Phi3MLXError
 from .processor import Processor
 from .serving import Delta, Done, Engine, QueueFull, Request
 
+ANY_PATH = "*"  # Server(image_dir=ANY_PATH): a request may name any local image file
 MAX_BODY = 32 * 1024 * 1024  # bytes (images come as data: URLs)
 MAX_TOP_LOGPROBS = 20
 
@@ -92,8 +94,10 @@ def sampling(body: dict, context: int) -> dict:
 
 class Server:
     def __init__(self, model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, engine: Optional[Engine] = None):
+                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir: Optional[str] = ANY_PATH):
         self.model, self.tokenizer, self.model_id, self.api_key = model, tokenizer, model_id, api_key
+        # local image paths a request may name: any (ANY_PATH), none (None), or those under one folder
+        self.image_dir = image_dir if image_dir in (ANY_PATH, None) else os.path.realpath(image_dir)
         self.context = model.config.context_length
         self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
@@ -204,7 +208,7 @@ class Server:
                         url = url.get("url") if isinstance(url, dict) else url
                         if not isinstance(url, str):
                             raise APIError(400, f"messages[{i}]: an image_url part needs a 'url'", param="messages")
-                        images.append(_image(url))
+                        images.append(_image(url, self.image_dir))
                         text += f"<|image_{len(images)}|>\n"
                     else:
                         raise APIError(400, f"messages[{i}]: content parts must be text or image_url",
@@ -384,8 +388,9 @@ def _completion_logprobs(lps: list, start: int = 0) -> dict:
             "top_logprobs": [{x: v for _, x, v, _ in t.top} for t in lps], "text_offset": offsets}
 
 
-def _image(url: str):
-    """An image_url: a data: URL (base64) or a local file path (file:// or plain); http(s) is refused."""
+def _image(url: str, image_dir: Optional[str] = ANY_PATH):
+    """An image_url: a data: URL (base64) or a local file path (file:// or plain) that ``image_dir`` allows
+    (ANY_PATH: any; None: none; a folder: paths inside it, links resolved); http(s) is refused."""
     try:
         if url.startswith("data:"):
             head, _, data = url.partition(",")
@@ -395,6 +400,11 @@ def _image(url: str):
         path = url[7:] if url.startswith("file://") else url
         if url.startswith(("http://", "https://")):
             raise APIError(400, "image URLs must be data: URLs or local file paths", param="messages")
+        if image_dir is None:
+            raise APIError(403, "this server takes no local image paths (it listens beyond loopback; start it "
+                           "with --image-dir DIR to allow the images in DIR), send a data: URL", param="messages")
+        if image_dir != ANY_PATH and os.path.commonpath([os.path.realpath(path), image_dir]) != image_dir:
+            raise APIError(403, f"image path {path} is outside the server's --image-dir", param="messages")
         if not os.path.isfile(path):
             raise APIError(400, f"image file not found: {path}", param="messages")
         return Image.open(path).convert("RGB")
@@ -422,13 +432,30 @@ def check_listen(host: str, port: int) -> None:
 
 
 def build_app(model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-              max_queue: int = 64) -> Server:
-    return Server(model, tokenizer, model_id, api_key, max_batch, max_queue)
+              max_queue: int = 64, image_dir: Optional[str] = ANY_PATH) -> Server:
+    return Server(model, tokenizer, model_id, api_key, max_batch, max_queue, image_dir=image_dir)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def local_images(host: str, image_dir: Optional[str]) -> Optional[str]:
+    """What local image paths a server on ``host`` takes: those under ``image_dir`` when given, else any
+    path on a loopback address (ANY_PATH) and none (None) on any other."""
+    return image_dir if image_dir is not None else ANY_PATH if is_loopback(host) else None
 
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
-          max_batch: int = 16, max_queue: int = 64, log_level: str = "info") -> None:
+          max_batch: int = 16, max_queue: int = 64, log_level: str = "info", image_dir: Optional[str] = None) -> None:
     """Run the server until interrupted."""
-    server = build_app(model, tokenizer, model_id, api_key, max_batch, max_queue)
+    server = build_app(model, tokenizer, model_id, api_key, max_batch, max_queue,
+                       image_dir=local_images(host, image_dir))
     print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)
