@@ -7,6 +7,7 @@ as the model widens and a wider model is never worse; under SP the best rate dri
 
     python examples/mup_transfer.py                      # widths 64 128 256, ~10 min on a 2-core CPU
     python examples/mup_transfer.py --widths 64 128 256 512 --steps 200 --png transfer.png
+    python examples/mup_transfer.py --steps 300 --seeds 0 1 --lrs -10 -9 -8 -7 -6   # less noise
 
 Data: the project's own textbook lessons and standard-library documentation (nothing downloaded).
 Prints the table of validation losses (best per row marked) and saves a PNG of loss against learning rate.
@@ -23,7 +24,7 @@ from pathlib import Path
 from phi3mlx.finetune import pretrain as P
 
 
-def run_one(width: int, log2_lr: float, mup: bool, a, work: Path) -> float:
+def run_one(width: int, log2_lr: float, mup: bool, a, work: Path, seed: int) -> float:
     heads = max(1, width // a.head_dim)
     cfg = P.PretrainConfig(
         out=str(work / f"w{width}-lr{log2_lr}-{'mup' if mup else 'sp'}"),
@@ -37,7 +38,7 @@ def run_one(width: int, log2_lr: float, mup: bool, a, work: Path) -> float:
         seq_len=a.seq_len, batch_size=a.batch_size, lr=2.0 ** log2_lr, schedule="cosine", warmup=a.steps // 10,
         min_lr_ratio=0.1, weight_decay=0.0, grad_clip=None, mup=mup, base_width=min(a.widths) if mup else None,
         val_every=a.steps, val_batches=a.val_batches, save_every=a.steps, report_every=a.steps,
-        seed=a.seed, cache_dir=a.cache_dir)
+        seed=seed, cache_dir=a.cache_dir)
     prep = P.prepare(cfg, force=True)
     hist = P.run(prep)
     loss = hist[-1].get("val_loss", float("nan"))
@@ -56,7 +57,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--val-batches", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="seeds (initialisation and data order); each cell is the mean over them")
     ap.add_argument("--cache-dir", default=None, help="token caches (default ~/.cache/phi3mlx/pretrain)")
     ap.add_argument("--png", default="mup_transfer.png")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
@@ -67,7 +69,8 @@ def main() -> None:
         for mup in (True, False):
             for w in a.widths:
                 for lr in a.lrs:
-                    loss = run_one(w, lr, mup, a, Path(d))
+                    runs = [run_one(w, lr, mup, a, Path(d), seed) for seed in a.seeds]
+                    loss = sum(runs) / len(runs)
                     results[("mup" if mup else "sp", w, lr)] = loss
                     print(f"{'muP' if mup else 'SP '} width {w:4d} lr 2^{lr:g}: val loss {loss:.4f}", flush=True)
 
