@@ -60,25 +60,29 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="seeds (initialisation and data order); each cell is the mean over them")
     ap.add_argument("--cache-dir", default=None, help="token caches (default ~/.cache/phi3mlx/pretrain)")
+    ap.add_argument("--params", nargs="+", choices=["mup", "sp"], default=["mup", "sp"],
+                    help="the parametrisations to sweep")
     ap.add_argument("--png", default="mup_transfer.png")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     a = ap.parse_args()
 
     results: dict = {}
+    per_seed: dict = {}
     with tempfile.TemporaryDirectory() as d:
-        for mup in (True, False):
+        for mup in [p == "mup" for p in a.params]:
             for w in a.widths:
                 for lr in a.lrs:
                     runs = [run_one(w, lr, mup, a, Path(d), seed) for seed in a.seeds]
                     loss = sum(runs) / len(runs)
                     results[("mup" if mup else "sp", w, lr)] = loss
+                    per_seed[("mup" if mup else "sp", w, lr)] = runs
                     print(f"{'muP' if mup else 'SP '} width {w:4d} lr 2^{lr:g}: val loss {loss:.4f}", flush=True)
 
     print()
     header = "param  width " + " ".join(f"{'2^' + format(lr, 'g'):>8}" for lr in a.lrs) + "   best"
     print(header)
     best: dict = {}
-    for p in ("mup", "sp"):
+    for p in a.params:
         for w in a.widths:
             row = [results[(p, w, lr)] for lr in a.lrs]
             i = min(range(len(row)), key=row.__getitem__)
@@ -86,7 +90,7 @@ def main() -> None:
             cells = " ".join(f"{v:8.4f}{'*' if j == i else ' '}"[:9] if math.isfinite(v) else f"{'diverged':>8} "
                              for j, v in enumerate(row))
             print(f"{'muP' if p == 'mup' else 'SP':5s} {w:5d} {cells}  2^{a.lrs[i]:g}")
-    for p in ("mup", "sp"):
+    for p in a.params:
         lrs = [best[(p, w)][0] for w in a.widths]
         losses = [best[(p, w)][1] for w in a.widths]
         shift = max(lrs) - min(lrs)
@@ -94,7 +98,8 @@ def main() -> None:
               f"best loss by width {[round(x, 4) for x in losses]} "
               f"({'wider never worse' if all(b <= a_ + 1e-3 for a_, b in zip(losses, losses[1:])) else 'wider is worse somewhere'})")
     if a.json:
-        Path(a.json).write_text(json.dumps([{"param": p, "width": w, "log2_lr": lr, "val_loss": v}
+        Path(a.json).write_text(json.dumps([{"param": p, "width": w, "log2_lr": lr, "val_loss": v,
+                                             "seeds": dict(zip(a.seeds, per_seed[(p, w, lr)]))}
                                             for (p, w, lr), v in results.items()], indent=1))
 
     import matplotlib  # imported here: only this plot needs it
@@ -102,8 +107,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, p in zip(axes, ("sp", "mup")):
+    shown = [p for p in ("sp", "mup") if p in a.params]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, p in zip(axes, shown):
         for w in a.widths:
             xs = [lr for lr in a.lrs if math.isfinite(results[(p, w, lr)])]
             ax.plot(xs, [results[(p, w, lr)] for lr in xs], marker="o", label=f"width {w}")
@@ -111,7 +118,7 @@ def main() -> None:
         ax.set_xlabel("log2 learning rate")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation loss")
-    axes[1].legend()
+    axes[-1].legend()
     fig.tight_layout()
     fig.savefig(a.png, dpi=100)
     print(f"saved {a.png}")
