@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="ask only the first N questions of each set")
     a = p.parse_args(argv)
     run = Path(a.adapters)
-    steps = sorted(d for d in (run / STEPS).glob("[0-9]*") if d.is_dir()) if (run / STEPS).is_dir() else []
+    steps = sorted(d for d in (run / STEPS).iterdir() if d.is_dir() and re.fullmatch(r"\d{7}", d.name)) \
+        if (run / STEPS).is_dir() else []
     if not steps:
         print(f"select_embedded: error: {run / STEPS} holds no kept checkpoints (train with --keep-checkpoints)",
               file=sys.stderr)

@@ -49,7 +49,7 @@ from .trainer import CHECKPOINT, METRICS, STEPS, TrainArgs, remove_run_files, tr
 
 # What a training run writes into --adapter-path (--force replaces exactly these).
 RUN_FILES = (lora.ADAPTER_FILE, lora.CONFIG_FILE, CHECKPOINT, METRICS, CHECKPOINT + ".tmp", CHECKPOINT + ".old",
-             STEPS)
+             STEPS, "selection.json")  # selection.json: examples/select_embedded.py's table of the kept steps
 # Flags that exclude each other: one given on the command line clears the other from a --config file.
 EXCLUSIVE = (("iters", "epochs"), ("dora", "full"))
 
@@ -106,7 +106,8 @@ def _train_args(p: argparse.ArgumentParser, dpo: bool = False) -> None:
     p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="also keep every checkpoint's adapters in --adapter-path/steps/NNNNNNN (to pick the best "
-                   "step afterwards: phi3mlx fuse --adapter-path ADAPTERS/steps/NNNNNNN)")
+                   "step afterwards: phi3mlx fuse --adapter-path ADAPTERS/steps/NNNNNNN); with --full each is a "
+                   "copy of the trained weights")
     p.add_argument("--report-every", type=int, default=10, help="print training loss every N steps")
     p.add_argument("--resume", action="store_true", help="continue from --adapter-path/checkpoint")
     p.add_argument("--force", action="store_true",
@@ -196,7 +197,7 @@ PRETRAIN_FLAGS = {
     "--grad-clip": ("grad_clip", float, "clip each step's gradient to this global norm (default 1.0)"),
     "--base-width": ("base_width", int, "muP: the proxy width the hyperparameters were tuned at"),
     "--seed": ("seed", int, "seed for initialisation and the data plan (default 0)"),
-    "--val-every": ("val_every", int, "validate every N steps (default 100)"),
+    "--val-every": ("val_every", int, "validate every N steps and at the end of each phase (default 100)"),
     "--save-every": ("save_every", int, "checkpoint (and publish --out) every N steps (default 100)"),
     "--report-every": ("report_every", int, "report every N steps (default 10)"),
     "--cache-dir": ("cache_dir", str, "where token caches and trained tokenizers are kept "

@@ -279,6 +279,24 @@ def read_trainer_state(out_dir: Path) -> Optional[dict]:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def keep_step(out_dir: Path, model, store, step: int, args: TrainArgs) -> None:
+    """With ``args.keep_checkpoints``: publish the arrays of ``step`` to out_dir/steps/NNNNNNN (kept),
+    through a temporary folder renamed into place, so a kept step is whole or absent."""
+    if not args.keep_checkpoints or step <= 0:
+        return
+    final = Path(out_dir) / STEPS / f"{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    try:
+        for d in (tmp, final):
+            if d.exists():
+                shutil.rmtree(d)
+        store.publish(tmp, model)
+        tmp.replace(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise Phi3MLXError(f"could not keep step {step} in {final}: {e.strerror or e}") from None
+
+
 def save_checkpoint(out_dir: Path, model, optimizer, store, state: dict) -> None:
     """out_dir/checkpoint: the trained arrays, optimizer state and trainer state, replaced atomically;
     then ``store.publish`` (what a user loads). A failed save (a full disk) removes its partial files and
@@ -451,11 +469,12 @@ def train(
                 if report:
                     report(rec)
             if rank == 0 and (step % args.save_every == 0 or step == args.iters):
+                keep_step(out_dir, model, store, step, args)  # first: a checkpoint at a step implies its copy
                 save_checkpoint(out_dir, model, optimizer, store, state_now())
-                if args.keep_checkpoints:
-                    store.publish(out_dir / STEPS / f"{step:07d}", model)
     except KeyboardInterrupt:
         if rank == 0:
+            if step % args.save_every == 0 or step == args.iters:  # stopped between the update and its save
+                keep_step(out_dir, model, store, step, args)
             save_checkpoint(out_dir, model, optimizer, store, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
     finally:

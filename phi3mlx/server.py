@@ -3,7 +3,8 @@
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``.
 Streaming answers are server-sent events ending with ``data: [DONE]``. Errors are OpenAI-style JSON
 (``{"error": {"message", "type", "param", "code"}}``) with status 400 (bad request), 401 (API key),
-404 (model, route), 413 (body too large), 429 (queue full) or 500; the server keeps serving.
+403 (a local image path the server does not take), 404 (model, route), 413 (body too large), 429 (queue
+full) or 500; the server keeps serving.
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from .errors import Phi3MLXError
 from .processor import Processor
 from .serving import Delta, Done, Engine, QueueFull, Request
 
-ANY_PATH = "*"  # Server(image_dir=ANY_PATH): a request may name any local image file
+
+class _AnyPath:
+    def __repr__(self) -> str:
+        return "ANY_PATH"
+
+
+ANY_PATH = _AnyPath()  # Server(image_dir=ANY_PATH): a request may name any local image file
+
 MAX_BODY = 32 * 1024 * 1024  # bytes (images come as data: URLs)
 MAX_TOP_LOGPROBS = 20
 
@@ -94,10 +102,10 @@ def sampling(body: dict, context: int) -> dict:
 
 class Server:
     def __init__(self, model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir: Optional[str] = ANY_PATH):
+                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None):
         self.model, self.tokenizer, self.model_id, self.api_key = model, tokenizer, model_id, api_key
-        # local image paths a request may name: any (ANY_PATH), none (None), or those under one folder
-        self.image_dir = image_dir if image_dir in (ANY_PATH, None) else os.path.realpath(image_dir)
+        # local image paths a request may name: none (None, the default), any (ANY_PATH), or those in a folder
+        self.image_dir = image_dir if image_dir is None or image_dir is ANY_PATH else os.path.realpath(image_dir)
         self.context = model.config.context_length
         self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
@@ -388,9 +396,10 @@ def _completion_logprobs(lps: list, start: int = 0) -> dict:
             "top_logprobs": [{x: v for _, x, v, _ in t.top} for t in lps], "text_offset": offsets}
 
 
-def _image(url: str, image_dir: Optional[str] = ANY_PATH):
+def _image(url: str, image_dir=None):
     """An image_url: a data: URL (base64) or a local file path (file:// or plain) that ``image_dir`` allows
-    (ANY_PATH: any; None: none; a folder: paths inside it, links resolved); http(s) is refused."""
+    (None: none; ANY_PATH: any; a resolved folder: paths inside it, links resolved, a relative path taken
+    from that folder); http(s) is refused."""
     try:
         if url.startswith("data:"):
             head, _, data = url.partition(",")
@@ -403,11 +412,12 @@ def _image(url: str, image_dir: Optional[str] = ANY_PATH):
         if image_dir is None:
             raise APIError(403, "this server takes no local image paths (it listens beyond loopback; start it "
                            "with --image-dir DIR to allow the images in DIR), send a data: URL", param="messages")
-        if image_dir != ANY_PATH and os.path.commonpath([os.path.realpath(path), image_dir]) != image_dir:
+        real = os.path.realpath(path if image_dir is ANY_PATH else os.path.join(image_dir, path))
+        if image_dir is not ANY_PATH and os.path.commonpath([real, image_dir]) != image_dir:
             raise APIError(403, f"image path {path} is outside the server's --image-dir", param="messages")
-        if not os.path.isfile(path):
+        if not os.path.isfile(real):
             raise APIError(400, f"image file not found: {path}", param="messages")
-        return Image.open(path).convert("RGB")
+        return Image.open(real).convert("RGB")
     except APIError:
         raise
     except Exception as e:  # noqa: BLE001  (unreadable, truncated, a decompression bomb: the request's image)
@@ -432,7 +442,7 @@ def check_listen(host: str, port: int) -> None:
 
 
 def build_app(model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-              max_queue: int = 64, image_dir: Optional[str] = ANY_PATH) -> Server:
+              max_queue: int = 64, image_dir=None) -> Server:
     return Server(model, tokenizer, model_id, api_key, max_batch, max_queue, image_dir=image_dir)
 
 
@@ -446,10 +456,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def local_images(host: str, image_dir: Optional[str]) -> Optional[str]:
-    """What local image paths a server on ``host`` takes: those under ``image_dir`` when given, else any
-    path on a loopback address (ANY_PATH) and none (None) on any other."""
-    return image_dir if image_dir is not None else ANY_PATH if is_loopback(host) else None
+def local_images(host: str, image_dir: Optional[str]):
+    """What local image paths a server on ``host`` takes: those in ``image_dir`` (resolved) when given, else
+    any path on a loopback address (ANY_PATH) and none (None) on any other."""
+    if image_dir is not None:
+        return os.path.realpath(image_dir)
+    return ANY_PATH if is_loopback(host) else None
 
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,

@@ -14,9 +14,10 @@ Two back ends behind one interface (``BaseTokenizer``):
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Optional
@@ -273,8 +274,9 @@ class BaseTokenizer:
         return StreamingDetokenizer(self)
 
     def token_bytes(self, token: int) -> bytes:
-        """The UTF-8 bytes one token stands for, its leading space included (a byte-fallback token: its
-        one raw byte, which alone decodes to U+FFFD); a text's tokens' bytes join to the text's bytes."""
+        """The UTF-8 bytes one token stands for, its leading space included; a text's tokens' bytes join
+        to the text's bytes. The back ends override this where a token can be part of a character (a
+        sentencepiece byte-fallback token is its one raw byte); this default decodes the token alone."""
         return self.decode([int(token)]).encode("utf-8")
 
     def save(self, folder: Path):
@@ -314,7 +316,13 @@ class Tokenizer(BaseTokenizer):
         m = _BYTE_PIECE.fullmatch(piece)
         if m:
             return bytes([int(m.group(1), 16)])
-        return piece.replace("\u2581", " ").encode("utf-8") if "\u2581" in piece else super().token_bytes(token)
+        if "\u2581" in piece and piece not in self._added:  # an added token's text is literal
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return super().token_bytes(token)
+
+    @functools.cached_property
+    def _added(self) -> frozenset:
+        return frozenset(self._tok.get_added_vocab())
 
     @property
     def eos_token_id(self) -> Optional[int]:

@@ -42,7 +42,7 @@ STAGES = [(f"embedded-chat{k}.yaml", f"embedded-chat{k}-data") for k in ("", 2, 
 
 def test_the_shipped_folder_comes_from_the_recipe():
     """recipe.json (written by build_embedded.sh from the runs) equals examples/embedded.yaml resolved, the
-    settings of the seven chat-tuning configs and the dialogue data of build_embedded.sh; the shipped
+    settings of the eight chat-tuning configs and the dialogue data of build_embedded.sh; the shipped
     config.json is the recipe's model. A stage that keeps its checkpoints records the step chosen on the
     selection questions (never the held-out ones) and the scores it was chosen by."""
     recipe = json.loads((EMBEDDED_PATH / "recipe.json").read_text())

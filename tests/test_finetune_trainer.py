@@ -436,6 +436,25 @@ def test_kept_checkpoints_hold_each_saved_steps_adapters(folders, tmp_path):
     x = mx.array(seqs[0][None, :-1])
     again.eval()
     assert float(mx.abs(loaded(x) - again(x)).max()) <= 1e-5
+    # Ctrl-C after step 4's update, before its save (in its report): the checkpoint and the kept copy of
+    # step 4 are both written, and the resumed run keeps the rest
+    def stop_at_4(rec):
+        if rec["step"] == 4:
+            raise KeyboardInterrupt
+
+    cut, cfg4 = trained(folders["phi3"], tmp_path)
+    with pytest.raises(Phi3MLXError, match="interrupted at step 4"):
+        train(cut, sft_loss, batches(seqs, 2), TrainArgs(iters=5, keep_checkpoints=True, **args), tmp_path / "c", cfg4,
+              report=stop_at_4)
+    assert sorted(p.name for p in (tmp_path / "c" / "steps").iterdir()) == ["0000002", "0000004"]
+    cut, cfg4 = trained(folders["phi3"], tmp_path)
+    train(cut, sft_loss, batches(seqs, 2), TrainArgs(iters=5, keep_checkpoints=True, **args), tmp_path / "c", cfg4,
+          resume=True)
+    assert sorted(p.name for p in (tmp_path / "c" / "steps").iterdir()) == kept
+    for step in kept:
+        a = mx.load(str(tmp_path / "c" / "steps" / step / lora.ADAPTER_FILE))
+        b = mx.load(str(tmp_path / "k" / "steps" / step / lora.ADAPTER_FILE))
+        assert max(float(mx.abs(a[k] - b[k]).max()) for k in a) <= 1e-5, step
     # without the option nothing is kept
     plain, cfg3 = trained(folders["phi3"], tmp_path)
     train(plain, sft_loss, batches(seqs, 2), TrainArgs(iters=2, **args), tmp_path / "p", cfg3)

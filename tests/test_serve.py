@@ -457,33 +457,46 @@ def test_serve_command(capsys, tmp_path):
         assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_local_image_paths_are_limited_to_the_image_dir(tmp_path):
+def test_local_image_paths_are_limited_to_the_image_dir(tmp_path, capsys):
     """A request's local image path: any on loopback, none beyond it, only inside --image-dir when given
-    (links resolved, so a link out of the folder is refused)."""
+    (links resolved, so a link out of the folder is refused; a relative path is taken from the folder);
+    a Server built without saying takes none."""
+    import os
+
     from PIL import Image
 
     from phi3mlx.server import ANY_PATH, APIError, _image, local_images
 
-    inside, outside = tmp_path / "imgs", tmp_path / "other"
-    inside.mkdir(), outside.mkdir()
+    inside, outside, sibling = tmp_path / "imgs", tmp_path / "other", tmp_path / "imgs2"
+    for d in (inside, outside, sibling):
+        d.mkdir()
     Image.new("RGB", (8, 8), (200, 10, 10)).save(inside / "a.png")
     Image.new("RGB", (8, 8), (10, 200, 10)).save(outside / "b.png")
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(sibling / "c.png")
     (inside / "link.png").symlink_to(outside / "b.png")
-    assert local_images("127.0.0.1", None) == ANY_PATH and local_images("::1", None) == ANY_PATH
-    assert local_images("localhost", None) == ANY_PATH
+    assert local_images("127.0.0.1", None) is ANY_PATH and local_images("::1", None) is ANY_PATH
+    assert local_images("localhost", None) is ANY_PATH
     assert local_images("0.0.0.0", None) is None and local_images("192.168.1.5", None) is None
-    assert local_images("0.0.0.0", str(inside)) == str(inside)
+    root = local_images("0.0.0.0", str(inside))
+    assert root == os.path.realpath(inside)
+    assert local_images("0.0.0.0", "*") == os.path.realpath("*")  # a folder named *, never "any path"
     assert _image(str(outside / "b.png"), ANY_PATH).getpixel((0, 0)) == (10, 200, 10)
-    root = str(inside.resolve())
     assert _image("file://" + str(inside / "a.png"), root).getpixel((0, 0)) == (200, 10, 10)
+    assert _image("a.png", root).getpixel((0, 0)) == (200, 10, 10)  # relative: from the folder
     for path, allowed, needle in ((outside / "b.png", root, "outside the server's --image-dir"),
                                   (inside / "link.png", root, "outside the server's --image-dir"),
                                   (inside / ".." / "other" / "b.png", root, "outside the server's --image-dir"),
+                                  ("../imgs2/c.png", root, "outside the server's --image-dir"),
+                                  (sibling / "c.png", root, "outside the server's --image-dir"),
                                   (inside / "a.png", None, "takes no local image paths")):
         with pytest.raises(APIError) as e:
             _image(str(path), allowed)
         assert e.value.status == 403 and needle in e.value.message
+    model, tok = load("phi3mlx:embedded")
+    assert Server(model, tok, "m").image_dir is None
     assert main(["serve", "--image-dir", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"phi3mlx: error: --image-dir {tmp_path / 'nope'} is not a folder"], err
 
 
 def test_batched_rows_crossing_the_longrope_threshold(folders):

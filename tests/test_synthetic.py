@@ -174,9 +174,10 @@ def test_selection_sets_never_use_the_held_out_questions():
     assert all(not S.leaks(q) for q, *_ in sel["addition"]) and all(not S.leaks(q) for q in sel["unknown"])
     # another phrasing of each world fact where it has one; the same expected answers
     assert [e for _, e in sel["world"]] == [e for _, e in ev["world"]]
-    assert sum(q != qe for (q, _), (qe, _) in zip(sel["world"], ev["world"])) > len(ev["world"]) // 2
+    assert all(q != qe for (q, _), (qe, _) in zip(sel["world"], ev["world"]))
     assert not set(sel["unknown"]) & set(ev["unknown"])
     assert S.selection_sets() == sel  # fixed, like the held-out sets
+
 
 @pytest.mark.parametrize("reply, n", [("The answer is 85.", 85), ("85", 85), ("It is -3 now", -3),
                                       ("no numbers", None), ("", None), ("47 + 38 = 85", 47)])

@@ -94,6 +94,7 @@ def test_round_trip(tok, text):
 def test_token_bytes_join_to_the_text(tok, text):
     ids = tok.encode(text)
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.token_bytes(100257) == b"<|endoftext|>"  # a special token: its text
     with pytest.raises(ValueError, match="out of range"):
         tok.token_bytes(10**7)
 

@@ -557,7 +557,7 @@ def test_server_takes_image_url_parts(vision_ckpt, tmp_path):
     data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     path = tmp_path / "img.png"
     img.save(path)
-    r = Running(Server(model, proc, "vision"))
+    r = Running(Server(model, proc, "vision", image_dir=str(tmp_path)))
     try:
         c = r.client(key="none")
         prompt = proc.apply_chat_template([{"role": "user", "content": "<|image_1|>\nWhat is it?"}],
