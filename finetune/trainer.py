@@ -89,6 +89,10 @@ class TrainArgs:
     keep_checkpoints: bool = False  # also publish every checkpoint's arrays to out_dir/steps/NNNNNNN (kept)
     val_at: tuple = ()  # steps validated besides every val_every (pretraining: the end of each phase)
 
+    def saves_at(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step``: every ``save_every`` steps and at the end."""
+        return step % self.save_every == 0 or step == self.iters
+
     def check(self) -> None:
         problems = self.problems()
         if problems:
@@ -468,12 +472,12 @@ def train(
                     metrics.write(rec)
                 if report:
                     report(rec)
-            if rank == 0 and (step % args.save_every == 0 or step == args.iters):
+            if rank == 0 and args.saves_at(step):
                 keep_step(out_dir, model, store, step, args)  # first: a checkpoint at a step implies its copy
                 save_checkpoint(out_dir, model, optimizer, store, state_now())
     except KeyboardInterrupt:
         if rank == 0:
-            if step % args.save_every == 0 or step == args.iters:  # stopped between the update and its save
+            if args.saves_at(step):  # stopped between the update and its save
                 keep_step(out_dir, model, store, step, args)
             save_checkpoint(out_dir, model, optimizer, store, state_now())
         raise Phi3MLXError(f"interrupted at step {step}; saved a checkpoint in {out_dir}, continue with --resume") from None
