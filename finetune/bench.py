@@ -64,7 +64,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from phi3mlx.benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
-                              fmt, params_bytes, progress_printer, ratio, ratio_line, report_console, run_alternating)
+                              fmt, fmt_gb, params_bytes, progress_printer, ratio, ratio_line, report_console, run_alternating)
 from phi3mlx.errors import Phi3MLXError
 from phi3mlx.hub import resolve
 from phi3mlx.loader import load_model
@@ -405,7 +405,7 @@ def print_report(res: dict, console=None) -> None:
     table = engine_table(("engine", "tok/s", "median", "step s", "1st step s", "peak GB", "loss"))
     for name, r in res["engines"].items():
         table.add_row(name, fmt(r["tokens_per_sec"]), fmt(r["tokens_per_sec_median"]), fmt(r["step_s"], ".3f"),
-                      fmt(r["first_step_s"], ".2f"), fmt(r["peak_gb"], ".3f"), fmt(r["last_loss"], ".4f"))
+                      fmt(r["first_step_s"], ".2f"), fmt_gb(r["peak_gb"]), fmt(r["last_loss"], ".4f"))
     for label, tps, peak in (("ours / mlx-lm", res["ratio_tps"], res["ratio_peak"]),
                              ("ours/mlx-lm +gc", res["ratio_tps_gc"], res["ratio_peak_gc"]),
                              ("ours +gc / ours", res["gc_tps_ratio"], res["gc_peak_ratio"])):
@@ -416,12 +416,12 @@ def print_report(res: dict, console=None) -> None:
                   "the best run; 1st step s: graph building / compile included")
     # Plain, grep-friendly lines.
     for name, r in res["engines"].items():
-        console.print(f"{name} train {fmt(r['tokens_per_sec'])} tok/s peak {fmt(r['peak_gb'], '.3f')} GB "
+        console.print(f"{name} train {fmt(r['tokens_per_sec'])} tok/s peak {fmt_gb(r['peak_gb'])} GB "
                       f"loss {fmt(r['first_loss'], '.4f')} -> {fmt(r['last_loss'], '.4f')}")
     if res["gc_peak_ratio"] is not None:
         e = res["engines"]
-        console.print(f"grad checkpoint phi3mlx peak {fmt(e[OURS]['peak_gb'], '.3f')} GB -> "
-                      f"{fmt(e[OURS + GC]['peak_gb'], '.3f')} GB ({fmt(res['gc_peak_ratio'], '.2f', 'x')}), "
+        console.print(f"grad checkpoint phi3mlx peak {fmt_gb(e[OURS]['peak_gb'])} GB -> "
+                      f"{fmt_gb(e[OURS + GC]['peak_gb'])} GB ({fmt(res['gc_peak_ratio'], '.2f', 'x')}), "
                       f"tokens/s {fmt(res['gc_tps_ratio'], '.2f', 'x')}")
     if res["ratio_tps"] is not None:
         console.print(format_ratio_line(res))
@@ -754,7 +754,7 @@ def print_pretrain_report(res: dict, console=None) -> None:
     table = engine_table(("engine", "tok/s", "median", "step s", "1st s", "peak GB", "MFU", "loss 1"))
     for name, r in res["engines"].items():
         table.add_row(name, fmt(r["tokens_per_sec"]), fmt(r["tokens_per_sec_median"]), fmt(r["step_s"], ".3f"),
-                      fmt(r["first_step_s"], ".2f"), fmt(r["peak_gb"], ".3f"),
+                      fmt(r["first_step_s"], ".2f"), fmt_gb(r["peak_gb"]),
                       fmt(None if r["mfu"] is None else 100 * r["mfu"], ".1f", "%"), fmt(r["first_loss"], ".4f"))
     add_ratio_row(table, "ours / plain", fmt(res["ratio_tps"], ".2f", "x"), "", "", "",
                   fmt(res["ratio_peak"], ".2f", "x"), "", "")
@@ -764,7 +764,7 @@ def print_pretrain_report(res: dict, console=None) -> None:
                   "the first step's loss")
     # Plain, grep-friendly lines.
     for name, r in res["engines"].items():
-        console.print(f"{name} pretrain {fmt(r['tokens_per_sec'])} tok/s peak {fmt(r['peak_gb'], '.3f')} GB "
+        console.print(f"{name} pretrain {fmt(r['tokens_per_sec'])} tok/s peak {fmt_gb(r['peak_gb'])} GB "
                       f"mfu {fmt(r['mfu'], '.4f')} loss {fmt(r['first_loss'], '.6f')} -> {fmt(r['last_loss'], '.6f')}")
     console.print(ratio_line("pretrain ratio", [("tokens/s", res["ratio_tps"]), ("peak memory", res["ratio_peak"])]))
 

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, List, Optional
 import mlx.core as mx
 
 from .benchkit import (MLX_LM, OURS, MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line,
-                       fmt, params_bytes, progress_printer, ratio, ratio_line, report_console,
+                       fmt, fmt_gb, params_bytes, progress_printer, ratio, ratio_line, report_console,
                        run_alternating, time_stream)
 from . import kernels
 from .chat import Chat
@@ -279,7 +279,7 @@ def print_report(res: dict, console=None) -> None:
     for name, r in res["engines"].items():
         best_prefill_s = min(x["prefill_s"] for x in r["runs"])
         table.add_row(name, fmt(r["prefill_tps"]), fmt(best_prefill_s, ".3f"), fmt(r["decode_tps"]),
-                      fmt(r["peak_gb"], ".3f"))
+                      fmt_gb(r["peak_gb"]))
     if res["ratio_prefill"] is not None:
         add_ratio_row(table, "ours / mlx-lm", fmt(res["ratio_prefill"], ".2f", "x"), "",
                       fmt(res["ratio_decode"], ".2f", "x"), "")
@@ -289,7 +289,7 @@ def print_report(res: dict, console=None) -> None:
     # Plain, grep-friendly lines.
     for name, r in res["engines"].items():
         console.print(f"{name} prefill {fmt(r['prefill_tps'])} tok/s decode {fmt(r['decode_tps'])} tok/s "
-                      f"peak {fmt(r['peak_gb'], '.3f')} GB")
+                      f"peak {fmt_gb(r['peak_gb'])} GB")
     if res["ratio_prefill"] is not None:
         console.print(format_ratio_line(res))
 

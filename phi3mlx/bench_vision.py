@@ -32,8 +32,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image, ImageDraw
 
-from .benchkit import (MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line, fmt, params_bytes,
-                       progress_printer, ratio, ratio_line, report_console, run_alternating, time_stream)
+from .benchkit import (MemoryWatch, add_ratio_row, best_and_median, engine_table, first_line, fmt, fmt_gb,
+                       params_bytes, progress_printer, ratio, ratio_line, report_console, run_alternating,
+                       time_stream)
 from .errors import Phi3MLXError
 from .generate import generate_step
 from .loader import load
@@ -220,7 +221,7 @@ def print_image_report(res: dict, console=None) -> None:
     table = engine_table(("engine", "image encode s", "prefill s", "decode tok/s", "peak GB"))
     for name, r in res["engines"].items():
         table.add_row(name, fmt(r["encode_s"], ".3f"), fmt(r["prefill_s"], ".3f"), fmt(r["decode_tps"]),
-                      fmt(r["peak_gb"], ".3f"))
+                      fmt_gb(r["peak_gb"]))
     if "ratio_encode" in res:
         add_ratio_row(table, "ours vs mlx-vlm (speed x; memory ours/theirs)", fmt(res["ratio_encode"], ".2f", "x"),
                       fmt(res["ratio_prefill"], ".2f", "x"), fmt(res["ratio_decode"], ".2f", "x"),

@@ -11,6 +11,7 @@ count the other engine's weights; it is kept as ``process_peak_gb``.
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import sys
 import time
@@ -44,6 +45,16 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def fmt(x: Optional[float], spec: str = ".1f", suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+def fmt_gb(x: Optional[float]) -> str:
+    """A memory size in GB: 3 decimals, or 3 significant digits below 0.1 GB, so a toy model's few KB never
+    print as 0.000."""
+    if x is None:
+        return "n/a"
+    if x >= 0.1 or x <= 0:
+        return f"{x:.3f}"
+    return f"{x:.{2 - math.floor(math.log10(x))}f}"
 
 
 def best_and_median(values: Iterable[Optional[float]]) -> tuple[Optional[float], Optional[float]]:

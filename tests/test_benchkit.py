@@ -62,3 +62,10 @@ def test_memory_watch_counts_what_the_run_holds_beyond_the_start():
     assert 16e6 <= extra < 16e6 + 4e6
     assert mem.peak_gb(1_000_000_000) == pytest.approx(1.0 + extra / 1e9)
     assert mem.process_peak_gb * 1e9 >= extra + keep.nbytes
+
+
+def test_memory_in_gb_keeps_three_significant_digits_when_small():
+    # a toy model's peak is a few KB: "0.000" would read as "nothing measured"
+    assert benchkit.fmt_gb(12.3456) == "12.346" and benchkit.fmt_gb(0.1) == "0.100"
+    assert benchkit.fmt_gb(0.0123456) == "0.0123" and benchkit.fmt_gb(0.0000561) == "0.0000561"
+    assert benchkit.fmt_gb(0.0) == "0.000" and benchkit.fmt_gb(None) == "n/a"
