@@ -2,11 +2,12 @@
 
 Both servers are started the same way, as a subprocess on a free loopback port over the same folder
 (``python -m phi3mlx serve`` and, with ``--compare-mlx-lm``, ``python -m mlx_lm server``), and get the
-same requests: streaming chat completions of the same prompts, greedy, ``--gen-tokens`` each. For
-each concurrency c, c clients each send ``--repeats`` requests back to back; reported are the total
-completion tokens per second over the round (the servers' own usage counts) and the median time to
-the first content token. Ratios are ours / mlx_lm.server (higher is better for tokens/s, lower for
-time to first token).
+same requests: streaming chat completions of the same prompts, at most ``--gen-tokens`` each, in one
+or more workloads (greedy; sampled as chat apps ask; sampled with a seed per request), each on freshly
+started servers. For each concurrency c, c clients each send ``--repeats`` requests back to back;
+reported are the total completion tokens per second over the round (the servers' own usage counts)
+and the median time to the first content token. Ratios are ours / mlx_lm.server (higher is better for
+tokens/s, lower for time to first token). A round in which a request fails is reported as failed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from .errors import Phi3MLXError
 from .hub import resolve
 
 CONCURRENCY = (1, 4, 16)
+# what each request asks for: greedy; sampled as chat apps send it; the same with a seed per request
+# (reproducible answers, which the OpenAI API offers through ``seed``)
+WORKLOADS = {"greedy": {"temperature": 0}, "sampled": {"temperature": 0.7, "top_p": 0.9},
+             "seeded": {"temperature": 0.7, "top_p": 0.9}}
 QUESTIONS = ["What is 23 + 45?", "Tell me about the valley of Orvane.", "Who lives in the valley?",
              "Add 17 and 38.", "Write a short story about a river."]
 
@@ -75,9 +80,12 @@ class Subprocess:
                 self.proc.kill()
 
 
-def stream_request(port: int, model: str, question: str, max_tokens: int) -> tuple[float, int]:
-    """(seconds to the first content token, completion tokens) of one streaming chat request."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "temperature": 0,
+def stream_request(port: int, model: str, question: str, max_tokens: int, settings: Optional[dict] = None
+                   ) -> tuple[float, int]:
+    """(seconds to the first content token, completion tokens) of one streaming chat request; ``settings``
+    are its sampling fields (default: greedy)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                       **(settings if settings is not None else {"temperature": 0}),
                        "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
@@ -105,14 +113,20 @@ def stream_request(port: int, model: str, question: str, max_tokens: int) -> tup
     return (ttft if ttft is not None else time.perf_counter() - t0), (usage if usage is not None else chunks)
 
 
-def run_round(port: int, model: str, clients: int, repeats: int, max_tokens: int) -> dict:
+def request_settings(workload: str, n: int) -> dict:
+    """The sampling fields of request ``n`` of a workload (a seeded request's seed is its number)."""
+    return {**WORKLOADS[workload], **({"seed": n} if workload == "seeded" else {})}
+
+
+def run_round(port: int, model: str, clients: int, repeats: int, max_tokens: int, workload: str = "greedy") -> dict:
     """``clients`` threads, each ``repeats`` requests: total tokens/s and median time to first token."""
     ttfts, tokens, errors = [], [], []
 
     def client(k: int) -> None:
         for j in range(repeats):
             try:
-                t, n = stream_request(port, model, QUESTIONS[(k + j) % len(QUESTIONS)], max_tokens)
+                t, n = stream_request(port, model, QUESTIONS[(k + j) % len(QUESTIONS)], max_tokens,
+                                      request_settings(workload, k * repeats + j))
                 ttfts.append(t)
                 tokens.append(n)
             except Exception as e:  # noqa: BLE001  (reported below)
@@ -130,8 +144,30 @@ def run_round(port: int, model: str, clients: int, repeats: int, max_tokens: int
     return {"tok_s": sum(tokens) / wall, "ttft": statistics.median(ttfts), "tokens": sum(tokens)}
 
 
+def parse_list(text: str, what: str, allowed=None, positive_int: bool = False) -> list:
+    """A comma-separated flag value as a list; every bad entry named in one error."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    problems = []
+    if not items:
+        problems.append(f"{what} is empty")
+    if allowed is not None:
+        problems += [f"{what}: unknown {x!r} (choose from {', '.join(allowed)})" for x in items if x not in allowed]
+    if positive_int:
+        bad = [x for x in items if not (x.isdigit() and int(x) > 0)]
+        problems += [f"{what}: {x!r} is not a positive whole number" for x in bad]
+        if not bad:
+            items = [int(x) for x in items]
+    if problems:
+        raise Phi3MLXError.many(problems)
+    return items
+
+
 def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
-                    concurrency=CONCURRENCY, progress=None) -> dict:
+                    concurrency=CONCURRENCY, workloads=("greedy",), progress=None) -> dict:
+    """Each server, for each workload: started afresh, warmed up, then a round per concurrency.
+
+    ``results[server][workload][c]`` is a round's numbers, or ``{"error": message}`` when a request of
+    that round failed (the server is then restarted for the next workload)."""
     say = progress or (lambda msg: None)
     model = str(resolve(model))  # one local folder for both servers
     servers = [("phi3mlx", [sys.executable, "-m", "phi3mlx", "serve", "--model", model, "--model-id", "bench",
@@ -139,20 +175,33 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
     if compare_mlx_lm:
         servers.append(("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", model,
                                           "--log-level", "WARNING", "--port", "{port}"]))
-    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "results": {}}
-    for name, argv in servers:
-        port = free_port()
-        say(f"starting {name}")
-        proc = Subprocess(name, [a.replace("{port}", str(port)) for a in argv], port)
-        try:
-            served = "bench" if name == "phi3mlx" else model
-            stream_request(port, served, QUESTIONS[0], 4)  # warm up
-            for c in concurrency:
-                say(f"{name}: {c} concurrent stream(s)")
-                out["results"].setdefault(name, {})[c] = run_round(port, served, c, repeats, gen_tokens)
-        finally:
-            proc.close()
+    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "workloads": list(workloads),
+           "results": {}}
+    for workload in workloads:
+        for name, argv in servers:
+            port = free_port()
+            say(f"starting {name} ({workload})")
+            proc = Subprocess(name, [a.replace("{port}", str(port)) for a in argv], port)
+            rounds = out["results"].setdefault(name, {}).setdefault(workload, {})
+            try:
+                served = "bench" if name == "phi3mlx" else model
+                stream_request(port, served, QUESTIONS[0], 4, request_settings(workload, 0))  # warm up
+                for c in concurrency:
+                    say(f"{name}: {workload}, {c} concurrent stream(s)")
+                    try:
+                        rounds[c] = run_round(port, served, c, repeats, gen_tokens, workload)
+                    except Phi3MLXError as e:
+                        rounds[c] = {"error": str(e)}
+                        break
+            finally:
+                proc.close()
     return out
+
+
+def _cell(r: Optional[dict], key: str, scale: float = 1.0) -> str:
+    if r is None:
+        return "n/a"
+    return "failed" if "error" in r else fmt(scale * r[key])
 
 
 def print_serve_report(res: dict) -> None:
@@ -161,27 +210,51 @@ def print_serve_report(res: dict) -> None:
         console.width = 120
     names = list(res["results"])
     short = {"phi3mlx": "ours", "mlx_lm.server": "mlx-lm"}
-    cols = ["streams"] + [f"{short[n]} tok/s" for n in names] + [f"{short[n]} TTFT ms" for n in names]
+    cols = ["workload", "streams"] + [f"{short[n]} tok/s" for n in names] + [f"{short[n]} TTFT ms" for n in names]
     if len(names) == 2:
         cols += ["tok/s x", "TTFT x"]
     table = engine_table(cols)
-    ours = res["results"]["phi3mlx"]
-    other: Optional[dict] = res["results"].get(names[1]) if len(names) == 2 else None
-    for c in ours:
-        row = [str(c)] + [fmt(res["results"][n][c]["tok_s"]) for n in names]
-        row += [fmt(1000 * res["results"][n][c]["ttft"]) for n in names]
+    lines, failures = [], []
+    for w in res["workloads"]:
+        ours = res["results"]["phi3mlx"][w]
+        other: Optional[dict] = res["results"][names[1]][w] if len(names) == 2 else None
+        ratios = []
+        for c in sorted(set(ours) | set(other or {})):
+            rows = {n: res["results"][n][w].get(c) for n in names}
+            row = [w, str(c)] + [_cell(rows[n], "tok_s") for n in names]
+            row += [_cell(rows[n], "ttft", 1000.0) for n in names]
+            for n, r in rows.items():
+                if r is not None and "error" in r:
+                    failures.append(f"{n} failed ({w}, {c} streams): {r['error']}")
+            if other is not None:
+                a, b = rows[names[0]], rows[names[1]]
+                ok = a is not None and b is not None and "error" not in a and "error" not in b
+                tps = ratio(a["tok_s"], b["tok_s"]) if ok else None
+                row += [fmt(tps, ".2f", "x"), fmt(ratio(a["ttft"], b["ttft"]) if ok else None, ".2f", "x")]
+                ratios.append(f"{c} streams {fmt(tps, '.2f', 'x')}")
+            table.add_row(*row)
         if other is not None:
-            row += [fmt(ratio(ours[c]["tok_s"], other[c]["tok_s"]), ".2f", "x"),
-                    fmt(ratio(ours[c]["ttft"], other[c]["ttft"]), ".2f", "x")]
-        table.add_row(*row)
-    console.print(f"serving {res['model']}: streaming chat, greedy, {res['gen_tokens']} tokens per request, "
-                  f"{res['repeats']} requests per client")
+            lines.append(f"serve tok/s ratio {w} (phi3mlx / mlx_lm.server): " + ", ".join(ratios))
+    console.print(f"serving {res['model']}: streaming chat, {res['gen_tokens']} tokens at most per request, "
+                  f"{res['repeats']} requests per client; workloads: "
+                  + "; ".join(f"{w} {json.dumps(WORKLOADS[w])}{' + a seed per request' if w == 'seeded' else ''}"
+                              for w in res["workloads"]))
     console.print(table)
-    if other is not None:
-        console.print("serve tok/s ratio (phi3mlx / mlx_lm.server): " + ", ".join(
-            f"{c} streams {fmt(ratio(ours[c]['tok_s'], other[c]['tok_s']), '.2f', 'x')}" for c in ours))
+    for line in lines + failures:
+        console.print(line)
 
 
 def main(args) -> None:
-    res = run_serve_bench(args.model, args.gen_tokens, args.repeats, args.compare_mlx_lm, progress=progress_printer())
+    problems, parsed = [], []
+    for text, what, kw in ((args.workloads, "--workloads", {"allowed": list(WORKLOADS)}),
+                           (args.streams, "--streams", {"positive_int": True})):
+        try:
+            parsed.append(parse_list(text, what, **kw))
+        except Phi3MLXError as e:
+            problems.append(str(e))
+    if problems:
+        raise Phi3MLXError("; ".join(problems))
+    workloads, streams = parsed
+    res = run_serve_bench(args.model, args.gen_tokens, args.repeats, args.compare_mlx_lm, streams, workloads,
+                          progress=progress_printer())
     print_serve_report(res)

@@ -290,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve", action="store_true",
                    help="instead: an OpenAI-compatible server's total tokens/s and time to first token at 1, 4 and "
                    "16 concurrent streams (with --compare-mlx-lm, mlx_lm.server's on the same folder)")
+    p.add_argument("--workloads", default="greedy,seeded",
+                   help="with --serve: comma-separated request kinds, each on freshly started servers: greedy "
+                   "(temperature 0), sampled (temperature 0.7, top_p 0.9), seeded (sampled with a seed per "
+                   "request)")
+    p.add_argument("--streams", default="1,4,16", help="with --serve: comma-separated numbers of concurrent clients")
     add_train_args(p)  # phi3mlx bench --train
     add_pretrain_args(p)  # phi3mlx bench --pretrain
 

@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 import uuid
 from typing import Optional
@@ -100,6 +101,39 @@ def sampling(body: dict, context: int) -> dict:
 # ---------------------------------------------------------------------------------- the app
 
 
+class _Relay:
+    """Engine events to the event loop in bulk: the engine thread ``put``s (queue, event) pairs during a
+    round and ``kick``s once after it, so the loop wakes once per decoding step, not once per token of
+    every stream (under load those wake-ups were most of the loop's work)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._scheduled = False
+
+    def put(self, q: asyncio.Queue, ev) -> None:
+        with self._lock:
+            self._items.append((q, ev))
+
+    def kick(self) -> None:
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
+            pass
+
+    def _flush(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for q, ev in items:
+            q.put_nowait(ev)
+
+
+
 class Server:
     def __init__(self, model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
                  max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None):
@@ -109,12 +143,20 @@ class Server:
         self.context = model.config.context_length
         self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
+        self._relay: Optional[_Relay] = None
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
         ], lifespan=self._lifespan, exception_handlers={404: self._not_found, 405: self._not_allowed})
+
+    def _relay_for(self, loop: asyncio.AbstractEventLoop) -> _Relay:
+        """The relay into ``loop`` (made on first use there; the engine kicks it after every round)."""
+        if self._relay is None or self._relay.loop is not loop:
+            self._relay = _Relay(loop)
+            self.engine.on_round(self._relay.kick)
+        return self._relay
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
@@ -272,11 +314,11 @@ class Server:
             return e.response()
         except Phi3MLXError as e:  # the tokenizer's or the processor's word on the request's text
             return APIError(400, str(e)).response()
-        loop = asyncio.get_running_loop()
+        relay = self._relay_for(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(ev):
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+            relay.put(events, ev)
 
         req = Request(emit=emit, ids=ids, text=vision[0] if vision else None, images=vision[1] if vision else (),
                       logprobs=lp, **settings)
@@ -341,31 +383,40 @@ class Server:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
-            while True:
-                ev = await events.get()
-                if isinstance(ev, Delta):
-                    if chat:
-                        c = {"index": 0, "delta": {"content": ev.text}, "finish_reason": None,
-                             "logprobs": _chat_logprobs(ev.logprobs) if req.logprobs is not None else None}
-                    else:
-                        c = {"index": 0, "text": ev.text, "finish_reason": None,
-                             "logprobs": _completion_logprobs(ev.logprobs, at) if req.logprobs is not None else None}
-                        at += sum(len(t.text) for t in ev.logprobs)
-                    yield chunk(c)
-                    continue
-                if ev.finish_reason == "error":
-                    err = {"error": {"message": ev.error or "generation failed",
-                                     "type": "invalid_request_error" if ev.bad_request else "server_error",
-                                     "param": None, "code": None}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                    break
-                end = {"index": 0, "finish_reason": _reason(ev.finish_reason), "logprobs": None}
-                end.update({"delta": {}} if chat else {"text": ""})
-                yield chunk(end)
-                if include_usage:
-                    yield chunk(None, _usage(ev))
-                break
-            yield "data: [DONE]\n\n"
+            done = False
+            while not done:
+                # the events waiting now go out in one write (one event each, as OpenAI's streams)
+                evs = [await events.get()]
+                while not events.empty() and not isinstance(evs[-1], Done):
+                    evs.append(events.get_nowait())
+                out = []
+                for ev in evs:
+                    if isinstance(ev, Delta):
+                        if chat:
+                            c = {"index": 0, "delta": {"content": ev.text}, "finish_reason": None,
+                                 "logprobs": _chat_logprobs(ev.logprobs) if req.logprobs is not None else None}
+                        else:
+                            c = {"index": 0, "text": ev.text, "finish_reason": None,
+                                 "logprobs": (_completion_logprobs(ev.logprobs, at) if req.logprobs is not None
+                                              else None)}
+                            at += sum(len(t.text) for t in ev.logprobs)
+                        out.append(chunk(c))
+                        continue
+                    done = True
+                    if ev.finish_reason == "error":
+                        err = {"error": {"message": ev.error or "generation failed",
+                                         "type": "invalid_request_error" if ev.bad_request else "server_error",
+                                         "param": None, "code": None}}
+                        out.append(f"data: {json.dumps(err)}\n\n")
+                        break
+                    end = {"index": 0, "finish_reason": _reason(ev.finish_reason), "logprobs": None}
+                    end.update({"delta": {}} if chat else {"text": ""})
+                    out.append(chunk(end))
+                    if include_usage:
+                        out.append(chunk(None, _usage(ev)))
+                if done:
+                    out.append("data: [DONE]\n\n")
+                yield "".join(out)
         finally:
             req.cancel()  # a client that went away frees its slot at the next step (no-op once done)
 

@@ -129,6 +129,12 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self.steps = 0  # decode steps run
         self.max_seen_batch = 0
+        self._listeners: List[Callable[[], None]] = []
+
+    def on_round(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the engine thread after every round of the loop (admission, prefill and one
+        decoding step), e.g. to hand the round's events to another thread in one go."""
+        self._listeners.append(fn)
 
     # ------------------------------------------------------------------------------ life cycle
 
@@ -161,6 +167,7 @@ class Engine:
         while not self._stop:
             self._admit()
             if not self._active:
+                self._round_done()
                 mx.clear_cache()
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -176,6 +183,11 @@ class Engine:
                     s.in_batch = False
                     self._finish(s, "error", f"{type(e).__name__}: {e}")
             self._active = [s for s in self._active if not s.done]
+            self._round_done()
+
+    def _round_done(self) -> None:
+        for fn in self._listeners:
+            fn()
 
     def _admit(self) -> None:
         while len(self._active) < self.max_batch:
@@ -305,22 +317,27 @@ class Engine:
 
     def _take(self, slots: List[_Slot], logits: mx.array) -> None:
         """Sample each slot's next token from its row of ``logits`` (B, V) and emit it. Greedy rows
-        without logprobs share one batched argmax; the others run their own sampler."""
+        without logprobs share one argmax over the raw logits (the log-softmax is a per-row shift, so
+        the pick is the same and a vocabulary-wide exp is saved); the others get log-probabilities as
+        generate_step computes them and run their own sampler."""
         plain = [s.req.temperature == 0 and s.req.logprobs is None for s in slots]
+        picked = mx.argmax(logits, axis=-1) if any(plain) else None
+        rest = [i for i, p in enumerate(plain) if not p]
         toks: List[Optional[mx.array]] = [None] * len(slots)
-        # as generate_step computes them (same dtype), so a request's tokens equal phi3mlx generate's
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        picked = mx.argmax(logprobs, axis=-1) if any(plain) else None
-        for i, s in enumerate(slots):
-            if not plain[i]:
-                toks[i] = s.sampler(logprobs[i : i + 1])
+        logprobs: dict = {}
+        if rest:
+            sub = logits if len(rest) == len(slots) else logits[mx.array(rest)]
+            sub = sub - mx.logsumexp(sub, axis=-1, keepdims=True)  # (len(rest), V), same dtype as generate's
+            for j, i in enumerate(rest):
+                logprobs[i] = sub[j]
+                toks[i] = slots[i].sampler(sub[j : j + 1])
         mx.eval([picked] + [t for t in toks if t is not None])
         greedy = picked.tolist() if picked is not None else None
         for i, s in enumerate(slots):
             tok = greedy[i] if plain[i] else int(toks[i].item())
-            self._step(s, tok, logprobs[i])
+            self._step(s, tok, logprobs.get(i))
 
-    def _step(self, s: _Slot, tok: int, logprobs: mx.array) -> None:
+    def _step(self, s: _Slot, tok: int, logprobs: Optional[mx.array]) -> None:
         if tok in self.tokenizer.stop_ids:  # an end token: no text, not counted
             self._end(s, "stop")
             return

@@ -289,6 +289,9 @@ class Tokenizer(BaseTokenizer):
     def __init__(self, hf_tokenizer, stop_ids: Iterable[int]):
         super().__init__(stop_ids)
         self._tok = hf_tokenizer
+        # a fast tokenizer's Rust decoder: what transformers' decode calls without space clean-up, minus
+        # its per-call Python overhead (a streaming detokenizer decodes twice per generated token)
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)
 
     # the transformers-compatible surface -------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -296,6 +299,8 @@ class Tokenizer(BaseTokenizer):
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        if self._backend is not None:
+            return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, **kw):

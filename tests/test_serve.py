@@ -3,6 +3,7 @@ against each sequence decoded alone; bad requests; a load of concurrent clients 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -18,8 +19,8 @@ import uvicorn
 from phi3mlx.cli import main
 from phi3mlx.generate import generate, generate_step, stream_generate
 from phi3mlx.loader import load
-from phi3mlx.server import Server
-from phi3mlx.serving import Done, Engine, Request
+from phi3mlx.server import Server, _Relay
+from phi3mlx.serving import Delta, Done, Engine, Request
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 
@@ -623,3 +624,32 @@ def test_token_id_prompts_are_range_checked(running):
     assert code == 400 and "token ids must be in [0, 1024)" in err["error"]["message"]
     code, err = _post(running.url + "/v1/completions", {"model": MODEL, "prompt": "hi", "seed": -1})
     assert code == 400 and err["error"]["param"] == "seed"
+
+
+def test_waiting_events_go_out_in_one_write_one_event_each(embedded):
+    """Events that queued up while the stream was busy are sent in one write, still one SSE event per
+    delta, in order, ending with the finish chunk, usage and [DONE]; the relay hands a round's events
+    over in one go."""
+    model, tok = embedded
+    server = Server(model, tok, "m", engine=Engine(model, tok))
+
+    async def scenario():
+        events: asyncio.Queue = asyncio.Queue()
+        relay = _Relay(asyncio.get_running_loop())
+        for ev in (Delta("a"), Delta("b"), Delta("c"), Done("stop", 5, 3, 0)):
+            relay.put(events, ev)
+        assert events.empty()  # nothing is handed over before the round ends
+        relay.kick()
+        relay.kick()  # a second kick before the flush schedules nothing more
+        await asyncio.sleep(0)
+        assert events.qsize() == 4
+        req = Request(emit=lambda ev: None, ids=[1, 2])
+        gen = server._stream(req, events, "id", 0, True, True)
+        return [part async for part in gen]
+
+    parts = asyncio.run(scenario())
+    assert len(parts) == 2  # the role chunk, then everything that was waiting
+    events = [json.loads(e[6:]) for e in parts[1].split("\n\n") if e and e != "data: [DONE]"]
+    assert [e["choices"][0]["delta"].get("content") for e in events[:3]] == ["a", "b", "c"]
+    assert events[3]["choices"][0]["finish_reason"] == "stop" and events[4]["usage"]["completion_tokens"] == 3
+    assert parts[1].endswith("data: [DONE]\n\n")

@@ -1,0 +1,43 @@
+"""``phi3mlx bench --serve``: a real (small) run against our server, the report with a failed round, and
+bad flags. Speed ratios are never asserted (they depend on the machine and its load)."""
+
+from __future__ import annotations
+
+import re
+
+from phi3mlx import bench_serve as B
+from phi3mlx.cli import main
+
+
+def test_bench_serve_runs_each_workload_on_a_fresh_server(capsys):
+    code = main(["bench", "--serve", "--streams", "1,2", "--workloads", "greedy,seeded", "--repeats", "1",
+                 "--gen-tokens", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    for w in ("greedy", "seeded"):
+        for c in (1, 2):
+            m = re.search(rf"^\s*{w}\s+{c}\s+([0-9.]+)\s+([0-9.]+)\s*$", out, re.M)
+            assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+    assert '"seed"' not in out and "seeded {\"temperature\": 0.7, \"top_p\": 0.9} + a seed per request" in out
+
+
+def test_report_names_a_failed_round_and_gives_no_ratio_for_it(capsys):
+    ok = {"tok_s": 100.0, "ttft": 0.05, "tokens": 10}
+    res = {"model": "m", "gen_tokens": 8, "repeats": 1, "workloads": ["seeded"],
+           "results": {"phi3mlx": {"seeded": {1: ok, 16: {**ok, "tok_s": 300.0}}},
+                       "mlx_lm.server": {"seeded": {1: {**ok, "tok_s": 50.0}, 16: {"error": "3 requests failed: x"}}}}}
+    B.print_serve_report(res)
+    out = capsys.readouterr().out
+    assert re.search(r"seeded\s+1\s+100\.0\s+50\.0\s+50\.0\s+50\.0\s+2\.00x\s+1\.00x", out), out
+    assert re.search(r"seeded\s+16\s+300\.0\s+failed\s+50\.0\s+failed\s+n/a\s+n/a", out), out
+    assert "serve tok/s ratio seeded (phi3mlx / mlx_lm.server): 1 streams 2.00x, 16 streams n/a" in out
+    assert "mlx_lm.server failed (seeded, 16 streams): 3 requests failed: x" in out
+
+
+def test_bad_flags_are_named_together(capsys):
+    assert main(["bench", "--serve", "--workloads", "greedy,bogus", "--streams", "0,x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "unknown 'bogus'" in err and "'0' is not a positive whole number" in err and "'x' is not" in err
+    assert B.request_settings("seeded", 7) == {"temperature": 0.7, "top_p": 0.9, "seed": 7}
+    assert B.request_settings("greedy", 7) == {"temperature": 0}
