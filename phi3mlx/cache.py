@@ -459,7 +459,7 @@ class SlotBatch:
     after every layer has stored the step's keys.
     """
 
-    step = 256
+    step = 64  # positions per growth: every join and leave copies the buffers, so they are kept short
 
     def __init__(self, n_layers: int):
         self.keys: List[Optional[mx.array]] = [None] * n_layers
@@ -504,17 +504,23 @@ class SlotBatch:
         self.lengths.append(n)
         self._positions = None
 
-    def take(self, r: int, cache: "ModelCache") -> "ModelCache":
-        """Remove row r, putting its positions into the empty ``cache`` (same layout as loaded)."""
-        n = self.lengths[r]
+    def take(self, r: int, cache: "ModelCache", n: Optional[int] = None) -> "ModelCache":
+        """Remove row r, putting its first ``n`` positions (default: all it has) into the empty ``cache``
+        (same layout as loaded)."""
+        n = self.lengths[r] if n is None else n
+        if not 0 <= n <= self.lengths[r]:
+            raise ValueError(f"row {r} has {self.lengths[r]} positions, cannot take {n}")
         for i, layer in enumerate(cache):  # copies: a view would keep the whole batch buffer alive
             layer.set_state([mx.contiguous(self.keys[i][r : r + 1, :, :n]),
                              mx.contiguous(self.values[i][r : r + 1, :, :n])], 0, n)
         keep = [j for j in range(self.rows) if j != r]
+        del self.lengths[r]
+        # the rest, in buffers no longer than the longest remaining row needs (one copy either way)
+        cap = min(self.capacity, -(-(max(self.lengths, default=0) + 1) // self.step) * self.step)
+        idx = mx.array(keep) if keep else None
         for store in (self.keys, self.values):
             for i, a in enumerate(store):
-                store[i] = a[mx.array(keep)] if keep else None
-        del self.lengths[r]
+                store[i] = a[:, :, :cap][idx] if keep else None
         self._positions = None
         return cache
 

@@ -16,6 +16,12 @@
    the batch's) it decodes in the ragged batch: projections batched, attention per sequence over its
    own cache (``model.decode_batch``).
 
+The SlotBatch's steps are pipelined as generate_step's are: step t+1 is built from step t's tokens
+while they are still being computed (``mx.async_eval``), and step t's tokens are then read, checked
+and sent while step t+1 runs, so the Python work of a step overlaps the next step's compute. A row
+whose step-t token ends it has had that token written one position past what it holds; it leaves the
+batch with only the positions it holds, and its step-t+1 result is dropped.
+
 A request leaves the batch between two steps when it finishes or is cancelled (``Request.cancel()``,
 e.g. a client that disconnected); its cache joins the prefix pool (bounded in entries and tokens).
 Each request's output arrives through its ``emit`` callback (called on the engine thread): ``Delta``
@@ -101,12 +107,29 @@ class _Slot:
         self.sent = 0  # characters of it already emitted
         self.pending_lp: List[TokenLogprob] = []
         self.n = 0
-        self.last: Optional[int] = None
+        self.last: Optional[int] = None  # the last token handed over (the next one to feed, outside a pipeline)
+        self.prefilled = False  # its whole prompt has run: it decodes
+        self.first: Optional[tuple] = None  # in the batch: (token (1,), log-probabilities) of its prompt, not read yet
         self.done = False
         self.in_batch = False  # a row of the engine's SlotBatch (its cache's positions live there)
         self.held: List[int] = []  # in the batch: the ids its row holds
         self.long_cur: Optional[bool] = None  # in the batch: the LongRoPE set its row was encoded with
         self.held_rows = None  # in the batch: the image rows of its negative ids (vision models)
+
+
+@dataclass
+class _Flight:
+    """A SlotBatch step whose tokens are being computed: ``rows`` the slots of its rows in order,
+    ``toks`` (rows,) their next tokens, ``logprobs`` row index -> (V,) for the rows that sample or
+    report log-probabilities."""
+
+    rows: List["_Slot"]
+    toks: mx.array
+    logprobs: dict
+    index: dict = field(default_factory=dict)  # id(slot) -> its row in this step
+
+    def __post_init__(self):
+        self.index = {id(s): i for i, s in enumerate(self.rows)}
 
 
 class Engine:
@@ -124,10 +147,12 @@ class Engine:
         dense = model.slot_ready and kv_bits is None
         self.slots: Optional[SlotBatch] = SlotBatch(len(model.layers)) if dense else None
         self._rows: List[_Slot] = []  # the SlotBatch's rows, in order
+        self._flight: Optional[_Flight] = None  # the SlotBatch step being computed
         self._wake = threading.Event()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0  # decode steps run
+        self.overlapped = 0  # SlotBatch steps built while the step before them was still being computed
         self.max_seen_batch = 0
         self._listeners: List[Callable[[], None]] = []
 
@@ -164,9 +189,23 @@ class Engine:
     # ------------------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Let a step still in flight finish (its rows have all ended) and drop it: the thread may end, or
+        MLX's cache be cleared, with nothing left computing."""
+        if self._flight is not None:
+            mx.eval([self._flight.toks] + list(self._flight.logprobs.values()))
+            self._flight = None
+
+    def _loop(self) -> None:
         while not self._stop:
             self._admit()
             if not self._active:
+                self._settle()
                 self._round_done()
                 mx.clear_cache()
                 self._wake.wait(0.05)
@@ -179,6 +218,7 @@ class Engine:
                 if self.slots is not None:  # its rows may be half-updated: every active request ends
                     self.slots = SlotBatch(len(self.model.layers))
                 self._rows = []
+                self._flight = None
                 for s in self._active:
                     s.in_batch = False
                     self._finish(s, "error", f"{type(e).__name__}: {e}")
@@ -246,95 +286,182 @@ class Engine:
     def _prefill(self) -> None:
         budget = self.prefill_chunk
         for s in self._active:
-            if s.last is not None or s.done or budget <= 0:
+            if s.prefilled or s.done or budget <= 0:
                 continue
             if s.req._cancelled:
                 self._finish(s, "cancelled")
                 continue
             if s.long is None:
                 s.long = self.model.config.rope.uses_long(s.cache.offset + len(s.todo))
-            head = s.todo[:-1][:budget]
-            if head:
+            if len(s.todo) > budget:  # a long prompt: a chunk now, the rest in later rounds
+                head = s.todo[:budget]
                 k = image_positions(head)
                 rows = None
                 if s.rows is not None and k:
                     rows, s.rows = s.rows[:k], s.rows[k:]
                 s.cache.extend(self.model, head, len(head), s.long, image_rows=rows)
                 s.todo = s.todo[len(head) :]
-                budget -= len(head)
-            if len(s.todo) == 1 and budget > 0:
-                rows = s.rows if s.todo[0] < 0 else None
-                logits = self.model(mx.array(s.todo)[None], cache=s.cache, long_rope=s.long, last_only=True,
-                                    image_rows=rows)[:, -1, :]
-                s.todo = []
-                budget -= 1
+                budget = 0
+                continue
+            # the rest of the prompt in one pass; its last position's logits give the first token
+            rows = s.rows if image_positions(s.todo) else None
+            logits = self.model(mx.array(s.todo)[None], cache=s.cache, long_rope=s.long, last_only=True,
+                                image_rows=rows)[:, -1, :]
+            budget -= len(s.todo)
+            s.todo, s.prefilled = [], True
+            if self.slots is not None and SlotBatch.loadable(s.cache):
+                toks, logprobs = self._pick([s], logits)  # read when the batch's next step is on its way
+                self._join(s, (toks, logprobs.get(0)))
+            else:
                 self._take([s], logits)
-                if not s.done and self.slots is not None and SlotBatch.loadable(s.cache):
-                    self._join(s)
 
-    def _join(self, s: _Slot) -> None:
-        s.held, s.long_cur, s.held_rows = s.cache.token_ids, s.cache.long_rope, s.cache.image_rows
+    def _join(self, s: _Slot, first: tuple) -> None:
+        s.held = list(s.ids)  # after its prefill the cache holds exactly the prompt
+        s.long_cur, s.held_rows = s.cache.long_rope, s.cache.image_rows
         self.slots.add(s.cache)
         s.cache.reset()
         self._rows.append(s)
         s.in_batch = True
+        s.first = first
 
     def _leave(self, s: _Slot) -> None:
-        """Move s's row out of the SlotBatch into its own cache again."""
+        """Move s's row out of the SlotBatch into its own cache again: the positions it holds (a step in
+        flight may have written one more, a token that ended it)."""
         r = self._rows.index(s)
         s.cache.reset()
-        self.slots.take(r, s.cache)
+        self.slots.take(r, s.cache, len(s.held))
         s.cache.hold(s.held, s.held_rows)
         s.cache.long_rope = s.long_cur
         self._rows.pop(r)
         s.in_batch = False
 
     def _decode(self) -> None:
-        for s in [s for s in self._active if s.last is not None and not s.done and s.req._cancelled]:
-            self._finish(s, "cancelled")
-        rope = self.model.config.rope
-        # the batch keeps one LongRoPE set: rows needing the long one leave unless all do
-        long = all(rope.uses_long(n + 1) for n in self.slots.lengths) if self._rows else False
-        if self._rows:
-            for s, n in list(zip(self._rows, self.slots.lengths)):
-                if rope.uses_long(n + 1) != long or (s.long_cur is not None and s.long_cur != long):
-                    self._leave(s)
-        ragged = [s for s in self._active if s.last is not None and not s.done and not s.in_batch]
+        cancelled = [s for s in self._active if s.prefilled and not s.done and s.req._cancelled]
+        long, leaving = self._rope_split()
+        if cancelled or leaving or not self._rows:  # rows change outside the pipeline: read what is pending
+            self._drain()
+            long, leaving = self._rope_split()
+        for s in cancelled:
+            if not s.done:
+                self._finish(s, "cancelled")
+        for s in leaving:
+            if s.in_batch and not s.done:
+                self._leave(s)
+        ragged = [s for s in self._active if s.prefilled and not s.done and not s.in_batch]
         rows = list(self._rows)
         if not rows and not ragged:
             return
         self.max_seen_batch = max(self.max_seen_batch, len(rows) + len(ragged))
-        parts = []
-        if rows:
-            parts.append(self.model.decode_slots(mx.array([s.last for s in rows]), self.slots, long))
-            for s in rows:
-                s.held.append(s.last)
-                s.long_cur = long
-        if ragged:
-            parts.append(self.model.decode_batch(mx.array([s.last for s in ragged]), [s.cache for s in ragged]))
         self.steps += 1
-        self._take(rows + ragged, parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0))
+        if ragged:
+            self._take(ragged, self.model.decode_batch(mx.array([s.last for s in ragged]), [s.cache for s in ragged]))
+        if rows:
+            self._launch(rows, long)
+
+    def _rope_split(self) -> tuple:
+        """(the LongRoPE set of the batch's next step, the rows that must leave for it): the batch keeps
+        one set, rows needing the long one leave unless all do."""
+        if not self._rows:
+            return False, []
+        rope = self.model.config.rope
+        long = all(rope.uses_long(n + 1) for n in self.slots.lengths)
+        return long, [s for s, n in zip(self._rows, self.slots.lengths)
+                      if rope.uses_long(n + 1) != long or (s.long_cur is not None and s.long_cur != long)]
+
+    def _launch(self, rows: List[_Slot], long: bool) -> None:
+        """Build the SlotBatch's next step and start computing it; then read the tokens it was fed: the
+        step before it and the first tokens of rows that just joined."""
+        flight = self._flight
+        in_flight = [s for s in rows if flight is not None and id(s) in flight.index]
+        firsts = [s for s in rows if s.first is not None]
+        known = [s for s in rows if (flight is None or id(s) not in flight.index) and s.first is None]
+        # every row's input: [flight's tokens | each first token | the known last tokens], then in row order
+        parts, at = [], {}
+        if in_flight:
+            parts.append(flight.toks)
+            at.update((id(s), flight.index[id(s)]) for s in in_flight)
+        base = len(flight.rows) if in_flight else 0
+        for k, s in enumerate(firsts):
+            parts.append(s.first[0])
+            at[id(s)] = base + k
+        if known:
+            parts.append(mx.array([s.last for s in known], dtype=mx.uint32))
+            at.update((id(s), base + len(firsts) + k) for k, s in enumerate(known))
+            for s in known:
+                s.held.append(s.last)
+        order = [at[id(s)] for s in rows]
+        tokens = parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        if order != list(range(tokens.shape[0])):
+            tokens = tokens[mx.array(order)]
+        for s in rows:
+            s.long_cur = long
+        nxt = _Flight(rows, *self._pick(rows, self.model.decode_slots(tokens, self.slots, long)))
+        mx.async_eval([nxt.toks] + list(nxt.logprobs.values()))
+        if flight is not None:
+            self.overlapped += 1
+        self._land(flight, firsts, fed=True)
+        self._flight = nxt
+
+    def _drain(self) -> None:
+        """Read the step in flight and the pending first tokens, nothing fed after them."""
+        self._land(self._flight, [s for s in self._rows if s.first is not None], fed=False)
+        self._flight = None
+
+    def _land(self, flight: Optional[_Flight], firsts: List[_Slot], fed: bool) -> None:
+        """Hand each live row its token from ``flight`` and each of ``firsts`` its first token. With
+        ``fed`` the next step already wrote these tokens into their rows, so a row now holds its token
+        unless the token ended it."""
+        got = []
+        if flight is not None:
+            got += [(s, i, flight) for i, s in enumerate(flight.rows) if not s.done]
+        got += [(s, 0, s.first) for s in firsts if not s.done]
+        if not got:
+            for s in firsts:
+                s.first = None
+            return
+        arrays = ([flight.toks] if flight is not None else []) + [s.first[0] for s in firsts]
+        mx.eval(arrays)
+        flight_toks = flight.toks.tolist() if flight is not None else None
+        for s, i, src in got:
+            if src is flight:
+                tok, lp = flight_toks[i], flight.logprobs.get(i)
+            else:
+                tok, lp = int(src[0].item()), src[1]
+                s.first = None
+            self._step(s, tok, lp)
+            if fed and not s.done:
+                s.held.append(tok)
+        for s in firsts:
+            s.first = None
+
+    def _pick(self, slots: List[_Slot], logits: mx.array) -> tuple:
+        """Each slot's next token from its row of ``logits`` (B, V), lazily: (tokens (B,), row -> log-
+        probabilities). Greedy rows without logprobs share one argmax over the raw logits (the log-softmax
+        is a per-row shift, so the pick is the same and a vocabulary-wide exp is saved); the others get
+        log-probabilities as generate_step computes them and run their own sampler."""
+        plain = [s.req.temperature == 0 and s.req.logprobs is None for s in slots]
+        picked = mx.argmax(logits, axis=-1).astype(mx.uint32) if any(plain) else None
+        rest = [i for i, p in enumerate(plain) if not p]
+        logprobs: dict = {}
+        if not rest:
+            return picked, logprobs
+        sub = logits if len(rest) == len(slots) else logits[mx.array(rest)]
+        sub = sub - mx.logsumexp(sub, axis=-1, keepdims=True)  # (len(rest), V), same dtype as generate's
+        toks = []
+        for j, i in enumerate(rest):
+            logprobs[i] = sub[j]
+            toks.append(slots[i].sampler(sub[j : j + 1]).astype(mx.uint32))
+        drawn = mx.concatenate(toks) if len(toks) > 1 else toks[0]
+        if picked is None:
+            return drawn, logprobs
+        B = len(slots)
+        at = {i: B + j for j, i in enumerate(rest)}  # row i's place in [picked | drawn]
+        return mx.concatenate([picked, drawn])[mx.array([at.get(i, i) for i in range(B)])], logprobs
 
     def _take(self, slots: List[_Slot], logits: mx.array) -> None:
-        """Sample each slot's next token from its row of ``logits`` (B, V) and emit it. Greedy rows
-        without logprobs share one argmax over the raw logits (the log-softmax is a per-row shift, so
-        the pick is the same and a vocabulary-wide exp is saved); the others get log-probabilities as
-        generate_step computes them and run their own sampler."""
-        plain = [s.req.temperature == 0 and s.req.logprobs is None for s in slots]
-        picked = mx.argmax(logits, axis=-1) if any(plain) else None
-        rest = [i for i, p in enumerate(plain) if not p]
-        toks: List[Optional[mx.array]] = [None] * len(slots)
-        logprobs: dict = {}
-        if rest:
-            sub = logits if len(rest) == len(slots) else logits[mx.array(rest)]
-            sub = sub - mx.logsumexp(sub, axis=-1, keepdims=True)  # (len(rest), V), same dtype as generate's
-            for j, i in enumerate(rest):
-                logprobs[i] = sub[j]
-                toks[i] = slots[i].sampler(sub[j : j + 1])
-        mx.eval([picked] + [t for t in toks if t is not None])
-        greedy = picked.tolist() if picked is not None else None
-        for i, s in enumerate(slots):
-            tok = greedy[i] if plain[i] else int(toks[i].item())
+        """Sample each slot's next token from its row of ``logits`` (B, V) now and hand it over."""
+        toks, logprobs = self._pick(slots, logits)
+        for i, (s, tok) in enumerate(zip(slots, toks.tolist())):
             self._step(s, tok, logprobs.get(i))
 
     def _step(self, s: _Slot, tok: int, logprobs: Optional[mx.array]) -> None:

@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from phi3mlx.cli import main
-from phi3mlx.generate import generate, generate_step, stream_generate
+from phi3mlx.generate import generate, generate_step, make_sampler, stream_generate
 from phi3mlx.loader import load
 from phi3mlx.server import Server, _Relay
 from phi3mlx.serving import Delta, Done, Engine, Request
@@ -318,13 +318,13 @@ def test_a_client_that_disconnects_frees_its_slot(running):
 # ------------------------------------------------------------------------------ batching
 
 
-def run_engine(engine: Engine, prompts: list, max_tokens: int, on_leave=None) -> tuple[dict, dict]:
+def run_engine(engine: Engine, prompts: list, max_tokens: int, on_leave=None, settings=None) -> tuple[dict, dict]:
     """Submit one greedy request per prompt before the engine starts (so they are admitted together),
     run it to the end; every sampled token of request i (end tokens included) and its Done event."""
     got = {i: [] for i in range(len(prompts))}
     done = {}
     reqs = [Request(emit=lambda ev, i=i: done.__setitem__(i, ev) if isinstance(ev, Done) else None, ids=p,
-                    max_tokens=max_tokens) for i, p in enumerate(prompts)]
+                    **{"max_tokens": max_tokens, **(settings[i] if settings else {})}) for i, p in enumerate(prompts)]
     step, leave = engine._step, engine._leave
 
     def spy_step(slot, token, logprobs):
@@ -362,6 +362,31 @@ def test_batched_greedy_equals_alone(folders, kind):
         assert got[i] == alone[i][: len(got[i])], i
         assert len(got[i]) == 12 or got[i][-1] in tok.stop_ids  # it stops only at max_tokens or an end token
         assert done[i].completion_tokens == len([t for t in got[i] if t not in tok.stop_ids])
+
+
+def test_pipelined_batch_mixing_greedy_sampled_and_logprobs_equals_alone(folders):
+    """Greedy, seeded-sampled and logprobs rows in one pipelined batch (step t+1 built before step t's
+    tokens are read) each get the tokens they get alone; rows that end leave with exactly the positions
+    they hold (the pooled caches), though the next step had already written one more."""
+    model, tok = load(str(folders["phi3"]))
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(100, 5000, n).tolist() for n in (4, 11, 7, 25, 16, 9)]
+    settings = [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 1}, {"logprobs": 2}, {},
+                {"temperature": 1.0, "seed": 2}, {"max_tokens": 3}]
+    alone = []
+    for p, kw in zip(prompts, settings):
+        sampler = make_sampler(kw.get("temperature", 0.0), kw.get("top_p", 1.0), seed=kw.get("seed"))
+        alone.append([t for t, _ in generate_step(p, model, max_tokens=kw.get("max_tokens", 10), sampler=sampler)])
+    engine = Engine(model, tok, max_batch=8)
+    got, done = run_engine(engine, prompts, 10, settings=settings)
+    for i in range(6):
+        assert done[i].finish_reason in ("stop", "length"), done[i]
+        assert got[i] == alone[i][: len(got[i])], i
+        assert len(got[i]) == len(alone[i]) or got[i][-1] in tok.stop_ids
+    assert engine.max_seen_batch == 6 and engine.overlapped > 0
+    assert len(engine._pool) == 6
+    for c in engine._pool:
+        assert {layer.offset for layer in c} == {len(c.token_ids)}
 
 
 def test_load_of_concurrent_clients(running, embedded):
