@@ -235,6 +235,11 @@ def print_serve_report(res: dict) -> None:
             table.add_row(*row)
         if other is not None:
             lines.append(f"serve tok/s ratio {w} (phi3mlx / mlx_lm.server): " + ", ".join(ratios))
+            counts = {n: sum(r.get("tokens", 0) for r in res["results"][n][w].values()) for n in names}
+            a, b = counts[names[0]], counts[names[1]]
+            if a and b and abs(a - b) > 0.05 * max(a, b):  # answers of other lengths: tok/s compares less
+                lines.append(f"note: {w}: the answers differ in length ({short[names[0]]} {a} tokens, "
+                             f"{short[names[1]]} {b} tokens in all), so their tokens/s also measure that")
     console.print(f"serving {res['model']}: streaming chat, {res['gen_tokens']} tokens at most per request, "
                   f"{res['repeats']} requests per client; workloads: "
                   + "; ".join(f"{w} {json.dumps(WORKLOADS[w])}{' + a seed per request' if w == 'seeded' else ''}"

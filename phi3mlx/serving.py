@@ -369,8 +369,9 @@ class Engine:
                       if rope.uses_long(n + 1) != long or (s.long_cur is not None and s.long_cur != long)]
 
     def _launch(self, rows: List[_Slot], long: bool) -> None:
-        """Build the SlotBatch's next step and start computing it; then read the tokens it was fed: the
-        step before it and the first tokens of rows that just joined."""
+        """Build the SlotBatch's next step from the tokens of the step before it and the first tokens of
+        rows that just joined; read those first tokens, start computing the step, then read the step
+        before it."""
         flight = self._flight
         in_flight = [s for s in rows if flight is not None and id(s) in flight.index]
         firsts = [s for s in rows if s.first is not None]
@@ -396,10 +397,12 @@ class Engine:
         for s in rows:
             s.long_cur = long
         nxt = _Flight(rows, *self._pick(rows, self.model.decode_slots(tokens, self.slots, long)))
+        if firsts:  # a new request's first token goes out before the step it feeds is computed
+            self._land(None, firsts, fed=True)
         mx.async_eval([nxt.toks] + list(nxt.logprobs.values()))
         if flight is not None:
             self.overlapped += 1
-        self._land(flight, firsts, fed=True)
+            self._land(flight, [], fed=True)
         self._flight = nxt
 
     def _drain(self) -> None:

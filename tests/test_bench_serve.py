@@ -32,6 +32,7 @@ def test_report_names_a_failed_round_and_gives_no_ratio_for_it(capsys):
     assert re.search(r"seeded\s+16\s+300\.0\s+failed\s+50\.0\s+failed\s+n/a\s+n/a", out), out
     assert "serve tok/s ratio seeded (phi3mlx / mlx_lm.server): 1 streams 2.00x, 16 streams n/a" in out
     assert "mlx_lm.server failed (seeded, 16 streams): 3 requests failed: x" in out
+    assert "differ in length (ours 20 tokens, mlx-lm 10 tokens in all)" in out
 
 
 def test_bad_flags_are_named_together(capsys):
