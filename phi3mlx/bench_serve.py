@@ -102,6 +102,8 @@ def stream_request(port: int, model: str, question: str, max_tokens: int, settin
         if data == "[DONE]":
             break
         d = json.loads(data)
+        if d.get("error"):  # a failure inside the stream: the request did not complete
+            raise Phi3MLXError(f"the stream reported an error: {str(d['error'].get('message', d['error']))[:200]}")
         if d.get("usage"):
             usage = d["usage"].get("completion_tokens")
         for ch in d.get("choices") or []:
@@ -153,13 +155,13 @@ def parse_list(text: str, what: str, allowed=None, positive_int: bool = False) -
     if allowed is not None:
         problems += [f"{what}: unknown {x!r} (choose from {', '.join(allowed)})" for x in items if x not in allowed]
     if positive_int:
-        bad = [x for x in items if not (x.isdigit() and int(x) > 0)]
+        bad = [x for x in items if not (x.isascii() and x.isdigit() and int(x) > 0)]
         problems += [f"{what}: {x!r} is not a positive whole number" for x in bad]
         if not bad:
             items = [int(x) for x in items]
     if problems:
         raise Phi3MLXError.many(problems)
-    return items
+    return list(dict.fromkeys(items))  # each once, in the order given
 
 
 def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
@@ -181,18 +183,30 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
         for name, argv in servers:
             port = free_port()
             say(f"starting {name} ({workload})")
-            proc = Subprocess(name, [a.replace("{port}", str(port)) for a in argv], port)
             rounds = out["results"].setdefault(name, {}).setdefault(workload, {})
             try:
+                proc = Subprocess(name, [a.replace("{port}", str(port)) for a in argv], port)
+            except Phi3MLXError as e:
+                rounds.update((c, {"error": str(e)}) for c in concurrency)
+                continue
+            try:
                 served = "bench" if name == "phi3mlx" else model
-                stream_request(port, served, QUESTIONS[0], 4, request_settings(workload, 0))  # warm up
+                failed = None
+                try:
+                    stream_request(port, served, QUESTIONS[0], 4, request_settings(workload, 0))  # warm up
+                except (Phi3MLXError, OSError) as e:
+                    failed = f"the warm-up request failed: {e}"
                 for c in concurrency:
-                    say(f"{name}: {workload}, {c} concurrent stream(s)")
-                    try:
-                        rounds[c] = run_round(port, served, c, repeats, gen_tokens, workload)
-                    except Phi3MLXError as e:
-                        rounds[c] = {"error": str(e)}
-                        break
+                    if failed is None:
+                        say(f"{name}: {workload}, {c} concurrent stream(s)")
+                        try:
+                            rounds[c] = run_round(port, served, c, repeats, gen_tokens, workload)
+                            continue
+                        except Phi3MLXError as e:
+                            rounds[c] = {"error": str(e)}
+                            failed = f"skipped after the round with {c} streams failed"
+                            continue
+                    rounds[c] = {"error": failed}
             finally:
                 proc.close()
     return out

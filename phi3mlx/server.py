@@ -124,7 +124,8 @@ class _Relay:
         try:
             self.loop.call_soon_threadsafe(self._flush)
         except RuntimeError:  # the loop has closed (server shutting down): nobody is listening
-            pass
+            with self._lock:
+                self._items, self._scheduled = [], False
 
     def _flush(self) -> None:
         with self._lock:
@@ -144,6 +145,7 @@ class Server:
         self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
         self._relay: Optional[_Relay] = None
+        self.engine.on_round(self._kick)
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
@@ -152,11 +154,16 @@ class Server:
         ], lifespan=self._lifespan, exception_handlers={404: self._not_found, 405: self._not_allowed})
 
     def _relay_for(self, loop: asyncio.AbstractEventLoop) -> _Relay:
-        """The relay into ``loop`` (made on first use there; the engine kicks it after every round)."""
+        """The relay into ``loop`` (made on first use there, replacing one into an earlier loop)."""
         if self._relay is None or self._relay.loop is not loop:
             self._relay = _Relay(loop)
-            self.engine.on_round(self._relay.kick)
         return self._relay
+
+    def _kick(self) -> None:
+        """After every engine round: the current relay hands its events over (one listener per Server)."""
+        relay = self._relay
+        if relay is not None:
+            relay.kick()
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):

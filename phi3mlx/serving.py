@@ -158,7 +158,8 @@ class Engine:
 
     def on_round(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` on the engine thread after every round of the loop (admission, prefill and one
-        decoding step), e.g. to hand the round's events to another thread in one go."""
+        decoding step; while idle, every 50 ms), e.g. to hand the round's events to another thread in
+        one go."""
         self._listeners.append(fn)
 
     # ------------------------------------------------------------------------------ life cycle
@@ -195,11 +196,15 @@ class Engine:
             self._settle()
 
     def _settle(self) -> None:
-        """Let a step still in flight finish (its rows have all ended) and drop it: the thread may end, or
-        MLX's cache be cleared, with nothing left computing."""
-        if self._flight is not None:
-            mx.eval([self._flight.toks] + list(self._flight.logprobs.values()))
-            self._flight = None
+        """Let a step still in flight finish and drop it (when idle, its rows have all ended; when the
+        engine stops, their requests stay unfinished): the thread may end, or MLX's cache be cleared,
+        with nothing left computing. A failure of that step is nobody's to report any more."""
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            try:
+                mx.eval([flight.toks] + list(flight.logprobs.values()))
+            except Exception:  # noqa: BLE001  (its requests have all ended)
+                pass
 
     def _loop(self) -> None:
         while not self._stop:
@@ -227,7 +232,10 @@ class Engine:
 
     def _round_done(self) -> None:
         for fn in self._listeners:
-            fn()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001  (a listener's failure must not stop the engine)
+                pass
 
     def _admit(self) -> None:
         while len(self._active) < self.max_batch:
@@ -332,13 +340,15 @@ class Engine:
         self.slots.take(r, s.cache, len(s.held))
         s.cache.hold(s.held, s.held_rows)
         s.cache.long_rope = s.long_cur
+        mx.async_eval([a for layer in s.cache for a in layer.state])  # its copy, not a view of the batch
         self._rows.pop(r)
         s.in_batch = False
 
     def _decode(self) -> None:
         cancelled = [s for s in self._active if s.prefilled and not s.done and s.req._cancelled]
         long, leaving = self._rope_split()
-        if cancelled or leaving or not self._rows:  # rows change outside the pipeline: read what is pending
+        if any(s.in_batch for s in cancelled) or leaving or not self._rows:  # batch rows change outside the
+            # pipeline: read what is pending first
             self._drain()
             long, leaving = self._rope_split()
         for s in cancelled:
@@ -440,8 +450,9 @@ class Engine:
     def _pick(self, slots: List[_Slot], logits: mx.array) -> tuple:
         """Each slot's next token from its row of ``logits`` (B, V), lazily: (tokens (B,), row -> log-
         probabilities). Greedy rows without logprobs share one argmax over the raw logits (the log-softmax
-        is a per-row shift, so the pick is the same and a vocabulary-wide exp is saved); the others get
-        log-probabilities as generate_step computes them and run their own sampler."""
+        is a per-row shift, so the pick is the same up to a tie the shift's rounding could create in low
+        precision, and a vocabulary-wide exp is saved); the others get log-probabilities as generate_step
+        computes them and run their own sampler."""
         plain = [s.req.temperature == 0 and s.req.logprobs is None for s in slots]
         picked = mx.argmax(logits, axis=-1).astype(mx.uint32) if any(plain) else None
         rest = [i for i, p in enumerate(plain) if not p]
