@@ -22,8 +22,9 @@ and sent while step t+1 runs, so the Python work of a step overlaps the next ste
 whose step-t token ends it has had that token written one position past what it holds; it leaves the
 batch with only the positions it holds, and its step-t+1 result is dropped.
 
-A request leaves the batch between two steps when it finishes or is cancelled (``Request.cancel()``,
-e.g. a client that disconnected); its cache joins the prefix pool (bounded in entries and tokens).
+A request leaves the batch when its token is read and ends it (the next step may already be running)
+or, before the next step is built, when it is cancelled (``Request.cancel()``, e.g. a client that
+disconnected); its cache joins the prefix pool (bounded in entries and tokens).
 Each request's output arrives through its ``emit`` callback (called on the engine thread): ``Delta``
 events, then one ``Done``.
 """
