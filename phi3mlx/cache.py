@@ -484,8 +484,12 @@ class SlotBatch:
         """``a`` (rows, K, n, D) with zero positions appended up to ``cap``."""
         return mx.concatenate([a, mx.zeros(a.shape[:2] + (cap - a.shape[2],) + a.shape[3:], a.dtype)], axis=2)
 
+    def _room(self, need: int) -> int:
+        """Positions a buffer holding ``need`` has: ``need`` rounded up to whole steps."""
+        return -(-need // self.step) * self.step
+
     def _grow(self, need: int) -> None:
-        cap = -(-need // self.step) * self.step
+        cap = self._room(need)
         for store in (self.keys, self.values):
             for i, a in enumerate(store):
                 if a is not None and a.shape[2] < cap:
@@ -496,7 +500,7 @@ class SlotBatch:
         n = cache.offset
         if self.rows:
             self._grow(max(n + 1, self.capacity))
-        cap = max(self.capacity, -(-(n + 1) // self.step) * self.step)
+        cap = max(self.capacity, self._room(n + 1))
         for i, layer in enumerate(cache):
             for store, part in ((self.keys, layer.keys[0]), (self.values, layer.values[0])):
                 row = self._pad(part[:, :, :n], cap)  # (1, K, cap, D)
@@ -516,7 +520,7 @@ class SlotBatch:
         keep = [j for j in range(self.rows) if j != r]
         del self.lengths[r]
         # the rest, in buffers no longer than the longest remaining row needs (one copy either way)
-        cap = min(self.capacity, -(-(max(self.lengths, default=0) + 1) // self.step) * self.step)
+        cap = min(self.capacity, self._room(max(self.lengths, default=0) + 1))
         idx = mx.array(keep) if keep else None
         for store in (self.keys, self.values):
             for i, a in enumerate(store):
