@@ -71,42 +71,65 @@ def min_p_filter(logprobs: mx.array, min_p: float) -> mx.array:
 
 
 def top_p_filter(logprobs: mx.array, top_p: float) -> mx.array:
-    """Keep the smallest set of most likely tokens holding top_p of the probability (the top one always)."""
-    order = mx.argsort(logprobs, axis=-1)  # ascending: the most likely token last
-    probs = mx.take_along_axis(mx.exp(logprobs), order, axis=-1)
-    keep = (mx.cumsum(probs, axis=-1) > 1.0 - top_p) | (mx.arange(probs.shape[-1]) == probs.shape[-1] - 1)
-    kept = mx.where(keep, mx.take_along_axis(logprobs, order, axis=-1), NEG_INF)
-    return mx.put_along_axis(mx.full(logprobs.shape, NEG_INF, logprobs.dtype), order, kept, axis=-1)
+    """Keep the smallest set of most likely tokens holding top_p of the probability (the top one always),
+    as a threshold: every token at least as likely as the least likely one of that set (a tie at the
+    edge keeps both). logprobs (B, V)."""
+    rising = mx.sort(logprobs, axis=-1)  # (B, V), the most likely token last
+    below = mx.cumsum(mx.exp(rising), axis=-1)  # [i]: the mass of the i + 1 least likely tokens
+    dropped = mx.minimum((below <= 1.0 - top_p).sum(axis=-1, keepdims=True), logprobs.shape[-1] - 1)  # (B, 1)
+    edge = mx.take_along_axis(rising, dropped, axis=-1)  # (B, 1), the least likely token kept
+    return mx.where(logprobs >= edge, logprobs, NEG_INF)
+
+
+class Sampling:
+    """A sampler: logprobs (B, V) -> tokens (B,); greedy when temperature is 0.
+
+    Sampling filters the log-probabilities (top-p, min-p, top-k), divides them by the temperature
+    and takes the argmax after adding Gumbel noise: a draw from the softmax, as
+    ``mx.random.categorical`` makes it. With a ``seed`` the noise comes from the sampler's own key
+    (split once per call), so the same seed gives the same stream and MLX's global random state is
+    never touched. The parts are open so a batch of rows can be sampled in one go: rows whose
+    ``filters`` are equal are filtered together, each row adds its own ``noise``."""
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: Optional[int] = None):
+        check_sampling(temperature, top_p, top_k, min_p)
+        self.temperature = temperature
+        self.filters = (top_p if 0.0 < top_p < 1.0 else None, min_p if min_p > 0.0 else None,
+                        top_k if top_k > 0 else None)  # equal tuples filter alike
+        self._key = mx.random.key(seed) if seed is not None else None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def filter(self, logprobs: mx.array) -> mx.array:
+        top_p, min_p, top_k = self.filters
+        if top_p is not None:
+            logprobs = top_p_filter(logprobs, top_p)
+        if min_p is not None:
+            logprobs = min_p_filter(logprobs, min_p)
+        if top_k is not None:
+            logprobs = top_k_filter(logprobs, top_k)
+        return logprobs
+
+    def noise(self, shape: tuple) -> mx.array:
+        """Standard Gumbel noise of ``shape`` (float32): from the sampler's key, or MLX's global state."""
+        if self._key is None:
+            return mx.random.gumbel(shape=shape)
+        self._key, sub = mx.random.split(self._key)
+        return mx.random.gumbel(shape=shape, key=sub)
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self.greedy:
+            return greedy(logprobs)
+        return mx.argmax(self.filter(logprobs) * (1.0 / self.temperature) + self.noise(logprobs.shape), axis=-1)
 
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: Optional[int] = None) -> Sampler:
-    """logprobs (B, V) -> tokens (B,). Greedy when temperature is 0.
-
-    With a ``seed`` the sampler draws from its own key (split once per token), so the same seed gives
-    the same stream and MLX's global random state is never touched."""
-    check_sampling(temperature, top_p, top_k, min_p)
-    if temperature == 0:
-        return greedy
-    filters = []
-    if 0.0 < top_p < 1.0:
-        filters.append(lambda x: top_p_filter(x, top_p))
-    if min_p > 0.0:
-        filters.append(lambda x: min_p_filter(x, min_p))
-    if top_k > 0:
-        filters.append(lambda x: top_k_filter(x, top_k))
-    key = [mx.random.key(seed)] if seed is not None else None
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        for f in filters:
-            logprobs = f(logprobs)
-        logits = logprobs * (1.0 / temperature)
-        if key is None:
-            return mx.random.categorical(logits)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logits, key=sub)
-
-    return sampler
+    """logprobs (B, V) -> tokens (B,). Greedy when temperature is 0 (see ``Sampling``)."""
+    return Sampling(temperature, top_p, top_k, min_p, seed)
 
 
 def make_logits_processors(repetition_penalty: Optional[float] = None, repetition_context_size: int = 20) -> list:

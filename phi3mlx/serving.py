@@ -452,26 +452,37 @@ class Engine:
         """Each slot's next token from its row of ``logits`` (B, V), lazily: (tokens (B,), row -> log-
         probabilities). Greedy rows without logprobs share one argmax over the raw logits (the log-softmax
         is a per-row shift, so the pick is the same up to a tie the shift's rounding could create in low
-        precision, and a vocabulary-wide exp is saved); the others get log-probabilities as generate_step
-        computes them and run their own sampler."""
-        plain = [s.req.temperature == 0 and s.req.logprobs is None for s in slots]
-        picked = mx.argmax(logits, axis=-1).astype(mx.uint32) if any(plain) else None
+        precision, and a vocabulary-wide exp is saved). The others get log-probabilities as generate_step
+        computes them; those that sample are filtered together where their filters are equal, and each
+        adds its own sampler's noise, so every row draws what its sampler alone would draw."""
+        plain = [s.sampler.greedy and s.req.logprobs is None for s in slots]
         rest = [i for i, p in enumerate(plain) if not p]
+        parts, where = [], [i for i, p in enumerate(plain) if p]  # where[k]: the row of the k-th part token
+        if where:
+            parts.append(mx.argmax(logits if not rest else logits[mx.array(where)], axis=-1))
         logprobs: dict = {}
-        if not rest:
-            return picked, logprobs
-        sub = logits if len(rest) == len(slots) else logits[mx.array(rest)]
-        sub = sub - mx.logsumexp(sub, axis=-1, keepdims=True)  # (len(rest), V), same dtype as generate's
-        toks = []
-        for j, i in enumerate(rest):
-            logprobs[i] = sub[j]
-            toks.append(slots[i].sampler(sub[j : j + 1]).astype(mx.uint32))
-        drawn = mx.concatenate(toks) if len(toks) > 1 else toks[0]
-        if picked is None:
-            return drawn, logprobs
-        B = len(slots)
-        at = {i: B + j for j, i in enumerate(rest)}  # row i's place in [picked | drawn]
-        return mx.concatenate([picked, drawn])[mx.array([at.get(i, i) for i in range(B)])], logprobs
+        if rest:
+            sub = logits if len(rest) == len(slots) else logits[mx.array(rest)]
+            sub = sub - mx.logsumexp(sub, axis=-1, keepdims=True)  # (len(rest), V), same dtype as generate's
+            groups: dict = {}
+            for j, i in enumerate(rest):
+                logprobs[i] = sub[j]
+                smp = slots[i].sampler
+                groups.setdefault((smp.greedy, smp.filters), []).append(j)
+            for (greedy, _), js in groups.items():
+                rows = sub if len(js) == len(rest) else sub[mx.array(js)]  # (n, V)
+                if not greedy:
+                    smps = [slots[rest[j]].sampler for j in js]
+                    inv_t = mx.array([1.0 / m.temperature for m in smps], dtype=rows.dtype)[:, None]
+                    noise = mx.concatenate([m.noise((1, rows.shape[-1])) for m in smps])
+                    rows = smps[0].filter(rows) * inv_t + noise
+                parts.append(mx.argmax(rows, axis=-1))
+                where += [rest[j] for j in js]
+        toks = (parts[0] if len(parts) == 1 else mx.concatenate(parts)).astype(mx.uint32)
+        if where != list(range(len(slots))):
+            at = {i: k for k, i in enumerate(where)}
+            toks = toks[mx.array([at[i] for i in range(len(slots))])]
+        return toks, logprobs
 
     def _take(self, slots: List[_Slot], logits: mx.array) -> None:
         """Sample each slot's next token from its row of ``logits`` (B, V) now and hand it over."""

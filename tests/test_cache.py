@@ -255,23 +255,24 @@ def test_chat_reset_and_system_clear_the_cache(window_model):
 
 
 @pytest.mark.slow
-def test_long_chat_crosses_the_4096_longrope_threshold(tmp_path):
-    """A 128k-style model (LongRoPE, threshold 4096): a chat whose history grows past 4096 tokens keeps
+def test_long_chat_crosses_the_longrope_threshold(tmp_path):
+    """A 128k-style model (LongRoPE, here with a threshold of 512 so that the test is quick; the real 4096
+    is held against transformers in test_parity): a chat whose history grows past the threshold keeps
     going, and each answer equals greedy decoding with full forward passes over the whole conversation."""
     rope = {"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(48)],
             "long_factor": [1.5 + 0.2 * i for i in range(48)]}
-    folder = make_tiny(tmp_path / "m", config={"rope_scaling": rope, "original_max_position_embeddings": 4096,
-                                               "max_position_embeddings": 131072, "sliding_window": 262144})
+    folder = make_tiny(tmp_path / "m", config={"rope_scaling": rope, "original_max_position_embeddings": 512,
+                                               "max_position_embeddings": 16384, "sliding_window": 262144})
     model, tok = load(folder)
-    chat = Chat(model, tok, max_tokens=3)
+    chat = Chat(model, tok, max_tokens=3, prefill_step_size=96)  # prompts of several chunks
     words = "the quick brown fox jumps over a lazy dog while rivers run to the distant sea ".split()
-    crossed = False
+    crossed, checked = False, 0
     for turn in range(5):
-        msg = " ".join(words[(turn + i) % len(words)] for i in range(1000))  # ~1000 tokens a turn
+        msg = " ".join(words[(turn + i) % len(words)] for i in range(125))  # ~125 tokens a turn
         ids = tok.encode(chat.prompt(msg))
         reply = chat.ask(msg, lambda s: None)
         crossed = crossed or chat.cache.long_rope
-        if len(ids) > 4096:  # past the threshold: greedy over full forward passes gives the same answer
+        if len(ids) > 512:  # past the threshold: greedy over full forward passes gives the same answer
             seq, toks = list(ids), []
             for _ in range(3):
                 t = int(np.argmax(_full_last(model, seq)))
@@ -280,7 +281,8 @@ def test_long_chat_crosses_the_4096_longrope_threshold(tmp_path):
                 toks.append(t)
                 seq.append(t)
             assert reply.text == tok.decode(toks), turn
-    assert crossed and chat.cache.offset > 4096
+            checked += 1
+    assert crossed and chat.cache.offset > 512 and checked >= 2
 
 
 def test_chat_skips_a_line_that_is_not_utf8(window_model, monkeypatch, capsys):

@@ -17,8 +17,9 @@ pytest.importorskip("mlx.core")
 from phi3mlx.tiny import make_tiny  # noqa: E402
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import mlx.core as mx
+    import mlx.optimizers as optim
     import numpy as np
     from mlx.utils import tree_flatten
     from phi3mlx import load
@@ -26,34 +27,37 @@ SCRIPT = textwrap.dedent("""
     from phi3mlx.finetune.losses import sft_loss
     from phi3mlx.finetune.trainer import TrainArgs, train
 
-    folder, out, B = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    model, _ = load(folder)
-    mx.random.seed(0)
-    cfg = lora.apply_adapters(model, {"rank": 4, "alpha": 8.0})
-    rng = np.random.default_rng(0)
+    def run(folder, out, B):
+        os.makedirs(out, exist_ok=True)
+        model, _ = load(folder)
+        mx.random.seed(0)
+        cfg = lora.apply_adapters(model, {"rank": 4, "alpha": 8.0})
+        rng = np.random.default_rng(0)
 
-    def batches():
-        while True:
-            x = rng.integers(5, 30000, (B, 17)).astype(np.int32)
-            m = (rng.random((B, 16)) < 0.8).astype(np.float32)  # uneven token counts per row
-            yield mx.array(x[:, :-1]), mx.array(x[:, 1:]), mx.array(m)
+        def batches():
+            while True:
+                x = rng.integers(5, 30000, (B, 17)).astype(np.int32)
+                m = (rng.random((B, 16)) < 0.8).astype(np.float32)  # uneven token counts per row
+                yield mx.array(x[:, :-1]), mx.array(x[:, 1:]), mx.array(m)
 
-    # SGD: the update is the gradient itself, so any difference in the summed gradients would show; Adam
-    # divides by sqrt(v) and magnifies float rounding of near-zero gradients (losses then agree to ~6e-5)
-    import mlx.optimizers as optim
-    seen = {"rows": 0}
+        seen = {"rows": 0}
 
-    def loss(m, b):  # counts the rows this process trains on
-        seen["rows"] += b[0].shape[0]
-        return sft_loss(m, b)
+        def loss(m, b):  # counts the rows this process trains on
+            seen["rows"] += b[0].shape[0]
+            return sft_loss(m, b)
 
-    hist = train(model, loss, batches(), TrainArgs(iters=4, batch_size=B, grad_accum=2, report_every=1,
-                 save_every=100, compile=False), out + "/ad", cfg, optimizer=optim.SGD(learning_rate=0.5))
-    rank = mx.distributed.init().rank()
-    json.dump(seen, open(out + f"/rows{rank}.json", "w"))
-    if rank == 0:
-        params = {k: np.array(v).tolist() for k, v in tree_flatten(model.trainable_parameters()) if "layers.1." in k}
-        json.dump({"loss": [h["loss"] for h in hist], "params": params}, open(out + "/result.json", "w"))
+        # SGD: the update is the gradient itself, so any difference in the summed gradients would show; Adam
+        # divides by sqrt(v) and magnifies float rounding of near-zero gradients (losses then agree to ~6e-5)
+        hist = train(model, loss, batches(), TrainArgs(iters=4, batch_size=B, grad_accum=2, report_every=1,
+                     save_every=100, compile=False), out + "/ad", cfg, optimizer=optim.SGD(learning_rate=0.5))
+        rank = mx.distributed.init().rank()
+        json.dump(seen, open(out + f"/rows{rank}.json", "w"))
+        if rank == 0:
+            params = {k: np.array(v).tolist() for k, v in tree_flatten(model.trainable_parameters()) if "layers.1." in k}
+            json.dump({"loss": [h["loss"] for h in hist], "params": params}, open(out + "/result.json", "w"))
+
+    for B in sys.argv[3].split(","):  # one process trains each global batch size in turn
+        run(sys.argv[1], sys.argv[2] + "/b" + B, int(B))
 """)
 
 
@@ -65,28 +69,30 @@ def _launcher():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch", [4, 3])  # 3: rows shared 1 + 2, exact as well (token-weighted sums)
-def test_two_processes_train_like_one(tmp_path, batch):
+def test_two_processes_train_like_one(tmp_path):
+    """Global batches of 4 (rows split 2 + 2) and of 3 (split 1 + 2, exact as well: token-weighted sums), each
+    trained by one process and by two under mlx.launch (both sizes in the same processes)."""
     launch = _launcher()
     folder = make_tiny(tmp_path / "m", config={"hidden_size": 192, "num_attention_heads": 2, "num_key_value_heads": 1})
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    (tmp_path / "one").mkdir()
-    (tmp_path / "two").mkdir()
-    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), str(batch)], check=True,
-                   timeout=300)
-    r = subprocess.run([launch, "-n", "2", sys.executable, str(script), str(folder), str(tmp_path / "two"),
-                        str(batch)], capture_output=True, text=True, timeout=300)
+    sizes = (4, 3)
+    arg = ",".join(map(str, sizes))
+    subprocess.run([sys.executable, str(script), str(folder), str(tmp_path / "one"), arg], check=True, timeout=300)
+    r = subprocess.run([launch, "-n", "2", sys.executable, str(script), str(folder), str(tmp_path / "two"), arg],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    one = json.loads((tmp_path / "one" / "result.json").read_text())
-    two = json.loads((tmp_path / "two" / "result.json").read_text())
-    assert len(one["loss"]) == 4
-    rows = lambda d, r: json.loads((tmp_path / d / f"rows{r}.json").read_text())["rows"]  # noqa: E731
-    assert rows("one", 0) == 4 * 2 * batch  # 4 steps of 2 micro-batches
-    assert rows("two", 0) == 4 * 2 * (batch // 2) and rows("two", 1) == 4 * 2 * (batch - batch // 2)  # shared
-    assert np.allclose(one["loss"], two["loss"], atol=1e-5, rtol=0), (one["loss"], two["loss"])
-    for k, v in one["params"].items():
-        assert np.abs(np.array(v) - np.array(two["params"][k])).max() <= 1e-5, k
+    for batch in sizes:
+        one_dir, two_dir = tmp_path / "one" / f"b{batch}", tmp_path / "two" / f"b{batch}"
+        one = json.loads((one_dir / "result.json").read_text())
+        two = json.loads((two_dir / "result.json").read_text())
+        assert len(one["loss"]) == 4
+        rows = lambda d, r: json.loads((d / f"rows{r}.json").read_text())["rows"]  # noqa: E731
+        assert rows(one_dir, 0) == 4 * 2 * batch  # 4 steps of 2 micro-batches
+        assert rows(two_dir, 0) == 4 * 2 * (batch // 2) and rows(two_dir, 1) == 4 * 2 * (batch - batch // 2)
+        assert np.allclose(one["loss"], two["loss"], atol=1e-5, rtol=0), (batch, one["loss"], two["loss"])
+        for k, v in one["params"].items():
+            assert np.abs(np.array(v) - np.array(two["params"][k])).max() <= 1e-5, (batch, k)
 
 
 @pytest.mark.slow

@@ -370,21 +370,23 @@ def test_pipelined_batch_mixing_greedy_sampled_and_logprobs_equals_alone(folders
     they hold (the pooled caches), though the next step had already written one more."""
     model, tok = load(str(folders["phi3"]))
     rng = np.random.default_rng(5)
-    prompts = [rng.integers(100, 5000, n).tolist() for n in (4, 11, 7, 25, 16, 9)]
+    prompts = [rng.integers(100, 5000, n).tolist() for n in (4, 11, 7, 25, 16, 9, 13, 6)]
+    # rows 1, 6 and 7 share their filter (top-p 0.9) and are filtered together, each with its own noise
     settings = [{}, {"temperature": 0.8, "top_p": 0.9, "seed": 1}, {"logprobs": 2}, {},
-                {"temperature": 1.0, "seed": 2}, {"max_tokens": 3}]
+                {"temperature": 1.0, "seed": 2}, {"max_tokens": 3}, {"temperature": 0.5, "top_p": 0.9, "seed": 3},
+                {"temperature": 1.2, "top_p": 0.9, "seed": 4, "logprobs": 1}]
     alone = []
     for p, kw in zip(prompts, settings):
         sampler = make_sampler(kw.get("temperature", 0.0), kw.get("top_p", 1.0), seed=kw.get("seed"))
         alone.append([t for t, _ in generate_step(p, model, max_tokens=kw.get("max_tokens", 10), sampler=sampler)])
     engine = Engine(model, tok, max_batch=8)
     got, done = run_engine(engine, prompts, 10, settings=settings)
-    for i in range(6):
+    for i in range(8):
         assert done[i].finish_reason in ("stop", "length"), done[i]
         assert got[i] == alone[i][: len(got[i])], i
         assert len(got[i]) == len(alone[i]) or got[i][-1] in tok.stop_ids
-    assert engine.max_seen_batch == 6 and engine.overlapped > 0
-    assert len(engine._pool) == 6
+    assert engine.max_seen_batch == 8 and engine.overlapped > 0
+    assert len(engine._pool) == 8
     for c in engine._pool:
         assert {layer.offset for layer in c} == {len(c.token_ids)}
 
