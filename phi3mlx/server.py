@@ -280,20 +280,21 @@ class Server:
             return None, (self.tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=False), images)
         return self.tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=True), None
 
-    def _completion_prompt(self, body: dict) -> list:
+    def _completion_prompt(self, body: dict) -> tuple:
+        """(token ids, characters of the prompt's text)."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if isinstance(prompt, str):
             if not prompt:
                 raise APIError(400, "'prompt' is empty", param="prompt")
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt), len(prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             vocab = self.model.config.vocab_size
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token ids must be in [0, {vocab}): got {bad[0]}", param="prompt")
-            return prompt
+            return prompt, len(self.tokenizer.decode(prompt))
         raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
 
     async def _serve(self, request: HTTPRequest, chat: bool):
@@ -302,7 +303,7 @@ class Server:
             body = await self._body(request)
             self._check_model(body)
             settings = sampling(body, self.context)
-            lp = None
+            lp, prompt_chars = None, 0
             if chat:
                 if _field(body, "logprobs", bool, False):
                     lp = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= MAX_TOP_LOGPROBS,
@@ -310,7 +311,7 @@ class Server:
                 ids, vision = self._chat_prompt(body)
             else:
                 lp = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "must be an integer in [0, 5]")
-                ids, vision = self._completion_prompt(body), None
+                (ids, prompt_chars), vision = self._completion_prompt(body), None
             if ids is not None and len(ids) >= self.context:
                 raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {self.context} "
                                "tokens", param="messages" if chat else "prompt", code="context_length_exceeded")
@@ -336,11 +337,12 @@ class Server:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if stream:
-            return StreamingResponse(self._stream(req, events, rid, created, chat, include_usage),
+            return StreamingResponse(self._stream(req, events, rid, created, chat, include_usage, prompt_chars),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._whole(request, req, events, rid, created, chat)
+        return await self._whole(request, req, events, rid, created, chat, prompt_chars)
 
-    async def _whole(self, request, req: Request, events: asyncio.Queue, rid: str, created: int, chat: bool):
+    async def _whole(self, request, req: Request, events: asyncio.Queue, rid: str, created: int, chat: bool,
+                     prompt_chars: int):
         text, lps = "", []
         checked = time.monotonic()
         while True:
@@ -369,13 +371,13 @@ class Server:
             choice["logprobs"] = _chat_logprobs(lps) if req.logprobs is not None else None
         else:
             choice["text"] = text
-            choice["logprobs"] = _completion_logprobs(lps) if req.logprobs is not None else None
+            choice["logprobs"] = _completion_logprobs(lps, prompt_chars) if req.logprobs is not None else None
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": self.model_id, "choices": [choice],
                              "usage": _usage(ev)})
 
     async def _stream(self, req: Request, events: asyncio.Queue, rid: str, created: int, chat: bool,
-                      include_usage: bool):
+                      include_usage: bool, prompt_chars: int):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: Optional[dict], usage=None) -> str:
@@ -385,7 +387,6 @@ class Server:
                 d["usage"] = usage
             return f"data: {json.dumps(d)}\n\n"
 
-        at = 0  # characters of generated text whose token offsets were sent (completions logprobs)
         try:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -404,9 +405,8 @@ class Server:
                                  "logprobs": _chat_logprobs(ev.logprobs) if req.logprobs is not None else None}
                         else:
                             c = {"index": 0, "text": ev.text, "finish_reason": None,
-                                 "logprobs": (_completion_logprobs(ev.logprobs, at) if req.logprobs is not None
+                                 "logprobs": (_completion_logprobs(ev.logprobs, prompt_chars) if req.logprobs is not None
                                               else None)}
-                            at += sum(len(t.text) for t in ev.logprobs)
                         out.append(chunk(c))
                         continue
                     done = True
@@ -444,14 +444,27 @@ def _chat_logprobs(lps: list) -> dict:
                         for t in lps]}
 
 
-def _completion_logprobs(lps: list, start: int = 0) -> dict:
-    """The completions API's logprobs; ``text_offset``: where each token starts in the generated text."""
-    offsets = []
+def _legacy_token(text: str, raw: list) -> str:
+    """A token as the completions API names it: its text, or ``bytes:\\x..`` where its bytes are not whole
+    UTF-8 characters (so byte tokens do not all read U+FFFD, and keep their own keys in top_logprobs)."""
+    try:
+        bytes(raw).decode("utf-8")
+        return text
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _completion_logprobs(lps: list, start: int) -> dict:
+    """The completions API's logprobs. ``text_offset``: where each token's text starts, counted from the
+    start of the prompt's text (``start`` characters) as OpenAI counts it, also without echo."""
+    top = []
     for t in lps:
-        offsets.append(start)
-        start += len(t.text)
-    return {"tokens": [t.text for t in lps], "token_logprobs": [t.logprob for t in lps],
-            "top_logprobs": [{x: v for _, x, v, _ in t.top} for t in lps], "text_offset": offsets}
+        d: dict = {}
+        for _, x, v, raw in t.top:  # most likely first: two tokens of the same name keep the likelier
+            d.setdefault(_legacy_token(x, raw), v)
+        top.append(d)
+    return {"tokens": [_legacy_token(t.text, t.bytes) for t in lps], "token_logprobs": [t.logprob for t in lps],
+            "top_logprobs": top, "text_offset": [start + t.offset for t in lps]}
 
 
 def _image(url: str, image_dir=None):

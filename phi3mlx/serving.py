@@ -54,6 +54,7 @@ class TokenLogprob:
     logprob: float
     top: List[tuple]  # [(token id, text, logprob, utf-8 bytes)] most likely first
     bytes: List[int] = field(default_factory=list)  # the token's UTF-8 bytes (a byte-fallback token: its byte)
+    offset: int = 0  # characters of the generated text before this token's text
 
 
 @dataclass
@@ -497,7 +498,7 @@ class Engine:
         s.n += 1
         piece = s.detok.add(tok)
         if s.req.logprobs is not None:
-            s.pending_lp.append(self._logprob(tok, logprobs, s.req.logprobs))
+            s.pending_lp.append(self._logprob(tok, logprobs, s.req.logprobs, len(s.text)))
         s.text += piece
         if self._check_stop(s):
             return
@@ -514,7 +515,7 @@ class Engine:
         if not self._check_stop(s, final=True):
             self._finish(s, reason)
 
-    def _logprob(self, tok: int, logprobs: mx.array, k: int) -> TokenLogprob:
+    def _logprob(self, tok: int, logprobs: mx.array, k: int, offset: int) -> TokenLogprob:
         top = []
         if k > 0:
             order = mx.argpartition(-logprobs, kth=k - 1)[:k]
@@ -524,7 +525,7 @@ class Engine:
                 top.append((int(i), text, float(v), raw))
             top.sort(key=lambda x: -x[2])
         text, raw = self._token_text(tok)
-        return TokenLogprob(tok, text, float(logprobs[tok].item()), top, raw)
+        return TokenLogprob(tok, text, float(logprobs[tok].item()), top, raw, offset)
 
     def _token_text(self, tok: int) -> tuple:
         """A token's text for logprobs (its leading space kept; a lone byte of a longer character is

@@ -187,7 +187,62 @@ def test_logprobs(running, embedded):
     lps = rc.choices[0].logprobs
     assert len(lps.tokens) == rc.usage.completion_tokens and len(lps.top_logprobs[0]) == 2
     assert "".join(lps.tokens) == rc.choices[0].text
-    assert lps.text_offset == [sum(len(x) for x in lps.tokens[:i]) for i in range(len(lps.tokens))]
+    # offsets count from the start of the prompt, as OpenAI's do without echo
+    assert lps.text_offset == [len("The valley") + sum(len(x) for x in lps.tokens[:i]) for i in range(len(lps.tokens))]
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(model=MODEL, prompt="The valley", temperature=0,
+                                                                       max_tokens=4, logprobs=2, stream=True)
+                if ch.choices and ch.choices[0].logprobs is not None]
+    assert [o for x in streamed for o in x.text_offset] == lps.text_offset
+
+
+def test_logprob_offsets_follow_the_text_where_the_first_space_is_dropped(folders):
+    """Phi-3's tokenizer drops the leading space of the first generated token (" Hello" reads "Hello"):
+    each token's offset is where its text starts in the generated text, not a sum of token lengths."""
+    from phi3mlx.server import _completion_logprobs
+
+    model, tok = load(str(folders["phi3"]))
+    prompt = tok.encode("The valley of")
+    first = int(mx.argmax(model(mx.array([prompt]))[0, -1]))
+    spaced = [t for t in range(300, 30000) if tok.token_bytes(t).startswith(b" ") and len(tok.token_bytes(t)) > 2]
+    # a prompt after which greedy decoding starts with a space-led token: nudge the last prompt token
+    for extra in spaced[:400]:
+        ids = prompt + [extra]
+        first = int(mx.argmax(model(mx.array([ids]))[0, -1]))
+        if tok.token_bytes(first).startswith(b" "):
+            break
+    else:
+        pytest.skip("no prompt found whose first greedy token starts with a space")
+    engine = Engine(model, tok)
+    events, finished = [], threading.Event()
+    engine.submit(Request(emit=lambda ev: (events.append(ev), isinstance(ev, Done) and finished.set()), ids=ids,
+                          max_tokens=8, logprobs=1))
+    engine.start()
+    assert finished.wait(60)
+    engine.stop()
+    text = "".join(ev.text for ev in events if isinstance(ev, Delta))
+    lps = [lp for ev in events if isinstance(ev, Delta) for lp in ev.logprobs]
+    assert lps[0].text.startswith(" ") and not text.startswith(" ")  # the case at hand
+    assert lps[0].offset == 0
+    for a, b in zip(lps, lps[1:]):
+        assert text.startswith(b.text, b.offset) or "\ufffd" in b.text, (text, b.text, b.offset)
+        assert b.offset == a.offset + len(a.text) - (1 if a is lps[0] else 0) or "\ufffd" in a.text
+    assert _completion_logprobs(lps, 13)["text_offset"] == [13 + lp.offset for lp in lps]
+
+
+def test_completion_logprobs_name_byte_tokens_by_their_bytes():
+    """Tokens that are not whole UTF-8 characters read ``bytes:\\x..`` (as OpenAI's completions name them), so
+    two byte tokens keep their own entries in top_logprobs instead of both reading U+FFFD."""
+    from phi3mlx.server import _completion_logprobs
+    from phi3mlx.serving import TokenLogprob
+
+    e2, x80 = ("\ufffd", -0.5, [0xE2]), ("\ufffd", -1.5, [0x80])
+    lp = TokenLogprob(5, "\ufffd", -0.5, [(5, *e2), (6, *x80), (7, " the", -2.0, [32, 116, 104, 101])], [0xE2], 0)
+    out = _completion_logprobs([lp], 0)
+    assert out["tokens"] == ["bytes:\\xe2"]
+    assert out["top_logprobs"] == [{"bytes:\\xe2": -0.5, "bytes:\\x80": -1.5, " the": -2.0}]
+    # two tokens of the same name (here the same bytes): the likelier one's log-probability is kept
+    same = TokenLogprob(8, " a", -0.1, [(8, " a", -0.1, [32, 97]), (9, " a", -3.0, [32, 97])], [32, 97], 0)
+    assert _completion_logprobs([same], 0)["top_logprobs"] == [{" a": -0.1}]
 
 
 def test_models_and_health(running):
@@ -671,7 +726,7 @@ def test_waiting_events_go_out_in_one_write_one_event_each(embedded):
         await asyncio.sleep(0)
         assert events.qsize() == 4
         req = Request(emit=lambda ev: None, ids=[1, 2])
-        gen = server._stream(req, events, "id", 0, True, True)
+        gen = server._stream(req, events, "id", 0, True, True, 0)
         return [part async for part in gen]
 
     parts = asyncio.run(scenario())
