@@ -4,10 +4,12 @@ Both servers are started the same way, as a subprocess on a free loopback port o
 (``python -m phi3mlx serve`` and, with ``--compare-mlx-lm``, ``python -m mlx_lm server``), and get the
 same requests: streaming chat completions of the same prompts, at most ``--gen-tokens`` each, in one
 or more workloads (greedy; sampled as chat apps ask; sampled with a seed per request), each on freshly
-started servers. For each concurrency c, c clients each send ``--repeats`` requests back to back;
-reported are the total completion tokens per second over the round (the servers' own usage counts)
-and the median time to the first content token. Ratios are ours / mlx_lm.server (higher is better for
-tokens/s, lower for time to first token). A round in which a request fails is reported as failed.
+started servers, both running at once. For each concurrency c, c clients each send ``--repeats``
+requests back to back, in ``--trials`` rounds per server with the servers taking turns (A B B A), so a
+machine whose speed drifts during the run (a shared one) weighs on both alike; reported are the total
+completion tokens per second over a server's rounds (the servers' own usage counts) and the median time
+to the first content token. Ratios are ours / mlx_lm.server (higher is better for tokens/s, lower for
+time to first token). A round in which a request fails is reported as failed.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def run_round(port: int, model: str, clients: int, repeats: int, max_tokens: int
     wall = time.perf_counter() - t0
     if errors:
         raise Phi3MLXError(f"{len(errors)} requests failed: {errors[0]}")
-    return {"tok_s": sum(tokens) / wall, "ttft": statistics.median(ttfts), "tokens": sum(tokens)}
+    return {"tok_s": sum(tokens) / wall, "ttft": statistics.median(ttfts), "tokens": sum(tokens), "wall": wall,
+            "ttfts": ttfts}
 
 
 def parse_list(text: str, what: str, allowed=None, positive_int: bool = False) -> list:
@@ -173,12 +176,22 @@ def parse_list(text: str, what: str, allowed=None, positive_int: bool = False) -
     return list(dict.fromkeys(items))  # each once, in the order given
 
 
-def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
-                    concurrency=CONCURRENCY, workloads=("greedy",), progress=None) -> dict:
-    """Each server, for each workload: started afresh, warmed up, then a round per concurrency.
+def combine(trials: list) -> dict:
+    """One concurrency's trials of a server as one result: tokens/s over all of them (total tokens over
+    total time), the median time to the first token over all their requests, and each trial's tokens/s."""
+    return {"tok_s": sum(r["tokens"] for r in trials) / sum(r["wall"] for r in trials),
+            "ttft": statistics.median([t for r in trials for t in r["ttfts"]]),
+            "tokens": sum(r["tokens"] for r in trials), "trials": [r["tok_s"] for r in trials]}
 
-    ``results[server][workload][c]`` is a round's numbers, or ``{"error": message}`` when a request of
-    that round failed (the server is then restarted for the next workload)."""
+
+def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
+                    concurrency=CONCURRENCY, workloads=("greedy",), trials: int = 2, progress=None) -> dict:
+    """For each workload, both servers are started afresh and warmed up; then for each concurrency each
+    server runs ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
+    speed during the run weighs on both alike.
+
+    ``results[server][workload][c]`` is ``combine`` of its trials, or ``{"error": message}`` when a
+    request failed (that server's later rounds in the workload are skipped, saying why)."""
     say = progress or (lambda msg: None)
     model = str(resolve(model))  # one local folder for both servers
     servers = [("phi3mlx", [sys.executable, "-m", "phi3mlx", "serve", "--model", model, "--model-id", "bench",
@@ -186,38 +199,46 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
     if compare_mlx_lm:
         servers.append(("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", model,
                                           "--log-level", "WARNING", "--port", "{port}"]))
-    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "workloads": list(workloads),
-           "results": {}}
+    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "trials": trials,
+           "workloads": list(workloads), "results": {}}
     for workload in workloads:
-        for name, argv in servers:
-            port = free_port()
-            say(f"starting {name} ({workload})")
-            rounds = out["results"].setdefault(name, {}).setdefault(workload, {})
-            try:
-                proc = Subprocess(name, [a.replace("{port}", str(port)) for a in argv], port)
-            except Phi3MLXError as e:
-                rounds.update((c, {"error": str(e)}) for c in concurrency)
-                continue
-            try:
-                served = "bench" if name == "phi3mlx" else model
-                failed = None
+        live: dict = {}  # name -> {"port", "served", "proc", "failed": None or why its rounds are skipped}
+        try:
+            for name, argv in servers:
+                rounds = out["results"].setdefault(name, {}).setdefault(workload, {})
+                port = free_port()
+                say(f"starting {name} ({workload})")
                 try:
-                    stream_request(port, served, QUESTIONS[0], 4, request_settings(workload, 0))  # warm up
+                    proc = Subprocess(name, [a.replace("{port}", str(port)) for a in argv], port)
+                except Phi3MLXError as e:
+                    rounds.update((c, {"error": str(e)}) for c in concurrency)
+                    continue
+                live[name] = {"port": port, "served": "bench" if name == "phi3mlx" else model, "proc": proc,
+                              "failed": None}
+                try:
+                    stream_request(port, live[name]["served"], QUESTIONS[0], 4, request_settings(workload, 0))
                 except (Phi3MLXError, OSError) as e:
-                    failed = f"the warm-up request failed: {e}"
-                for c in concurrency:
-                    if failed is None:
-                        say(f"{name}: {workload}, {c} concurrent stream(s)")
+                    live[name]["failed"] = f"the warm-up request failed: {e}"
+            for c in concurrency:
+                runs: dict = {name: [] for name in live}
+                for t in range(trials):
+                    for name in (list(live) if t % 2 == 0 else list(reversed(live))):
+                        srv = live[name]
+                        if srv["failed"] is not None:
+                            continue
+                        say(f"{name}: {workload}, {c} concurrent stream(s), trial {t + 1} of {trials}")
                         try:
-                            rounds[c] = run_round(port, served, c, repeats, gen_tokens, workload)
-                            continue
+                            runs[name].append(run_round(srv["port"], srv["served"], c, repeats, gen_tokens, workload))
                         except Phi3MLXError as e:
-                            rounds[c] = {"error": str(e)}
-                            failed = f"skipped after the round with {c} streams failed"
-                            continue
-                    rounds[c] = {"error": failed}
-            finally:
-                proc.close()
+                            out["results"][name][workload][c] = {"error": str(e)}
+                            srv["failed"] = f"skipped after the round with {c} streams failed"
+                for name, srv in live.items():
+                    rounds = out["results"][name][workload]
+                    if c not in rounds:  # not failed in this round
+                        rounds[c] = {"error": srv["failed"]} if srv["failed"] is not None else combine(runs[name])
+        finally:
+            for srv in live.values():
+                srv["proc"].close()
     return out
 
 
@@ -263,8 +284,11 @@ def print_serve_report(res: dict) -> None:
             if a and b and abs(a - b) > 0.05 * max(a, b):  # answers of other lengths: tok/s compares less
                 lines.append(f"note: {w}: the answers differ in length ({short[names[0]]} {a} tokens, "
                              f"{short[names[1]]} {b} tokens in all), so their tokens/s also measure that")
+    trials = res.get("trials", 1)
     console.print(f"serving {res['model']}: streaming chat, {res['gen_tokens']} tokens at most per request, "
-                  f"{res['repeats']} requests per client; workloads: "
+                  f"{res['repeats']} requests per client, {trials} trial{'s' if trials > 1 else ''} per round"
+                  + (" (the servers take turns: A B B A)" if trials > 1 and len(names) == 2 else "")
+                  + "; workloads: "
                   + "; ".join(f"{w} {json.dumps(WORKLOADS[w])}{' + a seed per request' if w == 'seeded' else ''}"
                               for w in res["workloads"]))
     console.print(table)
@@ -280,9 +304,11 @@ def main(args) -> None:
             parsed.append(parse_list(text, what, **kw))
         except Phi3MLXError as e:
             problems.append(str(e))
+    if args.trials < 1:
+        problems.append(f"--trials must be 1 or more, got {args.trials}")
     if problems:
         raise Phi3MLXError("; ".join(problems))
     workloads, streams = parsed
     res = run_serve_bench(args.model, args.gen_tokens, args.repeats, args.compare_mlx_lm, streams, workloads,
-                          progress=progress_printer())
+                          trials=args.trials, progress=progress_printer())
     print_serve_report(res)

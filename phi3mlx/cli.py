@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(temperature 0), sampled (temperature 0.7, top_p 0.9), seeded (sampled with a seed per "
                    "request)")
     p.add_argument("--streams", default="1,4,16", help="with --serve: comma-separated numbers of concurrent clients")
+    p.add_argument("--trials", type=int, default=2,
+                   help="with --serve: timed rounds per server and number of streams; with --compare-mlx-lm the "
+                   "two servers, both running, take turns (A B B A ...) and each one's tokens/s is over all its "
+                   "trials")
     add_train_args(p)  # phi3mlx bench --train
     add_pretrain_args(p)  # phi3mlx bench --pretrain
 

@@ -11,7 +11,7 @@ from phi3mlx.cli import main
 
 def test_bench_serve_runs_each_workload_on_a_fresh_server(capsys):
     code = main(["bench", "--serve", "--streams", "1,2", "--workloads", "greedy,seeded", "--repeats", "1",
-                 "--gen-tokens", "4"])
+                 "--gen-tokens", "4", "--trials", "1"])
     out, err = capsys.readouterr()
     assert code == 0, err
     for w in ("greedy", "seeded"):
@@ -36,9 +36,47 @@ def test_report_names_a_failed_round_and_gives_no_ratio_for_it(capsys):
 
 
 def test_bad_flags_are_named_together(capsys):
-    assert main(["bench", "--serve", "--workloads", "greedy,bogus", "--streams", "0,x"]) == 1
+    assert main(["bench", "--serve", "--workloads", "greedy,bogus", "--streams", "0,x", "--trials", "0"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "unknown 'bogus'" in err and "'0' is not a positive whole number" in err and "'x' is not" in err
+    assert "--trials must be 1 or more, got 0" in err
     assert B.request_settings("seeded", 7) == {"temperature": 0.7, "top_p": 0.9, "seed": 7}
     assert B.request_settings("greedy", 7) == {"temperature": 0}
+
+
+def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monkeypatch):
+    """Both servers run at once; per concurrency the rounds go A B B A (so a machine slowing down during the run
+    weighs on both); a server's tokens/s is over all its trials; after a failed round that server's later rounds
+    are skipped, saying why, while the other goes on."""
+    calls, closed = [], []
+
+    class FakeServer:
+        def __init__(self, name, argv, port, timeout=180.0):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+
+    def fake_round(port, served, clients, repeats, max_tokens, workload="greedy"):
+        who = "ours" if served == "bench" else "theirs"
+        calls.append((who, clients))
+        if who == "theirs" and clients == 4:
+            raise B.Phi3MLXError("2 requests failed: boom")
+        n = len(calls)  # a machine that slows down: each round takes longer than the one before
+        return {"tok_s": 100.0 / n, "ttft": 0.01 * n, "tokens": 100, "wall": float(n), "ttfts": [0.01 * n]}
+
+    monkeypatch.setattr(B, "Subprocess", FakeServer)
+    monkeypatch.setattr(B, "run_round", fake_round)
+    monkeypatch.setattr(B, "stream_request", lambda *a, **k: (0.0, 4))
+    monkeypatch.setattr(B, "resolve", lambda m: m)
+    res = B.run_serve_bench("m", compare_mlx_lm=True, concurrency=(1, 4, 16), trials=2)
+    assert calls[:4] == [("ours", 1), ("theirs", 1), ("theirs", 1), ("ours", 1)]
+    assert calls[4:] == [("ours", 4), ("theirs", 4), ("ours", 4), ("ours", 16), ("ours", 16)]
+    ours, theirs = res["results"]["phi3mlx"]["greedy"], res["results"]["mlx_lm.server"]["greedy"]
+    assert ours[1]["tok_s"] == 200 / (1 + 4) and theirs[1]["tok_s"] == 200 / (2 + 3)  # A B B A: even under drift
+    assert ours[1]["trials"] == [100.0, 25.0] and ours[1]["ttft"] == 0.025
+    assert theirs[4] == {"error": "2 requests failed: boom"}
+    assert theirs[16] == {"error": "skipped after the round with 4 streams failed"}
+    assert "error" not in ours[16] and len(ours[16]["trials"]) == 2
+    assert sorted(closed) == ["mlx_lm.server", "phi3mlx"]
