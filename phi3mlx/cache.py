@@ -171,6 +171,7 @@ class ModelCache(list):
         self._identity = identity  # a dict, or a function computing it when a file is written
         self.long_rope: Optional[bool] = None
         self._ids: List[mx.array] = []  # (B, L) id arrays in the order they were fed, possibly lazy
+        self._list: Optional[List[int]] = None  # the ids as a list, once read (reading evaluates them)
         self._rows: List[mx.array] = []  # image rows fed for the negative ids (vision models), in order
 
     @property
@@ -192,6 +193,7 @@ class ModelCache(list):
         """Called by the model for every pass: the ids whose keys were just stored (and the image rows
         that stood for their negative ids, so that a re-encode can feed them again)."""
         self._ids.append(inputs)
+        self._list = None
         if len(self._ids) > 64:
             self._ids = [mx.concatenate(self._ids, axis=1)]
         if image_rows is not None:
@@ -211,22 +213,27 @@ class ModelCache(list):
         rows = self.image_rows
         n_img = image_positions(ids)
         self._ids = [mx.array([ids])] if ids else []
+        self._list = list(ids)
         self._rows = [rows[:n_img]] if rows is not None and n_img else []
 
     def hold(self, ids: List[int], image_rows: Optional[mx.array] = None) -> None:
         """Record ``ids`` (and the image rows of their negative ids) as what the positions now stored
         hold (after ``set_state`` of each layer)."""
         self._ids = [mx.array([ids])] if ids else []
+        self._list = list(ids)
         self._rows = [image_rows] if image_rows is not None else []
 
     @property
     def token_ids(self) -> List[int]:
-        """The ids the cache holds (first row of the batch), in order."""
-        if not self._ids:
-            return []
-        ids = mx.concatenate(self._ids, axis=1) if len(self._ids) > 1 else self._ids[0]
-        self._ids = [ids]
-        return ids[0].tolist()
+        """The ids the cache holds (first row of the batch), in order. Kept as a list once read (or given
+        by ``hold``), so that looking through a pool of caches waits for no computation."""
+        if self._list is None:
+            if not self._ids:
+                return []
+            ids = mx.concatenate(self._ids, axis=1) if len(self._ids) > 1 else self._ids[0]
+            self._ids = [ids]
+            self._list = ids[0].tolist()
+        return list(self._list)
 
     def copy(self) -> "ModelCache":
         """An independent cache holding the same positions (later updates of either leave the other as is)."""
@@ -239,6 +246,7 @@ class ModelCache(list):
         out = ModelCache(layers, self._identity)
         out.long_rope = self.long_rope
         out._ids = list(self._ids)
+        out._list = self._list  # never changed in place: replaced
         out._rows = list(self._rows)
         return out
 
@@ -246,6 +254,7 @@ class ModelCache(list):
         for c in self:
             c.reset()
         self._ids = []
+        self._list = None
         self._rows = []
         self.long_rope = None
 
@@ -374,6 +383,7 @@ class ModelCache(list):
         cache.long_rope = meta["long_rope"]
         ids = meta["token_ids"]
         cache._ids = [mx.array([ids])] if ids else []
+        cache._list = list(ids)
         cache._rows = [arrays["image_rows"]] if "image_rows" in arrays else []
         n_image = image_positions(ids)
         n_rows = arrays["image_rows"].shape[0] if "image_rows" in arrays else 0

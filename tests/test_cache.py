@@ -348,3 +348,24 @@ def test_logits_processors_see_the_cached_prefix(window_model):
     assert cached == fresh
     assert not set(cached) & set(ids)  # the huge penalty reached the cached prefix's ids too
     assert list(stream_generate(model, tok, ids, max_tokens=0)) == []
+
+
+def test_token_ids_are_kept_as_a_list_and_follow_every_change(window_model):
+    """token_ids is read once per change (a pool lookup waits for no computation), hands out copies, and
+    follows passes, holds, trims, copies and resets."""
+    model, _ = window_model
+    cache = model.make_cache()
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    assert cache.token_ids == [5, 6, 7]
+    got = cache.token_ids
+    got.append(99)  # a copy: the cache is unchanged
+    assert cache.token_ids == [5, 6, 7]
+    model(mx.array([[8]]), cache=cache)  # a new pass: the list follows
+    assert cache.token_ids == [5, 6, 7, 8]
+    twin = cache.copy()
+    cache.trim(2)
+    assert cache.token_ids == [5, 6] and twin.token_ids == [5, 6, 7, 8]
+    model(mx.array([[9]]), cache=twin)
+    assert twin.token_ids == [5, 6, 7, 8, 9] and cache.token_ids == [5, 6]
+    cache.reset()
+    assert cache.token_ids == []
