@@ -188,10 +188,13 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
                     concurrency=CONCURRENCY, workloads=("greedy",), trials: int = 2, progress=None) -> dict:
     """For each workload, both servers are started afresh and warmed up; then for each concurrency each
     server runs ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
-    speed during the run weighs on both alike.
+    speed during the run weighs on both alike (fully with an even number of trials). Both hold the model
+    at once; a server whose round fails is stopped at once.
 
     ``results[server][workload][c]`` is ``combine`` of its trials, or ``{"error": message}`` when a
     request failed (that server's later rounds in the workload are skipped, saying why)."""
+    if trials < 1:
+        raise Phi3MLXError(f"trials must be 1 or more, got {trials}")
     say = progress or (lambda msg: None)
     model = str(resolve(model))  # one local folder for both servers
     servers = [("phi3mlx", [sys.executable, "-m", "phi3mlx", "serve", "--model", model, "--model-id", "bench",
@@ -219,6 +222,7 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
                     stream_request(port, live[name]["served"], QUESTIONS[0], 4, request_settings(workload, 0))
                 except (Phi3MLXError, OSError) as e:
                     live[name]["failed"] = f"the warm-up request failed: {e}"
+                    proc.close()  # it takes no more of the machine from the other's rounds
             for c in concurrency:
                 runs: dict = {name: [] for name in live}
                 for t in range(trials):
@@ -232,6 +236,7 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
                         except Phi3MLXError as e:
                             out["results"][name][workload][c] = {"error": str(e)}
                             srv["failed"] = f"skipped after the round with {c} streams failed"
+                            srv["proc"].close()  # no abandoned streams running beside the other's rounds
                 for name, srv in live.items():
                     rounds = out["results"][name][workload]
                     if c not in rounds:  # not failed in this round

@@ -297,8 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", default="1,4,16", help="with --serve: comma-separated numbers of concurrent clients")
     p.add_argument("--trials", type=int, default=2,
                    help="with --serve: timed rounds per server and number of streams; with --compare-mlx-lm the "
-                   "two servers, both running, take turns (A B B A ...) and each one's tokens/s is over all its "
-                   "trials")
+                   "two servers, both running (the model loaded twice), take turns (A B B A ...; an even number "
+                   "cancels a steady drift of the machine's speed) and each one's tokens/s is over all its trials")
     add_train_args(p)  # phi3mlx bench --train
     add_pretrain_args(p)  # phi3mlx bench --pretrain
 

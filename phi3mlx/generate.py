@@ -75,7 +75,8 @@ def top_p_filter(logprobs: mx.array, top_p: float) -> mx.array:
     as a threshold: every token at least as likely as the least likely one of that set (a tie at the
     edge keeps both). logprobs (B, V)."""
     rising = mx.sort(logprobs, axis=-1)  # (B, V), the most likely token last
-    below = mx.cumsum(mx.exp(rising), axis=-1)  # [i]: the mass of the i + 1 least likely tokens
+    below = mx.cumsum(mx.exp(rising.astype(mx.float32)), axis=-1)  # [i]: the mass of the i + 1 least likely
+    # tokens, summed in float32 (a bfloat16 sum would lose the small ones)
     dropped = mx.minimum((below <= 1.0 - top_p).sum(axis=-1, keepdims=True), logprobs.shape[-1] - 1)  # (B, 1)
     edge = mx.take_along_axis(rising, dropped, axis=-1)  # (B, 1), the least likely token kept
     return mx.where(logprobs >= edge, logprobs, NEG_INF)

@@ -280,8 +280,9 @@ class Server:
             return None, (self.tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=False), images)
         return self.tokenizer.apply_chat_template(out, add_generation_prompt=True, tokenize=True), None
 
-    def _completion_prompt(self, body: dict) -> tuple:
-        """(token ids, characters of the prompt's text)."""
+    def _completion_prompt(self, body: dict, count_chars: bool) -> tuple:
+        """(token ids, characters of the prompt's text: counted with ``count_chars``, for logprobs' offsets,
+        else 0)."""
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -294,7 +295,12 @@ class Server:
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token ids must be in [0, {vocab}): got {bad[0]}", param="prompt")
-            return prompt, len(self.tokenizer.decode(prompt))
+            if not count_chars:
+                return prompt, 0
+            try:  # the text the ids stand for, special tokens (a BOS) left out
+                return prompt, len(self.tokenizer.decode(prompt, skip_special_tokens=True))
+            except ValueError as e:  # ids the model has but its tokenizer does not (a padded vocabulary)
+                raise APIError(400, f"the prompt's token ids cannot be decoded: {e}", param="prompt") from None
         raise APIError(400, "'prompt' must be a string or a list of token ids", param="prompt")
 
     async def _serve(self, request: HTTPRequest, chat: bool):
@@ -311,7 +317,7 @@ class Server:
                 ids, vision = self._chat_prompt(body)
             else:
                 lp = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 5, "must be an integer in [0, 5]")
-                (ids, prompt_chars), vision = self._completion_prompt(body), None
+                (ids, prompt_chars), vision = self._completion_prompt(body, lp is not None), None
             if ids is not None and len(ids) >= self.context:
                 raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {self.context} "
                                "tokens", param="messages" if chat else "prompt", code="context_length_exceeded")

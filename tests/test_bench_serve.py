@@ -47,8 +47,8 @@ def test_bad_flags_are_named_together(capsys):
 
 def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monkeypatch):
     """Both servers run at once; per concurrency the rounds go A B B A (so a machine slowing down during the run
-    weighs on both); a server's tokens/s is over all its trials; after a failed round that server's later rounds
-    are skipped, saying why, while the other goes on."""
+    weighs on both); a server's tokens/s is over all its trials; after a failed round that server is stopped and
+    its later rounds are skipped, saying why, while the other goes on."""
     calls, closed = [], []
 
     class FakeServer:
@@ -56,7 +56,7 @@ def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monke
             self.name = name
 
         def close(self):
-            closed.append(self.name)
+            closed.append((self.name, len(calls)))
 
     def fake_round(port, served, clients, repeats, max_tokens, workload="greedy"):
         who = "ours" if served == "bench" else "theirs"
@@ -79,4 +79,5 @@ def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monke
     assert theirs[4] == {"error": "2 requests failed: boom"}
     assert theirs[16] == {"error": "skipped after the round with 4 streams failed"}
     assert "error" not in ours[16] and len(ours[16]["trials"]) == 2
-    assert sorted(closed) == ["mlx_lm.server", "phi3mlx"]
+    assert closed[0] == ("mlx_lm.server", 6)  # stopped right after its failed round, before ours went on
+    assert {name for name, _ in closed} == {"mlx_lm.server", "phi3mlx"}

@@ -367,5 +367,8 @@ def test_token_ids_are_kept_as_a_list_and_follow_every_change(window_model):
     assert cache.token_ids == [5, 6] and twin.token_ids == [5, 6, 7, 8]
     model(mx.array([[9]]), cache=twin)
     assert twin.token_ids == [5, 6, 7, 8, 9] and cache.token_ids == [5, 6]
+    held = twin.copy()
+    held.hold([5, 6, 7])  # what set_state'd positions hold, as SlotBatch.take's caller says
+    assert held.token_ids == [5, 6, 7] and twin.token_ids == [5, 6, 7, 8, 9]
     cache.reset()
     assert cache.token_ids == []

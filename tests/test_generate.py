@@ -167,6 +167,39 @@ def test_sampling_filters_match_their_definitions():
     assert np.allclose(np.array(ours), np.array(theirs))
 
 
+def test_top_p_over_a_batch_with_ties_and_a_tiny_top_p():
+    """Rows filtered together each keep their own nucleus; tokens tied at the edge are kept alike; a tiny top_p
+    keeps only the most likely token; bfloat16 rows keep their dtype."""
+    import numpy as np
+
+    from phi3mlx.generate import top_p_filter
+
+    p = np.array([[0.4, 0.2, 0.2, 0.1, 0.1], [0.05, 0.05, 0.1, 0.3, 0.5]], np.float32)
+    out = np.array(top_p_filter(mx.array(np.log(p)), 0.5))
+    assert np.isfinite(out[0]).tolist() == [True, True, True, False, False]  # 0.4 + 0.2 holds 0.5; its tie too
+    assert np.isfinite(out[1]).tolist() == [False, False, False, False, True]  # 0.5 alone holds 0.5
+    tiny = np.array(top_p_filter(mx.array(np.log(p)), 1e-9))
+    assert np.isfinite(tiny).sum(axis=1).tolist() == [1, 1]
+    low = top_p_filter(mx.array(np.log(p)).astype(mx.bfloat16), 0.7)  # no edge within bfloat16's rounding
+    assert low.dtype == mx.bfloat16
+    assert np.isfinite(np.array(low.astype(mx.float32))).tolist() == [[True, True, True, False, False],
+                                                                       [False, False, False, True, True]]
+
+
+def test_seeded_sampler_draws_what_mlx_categorical_draws():
+    """The sampler's draw (filtered log-probabilities over the temperature, plus Gumbel noise from its own key
+    split once per call) is mx.random.categorical's with the same key, in float32 and bfloat16."""
+    from phi3mlx.generate import make_sampler
+
+    x = mx.random.normal((3, 500), key=mx.random.key(4)) * 2
+    for dtype in (mx.float32, mx.bfloat16):
+        lp = (x - mx.logsumexp(x, axis=-1, keepdims=True)).astype(dtype)
+        sampler, key = make_sampler(0.7, seed=11), mx.random.key(11)
+        for _ in range(4):  # the key advances per call, as the reference's does
+            key, sub = mx.random.split(key)
+            assert sampler(lp).tolist() == mx.random.categorical(lp * (1.0 / 0.7), key=sub).tolist()
+
+
 def test_reaching_the_context_says_so_with_the_real_rate(tmp_path, capsys):
     """A generation cut short by the context ends with finish_reason "context", a real rate, and the CLI
     says why it stopped (with and without --verbose)."""

@@ -202,7 +202,6 @@ def test_logprob_offsets_follow_the_text_where_the_first_space_is_dropped(folder
 
     model, tok = load(str(folders["phi3"]))
     prompt = tok.encode("The valley of")
-    first = int(mx.argmax(model(mx.array([prompt]))[0, -1]))
     spaced = [t for t in range(300, 30000) if tok.token_bytes(t).startswith(b" ") and len(tok.token_bytes(t)) > 2]
     # a prompt after which greedy decoding starts with a space-led token: nudge the last prompt token
     for extra in spaced[:400]:
@@ -217,8 +216,10 @@ def test_logprob_offsets_follow_the_text_where_the_first_space_is_dropped(folder
     engine.submit(Request(emit=lambda ev: (events.append(ev), isinstance(ev, Done) and finished.set()), ids=ids,
                           max_tokens=8, logprobs=1))
     engine.start()
-    assert finished.wait(60)
-    engine.stop()
+    try:
+        assert finished.wait(60)
+    finally:
+        engine.stop()
     text = "".join(ev.text for ev in events if isinstance(ev, Delta))
     lps = [lp for ev in events if isinstance(ev, Delta) for lp in ev.logprobs]
     assert lps[0].text.startswith(" ") and not text.startswith(" ")  # the case at hand
@@ -735,3 +736,21 @@ def test_waiting_events_go_out_in_one_write_one_event_each(embedded):
     assert [e["choices"][0]["delta"].get("content") for e in events[:3]] == ["a", "b", "c"]
     assert events[3]["choices"][0]["finish_reason"] == "stop" and events[4]["usage"]["completion_tokens"] == 3
     assert parts[1].endswith("data: [DONE]\n\n")
+
+
+def test_completion_prompt_ids_a_tokenizer_cannot_decode_get_a_400():
+    """Token ids the model's vocabulary has but its tokenizer does not (Phi-3-small pads its vocabulary) are a
+    400 naming the problem when logprobs need the prompt's text, and are not decoded otherwise."""
+    from types import SimpleNamespace
+
+    from phi3mlx.server import APIError
+
+    def decode(ids, skip_special_tokens=False):
+        raise ValueError(f"token id {max(ids)} is out of range for this tokenizer (0..99)")
+
+    stub = SimpleNamespace(tokenizer=SimpleNamespace(decode=decode), model=SimpleNamespace(config=SimpleNamespace(
+        vocab_size=128)))
+    assert Server._completion_prompt(stub, {"prompt": [5, 120]}, False) == ([5, 120], 0)
+    with pytest.raises(APIError) as e:
+        Server._completion_prompt(stub, {"prompt": [5, 120]}, True)
+    assert e.value.status == 400 and "token id 120 is out of range" in str(e.value)
