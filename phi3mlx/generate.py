@@ -126,6 +126,15 @@ class Sampling:
             return greedy(logprobs)
         return mx.argmax(self.filter(logprobs) * (1.0 / self.temperature) + self.noise(logprobs.shape), axis=-1)
 
+    @staticmethod
+    def draw(samplers: Sequence["Sampling"], logprobs: mx.array) -> mx.array:
+        """Row i of ``logprobs`` (n, V) drawn by ``samplers[i]``, all sampling with equal ``filters``: one
+        filter pass for every row, each row's own temperature (in the rows' dtype, rounding as the scalar
+        does alone) and noise, so each row gets what ``samplers[i]`` called on it alone gives."""
+        inv_t = mx.array([1.0 / m.temperature for m in samplers], dtype=logprobs.dtype)[:, None]
+        noise = mx.concatenate([m.noise((1, logprobs.shape[-1])) for m in samplers])
+        return mx.argmax(samplers[0].filter(logprobs) * inv_t + noise, axis=-1)
+
 
 def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  seed: Optional[int] = None) -> Sampler:

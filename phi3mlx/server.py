@@ -411,8 +411,8 @@ class Server:
                                  "logprobs": _chat_logprobs(ev.logprobs) if req.logprobs is not None else None}
                         else:
                             c = {"index": 0, "text": ev.text, "finish_reason": None,
-                                 "logprobs": (_completion_logprobs(ev.logprobs, prompt_chars) if req.logprobs is not None
-                                              else None)}
+                                 "logprobs": (_completion_logprobs(ev.logprobs, prompt_chars)
+                                              if req.logprobs is not None else None)}
                         out.append(chunk(c))
                         continue
                     done = True

@@ -40,7 +40,7 @@ import mlx.core as mx
 
 from .cache import ModelCache, SlotBatch, common_prefix, image_positions
 from .errors import Phi3MLXError
-from .generate import image_prompt, make_sampler, reuse_prefix
+from .generate import Sampling, image_prompt, make_sampler, reuse_prefix
 
 
 class QueueFull(Exception):
@@ -430,22 +430,14 @@ class Engine:
         if flight is not None:
             got += [(s, i, flight) for i, s in enumerate(flight.rows) if not s.done]
         got += [(s, 0, s.first) for s in firsts if not s.done]
-        if not got:
-            for s in firsts:
-                s.first = None
-            return
-        arrays = ([flight.toks] if flight is not None else []) + [s.first[0] for s in firsts]
-        mx.eval(arrays)
-        flight_toks = flight.toks.tolist() if flight is not None else None
-        for s, i, src in got:
-            if src is flight:
-                tok, lp = flight_toks[i], flight.logprobs.get(i)
-            else:
-                tok, lp = int(src[0].item()), src[1]
-                s.first = None
-            self._step(s, tok, lp)
-            if fed and not s.done:
-                s.held.append(tok)
+        if got:
+            mx.eval(([flight.toks] if flight is not None else []) + [s.first[0] for s in firsts])
+            flight_toks = flight.toks.tolist() if flight is not None else None
+            for s, i, src in got:
+                tok, lp = (flight_toks[i], flight.logprobs.get(i)) if src is flight else (int(src[0].item()), src[1])
+                self._step(s, tok, lp)
+                if fed and not s.done:
+                    s.held.append(tok)
         for s in firsts:
             s.first = None
 
@@ -472,12 +464,8 @@ class Engine:
                 groups.setdefault((smp.greedy, smp.filters), []).append(j)
             for (greedy, _), js in groups.items():
                 rows = sub if len(js) == len(rest) else sub[mx.array(js)]  # (n, V)
-                if not greedy:
-                    smps = [slots[rest[j]].sampler for j in js]
-                    inv_t = mx.array([1.0 / m.temperature for m in smps], dtype=rows.dtype)[:, None]
-                    noise = mx.concatenate([m.noise((1, rows.shape[-1])) for m in smps])
-                    rows = smps[0].filter(rows) * inv_t + noise
-                parts.append(mx.argmax(rows, axis=-1))
+                parts.append(mx.argmax(rows, axis=-1) if greedy
+                             else Sampling.draw([slots[rest[j]].sampler for j in js], rows))
                 where += [rest[j] for j in js]
         toks = (parts[0] if len(parts) == 1 else mx.concatenate(parts)).astype(mx.uint32)
         if where != list(range(len(slots))):
