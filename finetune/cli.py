@@ -543,7 +543,7 @@ def run_training(a, dpo: bool = False) -> list[dict]:
             f"{iters} steps")
 
     mx.random.seed(a.seed)
-    model, tok = load(a.model)
+    model, tok = load(a.model, cpu_layout=False)  # trained: its weights keep the usual layout
     table = None
     if with_images:  # a vision model: its frozen tower encodes every image once, adapters go on the decoder
         if not isinstance(tok, Processor):

@@ -461,12 +461,13 @@ class SlotBatch:
     """The keys and values of a batch of sequences, one buffer per layer (rows, K, capacity, D): row r
     holds its sequence's positions 0 .. lengths[r] - 1 from the start (a window model keeps them all;
     the window is applied by the mask). One decoding step writes each row's new key at its own
-    position with a single scatter per layer and reads every row with one attention call (the rows
-    beyond a row's length are masked), where per-sequence caches need per-row operations.
+    position with a single scatter per layer and reads every row with one attention call over the
+    whole buffer (the positions beyond a row's length are masked), where per-sequence caches need
+    per-row operations; the step is a pure function of the buffers (``SlotStore``), so it compiles.
 
     Float caches that never dropped a key only (``loadable``). ``add`` appends a sequence from its
-    ModelCache, ``take`` removes row r and gives it back as one; ``lengths`` advance by ``advance()``
-    after every layer has stored the step's keys.
+    ModelCache, ``take`` removes row r and gives it back as one. A step (``Model.decode_slots``) puts its
+    updated buffers back in ``keys``/``values``, then ``advance()`` moves every row on by one.
     """
 
     step = 64  # positions per growth: every join and leave copies the buffers, so they are kept short
@@ -549,30 +550,35 @@ class SlotBatch:
         if max(self.lengths, default=0) + 1 > self.capacity:
             self._grow(max(self.lengths) + 1)
 
-    def update_and_fetch(self, layer: int, k: mx.array, v: mx.array):
-        """Store k, v (rows, K, 1, D) at each row's position; return keys and values (rows, K, T, D) up to
-        the longest row (T = max length + 1)."""
-        pos = self.positions()
-        B, K, _, D = k.shape
-        idx = mx.broadcast_to(pos.reshape(B, 1, 1, 1), (B, K, 1, D))
-        self.keys[layer] = mx.put_along_axis(self.keys[layer], idx, k.astype(self.keys[layer].dtype), axis=2)
-        self.values[layer] = mx.put_along_axis(self.values[layer], idx, v.astype(self.values[layer].dtype), axis=2)
-        T = max(self.lengths) + 1
-        return self.keys[layer][:, :, :T], self.values[layer][:, :, :T]
-
     def advance(self) -> None:
         self.lengths = [n + 1 for n in self.lengths]
         self._positions = None
+
+
+class SlotStore:
+    """The buffers of one SlotBatch step as a pure function sees them: ``keys``/``values`` one
+    (rows, K, C, D) array per layer and ``positions`` (rows,) the position each row's new key takes.
+    ``layer(i).update_and_fetch(k, v)`` puts the step's k, v (rows, K, 1, D) at those positions (one
+    scatter) and returns the whole buffers, rows beyond a row's length included (the step's mask hides
+    them); ``keys``/``values`` then hold the updated buffers."""
+
+    def __init__(self, keys: Sequence[mx.array], values: Sequence[mx.array], positions: mx.array):
+        self.keys, self.values, self.positions = list(keys), list(values), positions
 
     def layer(self, i: int) -> "SlotLayer":
         return SlotLayer(self, i)
 
 
 class SlotLayer:
-    """Layer i of a SlotBatch, as the attention sees it."""
+    """Layer i of a SlotStore, as the attention sees it."""
 
-    def __init__(self, batch: SlotBatch, i: int):
-        self.batch, self.i = batch, i
+    def __init__(self, store: SlotStore, i: int):
+        self.store, self.i = store, i
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
-        return self.batch.update_and_fetch(self.i, k, v)
+        st, i = self.store, self.i
+        B, K, _, D = k.shape
+        idx = mx.broadcast_to(st.positions.reshape(B, 1, 1, 1), (B, K, 1, D))
+        st.keys[i] = mx.put_along_axis(st.keys[i], idx, k.astype(st.keys[i].dtype), axis=2)
+        st.values[i] = mx.put_along_axis(st.values[i], idx, v.astype(st.values[i].dtype), axis=2)
+        return st.keys[i], st.values[i]

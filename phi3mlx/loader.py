@@ -57,15 +57,40 @@ def load_processor(path: Path, model: Model, cfg: ModelConfig) -> BaseTokenizer:
     return tokenizer
 
 
-def load(path_or_hub_id, adapter_path: Optional[str] = None) -> Tuple[Model, BaseTokenizer]:
+def load(path_or_hub_id, adapter_path: Optional[str] = None, cpu_layout: bool = True
+         ) -> Tuple[Model, BaseTokenizer]:
     """Load a model and its tokenizer from a local folder or a Hugging Face Hub id.
 
     For the vision models (phi3_v) the second value is a ``Processor``: ``processor(text=...,
-    images=[...])`` gives the model's inputs, and it works as the text tokenizer everywhere."""
+    images=[...])`` gives the model's inputs, and it works as the text tokenizer everywhere.
+    ``cpu_layout``: on the CPU backend, store float32 projection weights in the layout the CPU's
+    matrix routines read fastest (``use_cpu_matmul_layout``); training asks for False."""
     path = resolve(path_or_hub_id)
     model, cfg = load_model(path)
     tokenizer = load_processor(path, model, cfg)
     if adapter_path is not None:  # unfused: the adapters run beside the frozen base layers
         load_adapters(model, adapter_path)
         model.eval()
+    if cpu_layout and mx.default_device() == mx.cpu:
+        use_cpu_matmul_layout(model)
     return model, tokenizer
+
+
+def use_cpu_matmul_layout(model: nn.Module) -> int:
+    """Keep every float32 ``nn.Linear`` weight (and a tied embedding, which is also the output
+    projection) in column-major memory: the same (out, in) array with the same values and names, whose
+    transpose ``x @ W.T`` now reads as a plain row-major matrix. MLX's CPU backend hands that product
+    to BLAS, and both the bundled BLAS and OpenBLAS multiply a row-major right operand about twice as
+    fast for one row (decoding) and 1.3-1.6x for 16 rows as a transposed one (measured on x86-64;
+    results are bit-identical there). Half-precision weights are left alone (no gain measured, float16
+    slower). Returns how many weights were changed."""
+    layers = [m for _, m in model.named_modules() if type(m) is nn.Linear]
+    if getattr(model, "config", None) is not None and model.config.tie_word_embeddings:
+        layers.append(model.model.embed_tokens)
+    n = 0
+    for m in layers:
+        if type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32:
+            m.weight = mx.contiguous(m.weight.T).T
+            n += 1
+    mx.eval(model.parameters())
+    return n

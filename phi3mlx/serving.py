@@ -137,8 +137,9 @@ class _Flight:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
                  pool_entries: int = 8, pool_tokens: int = 65536, kv_bits: Optional[int] = None,
-                 kv_group_size: Optional[int] = None):
+                 kv_group_size: Optional[int] = None, compiled: bool = True):
         self.model, self.tokenizer = model, tokenizer
+        self.compiled = compiled  # SlotBatch steps as compiled graphs (``Model.decode_slots``)
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.pool_entries, self.pool_tokens = pool_entries, pool_tokens
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
@@ -408,7 +409,8 @@ class Engine:
             tokens = tokens[mx.array(order)]
         for s in rows:
             s.long_cur = long
-        nxt = _Flight(rows, *self._pick(rows, self.model.decode_slots(tokens, self.slots, long)))
+        logits = self.model.decode_slots(tokens, self.slots, long, self.compiled)
+        nxt = _Flight(rows, *self._pick(rows, logits))
         if firsts:  # a new request's first token goes out before the step it feeds is computed
             self._land(None, firsts, fed=True)
         mx.async_eval([nxt.toks] + list(nxt.logprobs.values()))

@@ -610,10 +610,12 @@ def test_batched_rows_crossing_the_longrope_threshold(folders):
         assert len(got[i]) == 16 or got[i][-1] in tok.stop_ids
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kind", ["embedded", "phimoe-window"])
-def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
+def test_slot_batch_decoding_equals_each_row_alone(embedded, kind, compiled):
     """Model.decode_slots over a SlotBatch (rows of different lengths, a row leaving and joining again,
-    a sliding window shorter than the rows) gives each row the logits of its own decoding (the project's parity bound, 1e-4)."""
+    a sliding window shorter than the rows), plain or compiled, gives each row the logits of its own
+    decoding (the project's parity bound, 1e-4)."""
     from phi3mlx.cache import SlotBatch
     from phi3mlx.models import build_model, parse_config
 
@@ -638,7 +640,7 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
         batch.add(c2)
     toks = mx.array([5, 6, 7, 8])
     for step in range(30):
-        got = model.decode_slots(toks, batch, False)
+        got = model.decode_slots(toks, batch, False, compiled)
         want = mx.concatenate([model(toks[i : i + 1][None], cache=alone[i])[:, -1] for i in range(4)])
         assert float(mx.abs(got - want).max()) <= 1e-4  # float rounding of the masked reduction
         toks = mx.argmax(want, -1)
@@ -648,6 +650,34 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind):
             batch.add(back)
             alone.append(alone.pop(1))
             toks = mx.concatenate([toks[:1], toks[2:], toks[1:2]])
+
+
+def test_compiled_slot_step_reads_the_weights_at_every_call(embedded):
+    """The compiled step takes the model's weights as inputs: weights changed after it was traced (say,
+    adapters loaded into a served model) are used, not the traced ones."""
+    from phi3mlx.cache import SlotBatch
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import FT_PHI3
+
+    mx.random.seed(1)
+    model = build_model(parse_config(dict(FT_PHI3, model_type="phi3", num_hidden_layers=1, intermediate_size=256,
+                                          vocab_size=32064, max_position_embeddings=64, rms_norm_eps=1e-5)))
+    model.eval()
+
+    def step():
+        batch = SlotBatch(len(model.layers))
+        for p in ([1, 2, 3], [4, 5, 6, 7, 8]):
+            c = model.make_cache()
+            model(mx.array(p)[None], cache=c)
+            batch.add(c)
+        return model.decode_slots(mx.array([9, 10]), batch, False, compiled=True)
+
+    before = step()
+    head = model.lm_head if "lm_head" in model else model.model.embed_tokens
+    head.weight = head.weight * 2.0
+    after = step()
+    assert float(mx.abs(after - 2.0 * before).max()) <= 1e-4 * float(mx.abs(before).max())
 
 
 def test_engine_survives_bad_requests_and_keeps_to_the_context(folders):

@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..cache import ModelCache, config_identity, make_cache
+from ..cache import ModelCache, SlotStore, config_identity, make_cache
 from ..config import ModelConfig
 from .attention import Attention, FusedQKV, Pass, SlotPass
 
@@ -205,23 +205,41 @@ class Model(nn.Module):
         """Whether every layer attends densely (the SlotBatch decoding path; not Phi-3-small's blocksparse)."""
         return all(layer.self_attn.mask_maker is None for layer in self.model.layers)
 
-    def decode_slots(self, tokens: mx.array, batch, long_rope: bool) -> mx.array:
+    def decode_slots(self, tokens: mx.array, batch, long_rope: bool, compiled: bool = False) -> mx.array:
         """One decoding step of every row of ``batch`` (a ``SlotBatch``): ``tokens`` (B,) at the rows'
         positions, with the LongRoPE set ``long_rope``; logits (B, V). Each row's result equals its own
-        decoding over its own cache, up to float rounding of the masked reduction."""
+        decoding over its own cache, up to float rounding of the masked reduction. ``compiled``: run the
+        step as one compiled graph (``mx.compile``; traced once per batch shape, capacity and LongRoPE
+        set, then reused)."""
         batch.prepare()
-        pos = batch.positions()
-        ar = mx.arange(max(batch.lengths) + 1)
-        mask = ar[None, :] <= pos[:, None]  # (B, T)
+        step = self._compiled_slot_step(long_rope) if compiled else partial(self.slot_step, long_rope=long_rope)
+        logits, batch.keys, batch.values = step(tokens, batch.positions(), batch.keys, batch.values)
+        batch.advance()
+        return logits
+
+    def slot_step(self, tokens: mx.array, positions: mx.array, keys: list, values: list, long_rope: bool):
+        """The pure step behind ``decode_slots``: ``tokens`` (B,) at ``positions`` (B,) int32, over
+        buffers ``keys``/``values`` (one (B, K, C, D) per layer) -> (logits (B, V), the updated keys,
+        values). Row b attends to its positions 0 .. positions[b] (within the sliding window)."""
+        C = keys[0].shape[2]
+        ar = mx.arange(C)
+        mask = ar[None, :] <= positions[:, None]  # (B, C)
         w = self.config.sliding_window
         if w is not None and w < self.config.context_length:
-            mask = mask & (pos[:, None] - ar[None, :] < w)
-        p = SlotPass(pos, long_rope, mask[:, None, None, :])
+            mask = mask & (positions[:, None] - ar[None, :] < w)
+        p = SlotPass(positions, long_rope, mask[:, None, None, :])
+        store = SlotStore(keys, values, positions)
         h = self.embed(tokens.reshape(-1, 1))
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, p, batch.layer(i))
-        batch.advance()
-        return self._head(h)[:, -1, :]
+            h = layer(h, p, store.layer(i))
+        return self._head(h)[:, -1, :], store.keys, store.values
+
+    def _compiled_slot_step(self, long_rope: bool):
+        compiled = self.__dict__.setdefault("_slot_steps", {})  # not a parameter: kept out of the module tree
+        if long_rope not in compiled:
+            # the weights are inputs (read at every call), not constants frozen into the traced graph
+            compiled[long_rope] = mx.compile(partial(self.slot_step, long_rope=long_rope), inputs=self.state)
+        return compiled[long_rope]
 
     def embed(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> mx.array:
         """The first layer's input (B, L, hidden): token embeddings (with ``image_rows``, the negative ids'
