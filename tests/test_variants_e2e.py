@@ -333,6 +333,7 @@ def _variant_folder(request, which):
 @pytest.mark.parametrize("which", ["phi3small", "phimoe"])
 def test_cli_generate_and_chat(which, request, monkeypatch, capsys):
     folder, (model, tok) = _variant_folder(request, which)
+    capsys.readouterr()  # what building the folder printed, if it was built just now
     code, out, err = cli(capsys, "generate", "--model", folder, "--prompt", "hi", "--max-tokens", 5)
     assert code == 0, err
     assert "Traceback" not in err
