@@ -652,7 +652,7 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind, compiled):
             toks = mx.concatenate([toks[:1], toks[2:], toks[1:2]])
 
 
-def test_compiled_slot_step_reads_the_weights_at_every_call(embedded):
+def test_compiled_slot_step_reads_the_weights_at_every_call():
     """The compiled step takes the model's weights as inputs: weights changed after it was traced (say,
     adapters loaded into a served model) are used, not the traced ones."""
     from phi3mlx.cache import SlotBatch

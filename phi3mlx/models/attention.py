@@ -158,7 +158,7 @@ class Attention(nn.Module):
         q, k, v = self.projection.qkv(self, x)
         if isinstance(p, SlotPass):  # rows of a SlotBatch: one rotation, one scatter, one attention
             q, k = self.rope(q, p.positions, p.long_rope), self.rope(k, p.positions, p.long_rope)
-            k, v = cache.update_and_fetch(k, v)  # (B, K, T, D), T = the longest row + 1
+            k, v = cache.update_and_fetch(k, v)  # (B, K, C, D): the whole buffers, masked per row
             o = attend(q, k, v, self.scale[p.long_rope], AttentionMask(p.mask))
         elif isinstance(p, list):
             longs = {r.long_rope for r in p}

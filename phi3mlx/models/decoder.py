@@ -220,7 +220,10 @@ class Model(nn.Module):
     def slot_step(self, tokens: mx.array, positions: mx.array, keys: list, values: list, long_rope: bool):
         """The pure step behind ``decode_slots``: ``tokens`` (B,) at ``positions`` (B,) int32, over
         buffers ``keys``/``values`` (one (B, K, C, D) per layer) -> (logits (B, V), the updated keys,
-        values). Row b attends to its positions 0 .. positions[b] (within the sliding window)."""
+        values). Row b attends to its positions 0 .. positions[b] (within the sliding window).
+        Compiled, a trace is reused for every call with the same shapes and ``long_rope``: what Python
+        decides while tracing (the config, ``training``, adapter settings) is fixed into it, so change
+        none of that on a model being served (the weights themselves are read at every call)."""
         C = keys[0].shape[2]
         ar = mx.arange(C)
         mask = ar[None, :] <= positions[:, None]  # (B, C)
