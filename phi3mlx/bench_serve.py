@@ -185,7 +185,8 @@ def combine(trials: list) -> dict:
 
 
 def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
-                    concurrency=CONCURRENCY, workloads=("greedy",), trials: int = 2, progress=None) -> dict:
+                    concurrency=CONCURRENCY, workloads=("greedy",), trials: int = 2, progress=None,
+                    compile_steps: bool = False) -> dict:
     """For each workload, both servers are started afresh and warmed up; then for each concurrency each
     server runs ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
     speed during the run weighs on both alike (fully with an even number of trials). Both hold the model
@@ -198,7 +199,8 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
     say = progress or (lambda msg: None)
     model = str(resolve(model))  # one local folder for both servers
     servers = [("phi3mlx", [sys.executable, "-m", "phi3mlx", "serve", "--model", model, "--model-id", "bench",
-                            "--max-batch", str(max(concurrency)), "--port", "{port}"])]
+                            "--max-batch", str(max(concurrency)), "--port", "{port}"]
+                            + (["--compile-steps"] if compile_steps else []))]
     if compare_mlx_lm:
         servers.append(("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", model,
                                           "--log-level", "WARNING", "--port", "{port}"]))
@@ -315,5 +317,5 @@ def main(args) -> None:
         raise Phi3MLXError("; ".join(problems))
     workloads, streams = parsed
     res = run_serve_bench(args.model, args.gen_tokens, args.repeats, args.compare_mlx_lm, streams, workloads,
-                          trials=args.trials, progress=progress_printer())
+                          trials=args.trials, progress=progress_printer(), compile_steps=args.compile_steps)
     print_serve_report(res)

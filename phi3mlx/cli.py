@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(temperature 0), sampled (temperature 0.7, top_p 0.9), seeded (sampled with a seed per "
                    "request)")
     p.add_argument("--streams", default="1,4,16", help="with --serve: comma-separated numbers of concurrent clients")
+    p.add_argument("--compile-steps", action="store_true",
+                   help="with --serve: start phi3mlx serve with --compile-steps")
     p.add_argument("--trials", type=int, default=2,
                    help="with --serve: timed rounds per server and number of streams; with --compare-mlx-lm the "
                    "two servers, both running (the model loaded twice), take turns (A B B A ...; an even number "
@@ -318,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get HTTP 429")
     p.add_argument("--model-id", default=None, help="the name clients use (default: the --model argument)")
+    p.add_argument("--compile-steps", action="store_true",
+                   help="run the batch's decoding step as one compiled graph: faster steps for small models, but "
+                   "each new batch size and cache length is traced once (a pause) and kept in memory (about "
+                   "0.1 MB per layer per shape), so not the default")
     p.add_argument("--image-dir", default=None,
                    help="vision models: image_url paths must lie in this folder (default: any local path when "
                    "listening on loopback, none otherwise; data: URLs always work)")
@@ -489,7 +495,8 @@ def _cmd_serve(a):
     model, tok = load(a.model, adapter_path=a.adapter_path)
     _note_tiny(a)
     key = a.api_key if a.api_key is not None else os.environ.get("PHI3MLX_API_KEY") or None
-    serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue, image_dir=a.image_dir)
+    serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue, image_dir=a.image_dir,
+          compile_steps=a.compile_steps)
 
 
 def _cmd_plan(a):

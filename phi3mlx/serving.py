@@ -137,9 +137,11 @@ class _Flight:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
                  pool_entries: int = 8, pool_tokens: int = 65536, kv_bits: Optional[int] = None,
-                 kv_group_size: Optional[int] = None, compiled: bool = True):
+                 kv_group_size: Optional[int] = None, compiled: bool = False):
         self.model, self.tokenizer = model, tokenizer
-        self.compiled = compiled  # SlotBatch steps as compiled graphs (``Model.decode_slots``)
+        # SlotBatch steps as compiled graphs (``Model.decode_slots``): each batch size and buffer length is
+        # traced once and kept (memory and a pause per new shape), so it is the caller's choice
+        self.compiled = compiled
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.pool_entries, self.pool_tokens = pool_entries, pool_tokens
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size

@@ -420,7 +420,8 @@ def test_batched_greedy_equals_alone(folders, kind):
         assert done[i].completion_tokens == len([t for t in got[i] if t not in tok.stop_ids])
 
 
-def test_pipelined_batch_mixing_greedy_sampled_and_logprobs_equals_alone(folders):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_pipelined_batch_mixing_greedy_sampled_and_logprobs_equals_alone(folders, compiled):
     """Greedy, seeded-sampled and logprobs rows in one pipelined batch (step t+1 built before step t's
     tokens are read) each get the tokens they get alone; rows that end leave with exactly the positions
     they hold (the pooled caches), though the next step had already written one more."""
@@ -435,7 +436,7 @@ def test_pipelined_batch_mixing_greedy_sampled_and_logprobs_equals_alone(folders
     for p, kw in zip(prompts, settings):
         sampler = make_sampler(kw.get("temperature", 0.0), kw.get("top_p", 1.0), seed=kw.get("seed"))
         alone.append([t for t, _ in generate_step(p, model, max_tokens=kw.get("max_tokens", 10), sampler=sampler)])
-    engine = Engine(model, tok, max_batch=8)
+    engine = Engine(model, tok, max_batch=8, compiled=compiled)
     got, done = run_engine(engine, prompts, 10, settings=settings)
     for i in range(8):
         assert done[i].finish_reason in ("stop", "length"), done[i]
@@ -513,8 +514,8 @@ def test_load_of_concurrent_clients(running, embedded):
 
 
 def test_serve_command(capsys, tmp_path):
-    """`phi3mlx serve` as a user starts it: a subprocess answering on its port; its bad flags and a taken
-    port are one-line errors before the model loads."""
+    """`phi3mlx serve` as a user starts it (here with --compile-steps): a subprocess answering on its port;
+    its bad flags and a taken port are one-line errors before the model loads."""
     import subprocess
     import sys
 
@@ -522,7 +523,7 @@ def test_serve_command(capsys, tmp_path):
 
     port = free_port()
     proc = Subprocess("phi3mlx serve", [sys.executable, "-m", "phi3mlx", "serve", "--port", str(port),
-                                        "--model-id", "m"], port)
+                                        "--model-id", "m", "--compile-steps"], port)
     try:
         ttft, n = stream_request(port, "m", "What is 12 + 30?", 8)
         assert n >= 1 and ttft > 0
