@@ -82,8 +82,8 @@ def use_cpu_matmul_layout(model: nn.Module) -> int:
     transpose ``x @ W.T`` now reads as a plain row-major matrix. MLX's CPU backend hands that product
     to BLAS, and both the bundled BLAS and OpenBLAS multiply a row-major right operand about twice as
     fast for one row (decoding) and 1.3-1.6x for 16 rows as a transposed one (measured on x86-64,
-    where the outputs were bit-identical; tests hold them within 1e-5). Half-precision weights are left alone (no gain measured, float16
-    slower). Returns how many weights were changed."""
+    where the outputs were bit-identical; tests hold them within 1e-5). Half-precision weights are left
+    alone (no gain measured, float16 slower). Returns how many weights were changed."""
     layers = [m for _, m in model.named_modules() if type(m) is nn.Linear]
     if getattr(model, "config", None) is not None and model.config.tie_word_embeddings:
         layers.append(model.model.embed_tokens)
