@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-steps", action="store_true",
                    help="run the batch's decoding step as one compiled graph: faster steps for small models, but "
                    "each new batch size and cache length is traced once (a pause) and kept in memory (about "
-                   "0.1 MB per layer per shape), so not the default")
+                   "0.1 MB per layer per shape, 64 shapes at most, then it starts afresh), so not the default")
     p.add_argument("--image-dir", default=None,
                    help="vision models: image_url paths must lie in this folder (default: any local path when "
                    "listening on loopback, none otherwise; data: URLs always work)")

@@ -681,6 +681,37 @@ def test_compiled_slot_step_reads_the_weights_at_every_call():
     assert float(mx.abs(after - 2.0 * before).max()) <= 1e-4 * float(mx.abs(before).max())
 
 
+def test_compiled_slot_step_keeps_a_bounded_number_of_traces(monkeypatch):
+    """Past ``max_slot_traces`` shapes the compiled step starts afresh (MLX keeps every trace of a compiled
+    function), and every shape still gives the plain step's logits."""
+    from phi3mlx.cache import SlotBatch
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import FT_PHI3
+
+    mx.random.seed(2)
+    model = build_model(parse_config(dict(FT_PHI3, model_type="phi3", num_hidden_layers=1, intermediate_size=256,
+                                          vocab_size=32064, max_position_embeddings=256, rms_norm_eps=1e-5)))
+    model.eval()
+    monkeypatch.setattr(type(model), "max_slot_traces", 3)
+    fns = []  # the compiled functions used, kept alive
+    for rows in (1, 2, 3, 4, 5, 2):
+        got = {}
+        for compiled in (False, True):
+            batch = SlotBatch(len(model.layers))
+            for r in range(rows):
+                c = model.make_cache()
+                model(mx.array([[1 + r, 2, 3]]), cache=c)
+                batch.add(c)
+            got[compiled] = model.decode_slots(mx.arange(rows), batch, False, compiled=compiled)
+        assert float(mx.abs(got[True] - got[False]).max()) <= 1e-4, rows
+        fn, shapes = model._slot_steps[False]
+        assert len(shapes) <= 3 and (rows, 64) in shapes
+        if not any(f is fn for f in fns):
+            fns.append(fn)
+    assert len(fns) == 2  # shapes 1-3 on the first function, 4, 5 and 2 on a fresh one
+
+
 def test_engine_survives_bad_requests_and_keeps_to_the_context(folders):
     """A request that fails at admission ends alone (the engine goes on); rows decoding in the shared
     buffer stop at the model's context."""

@@ -212,7 +212,10 @@ class Model(nn.Module):
         step as one compiled graph (``mx.compile``; traced once per batch shape, capacity and LongRoPE
         set, then reused)."""
         batch.prepare()
-        step = self._compiled_slot_step(long_rope) if compiled else partial(self.slot_step, long_rope=long_rope)
+        if compiled:
+            step = self._compiled_slot_step(long_rope, (batch.rows, batch.capacity))
+        else:
+            step = partial(self.slot_step, long_rope=long_rope)
         logits, batch.keys, batch.values = step(tokens, batch.positions(), batch.keys, batch.values)
         batch.advance()
         return logits
@@ -237,12 +240,20 @@ class Model(nn.Module):
             h = layer(h, p, store.layer(i))
         return self._head(h)[:, -1, :], store.keys, store.values
 
-    def _compiled_slot_step(self, long_rope: bool):
-        compiled = self.__dict__.setdefault("_slot_steps", {})  # not a parameter: kept out of the module tree
-        if long_rope not in compiled:
+    max_slot_traces = 64  # shapes a compiled step keeps traced; past that it starts afresh
+
+    def _compiled_slot_step(self, long_rope: bool, shape: tuple):
+        """The compiled step for ``long_rope``, about to run at ``shape`` (rows, capacity). Each shape is a
+        trace MLX keeps (about 0.1 MB per layer): once ``max_slot_traces`` shapes have been traced, the
+        compiled function is replaced by a fresh one, whose traces reuse the memory the old ones freed."""
+        steps = self.__dict__.setdefault("_slot_steps", {})  # not a parameter: kept out of the module tree
+        fn, shapes = steps.get(long_rope, (None, set()))
+        if fn is None or (shape not in shapes and len(shapes) >= self.max_slot_traces):
             # the weights are inputs (read at every call), not constants frozen into the traced graph
-            compiled[long_rope] = mx.compile(partial(self.slot_step, long_rope=long_rope), inputs=self.state)
-        return compiled[long_rope]
+            fn, shapes = mx.compile(partial(self.slot_step, long_rope=long_rope), inputs=self.state), set()
+            steps[long_rope] = (fn, shapes)
+        shapes.add(shape)
+        return fn
 
     def embed(self, inputs: mx.array, image_rows: Optional[mx.array] = None) -> mx.array:
         """The first layer's input (B, L, hidden): token embeddings (with ``image_rows``, the negative ids'
