@@ -142,7 +142,8 @@ class Server:
         # local image paths a request may name: none (None, the default), any (ANY_PATH), or those in a folder
         self.image_dir = image_dir if image_dir is None or image_dir is ANY_PATH else os.path.realpath(image_dir)
         self.context = model.config.context_length
-        self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, compiled=compile_steps)
+        self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                                       compiled=compile_steps)
         self.created = int(time.time())
         self._relay: Optional[_Relay] = None
         self.engine.on_round(self._kick)
