@@ -472,10 +472,12 @@ class SlotBatch:
 
     step = 64  # positions per growth: every join and leave copies the buffers, so they are kept short
 
-    def __init__(self, n_layers: int):
+    def __init__(self, n_layers: int, kv: Optional[tuple] = None):
+        """``kv``: (kv heads, head dim, dtype) of a row, for adding empty caches to an empty batch."""
         self.keys: List[Optional[mx.array]] = [None] * n_layers
         self.values: List[Optional[mx.array]] = [None] * n_layers
         self.lengths: List[int] = []
+        self.kv = kv
         self._positions: Optional[mx.array] = None
 
     @staticmethod
@@ -507,29 +509,68 @@ class SlotBatch:
                     store[i] = self._pad(a, cap)
 
     def add(self, cache: "ModelCache") -> None:
-        """Append ``cache``'s sequence (batch 1) as the last row."""
+        """Append ``cache``'s sequence (batch 1; it may be empty) as the last row."""
         n = cache.offset
         if self.rows:
             self._grow(max(n + 1, self.capacity))
         cap = max(self.capacity, self._room(n + 1))
         for i, layer in enumerate(cache):
-            for store, part in ((self.keys, layer.keys[0]), (self.values, layer.values[0])):
-                row = self._pad(part[:, :, :n], cap)  # (1, K, cap, D)
+            for store, part in ((self.keys, layer.keys), (self.values, layer.values)):
+                part = part[0][:, :, :n] if part is not None else self._empty(store[i])
+                row = self._pad(part, cap)  # (1, K, cap, D)
                 store[i] = row if store[i] is None else mx.concatenate([store[i], row], axis=0)
         self.lengths.append(n)
+        self._positions = None
+
+    def _empty(self, like: Optional[mx.array]) -> mx.array:
+        """A row holding no positions, (1, K, 0, D), shaped as ``like``'s rows or as ``kv`` says."""
+        if like is not None:
+            return mx.zeros((1, like.shape[1], 0, like.shape[3]), like.dtype)
+        if self.kv is None:
+            raise ValueError("an empty cache joins an empty SlotBatch made without kv=(heads, head_dim, dtype)")
+        K, D, dtype = self.kv
+        return mx.zeros((1, K, 0, D), dtype)
+
+    def extend(self, other: "SlotBatch") -> None:
+        """Append every row of ``other`` (which is left as it is), in its order: one copy of the buffers."""
+        if not other.rows:
+            return
+        if not self.rows:
+            self.keys, self.values = list(other.keys), list(other.values)
+        else:
+            cap = max(self.capacity, other.capacity)
+            for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+                for i, (a, b) in enumerate(zip(mine, theirs)):
+                    a = a if a.shape[2] == cap else self._pad(a, cap)
+                    b = b if b.shape[2] == cap else self._pad(b, cap)
+                    mine[i] = mx.concatenate([a, b], axis=0)
+        self.lengths += other.lengths
         self._positions = None
 
     def take(self, r: int, cache: "ModelCache", n: Optional[int] = None) -> "ModelCache":
         """Remove row r, putting its first ``n`` positions (default: all it has) into the empty ``cache``
         (same layout as loaded)."""
-        n = self.lengths[r] if n is None else n
-        if not 0 <= n <= self.lengths[r]:
-            raise ValueError(f"row {r} has {self.lengths[r]} positions, cannot take {n}")
-        for i, layer in enumerate(cache):  # copies: a view would keep the whole batch buffer alive
-            layer.set_state([mx.contiguous(self.keys[i][r : r + 1, :, :n]),
-                             mx.contiguous(self.values[i][r : r + 1, :, :n])], 0, n)
-        keep = [j for j in range(self.rows) if j != r]
-        del self.lengths[r]
+        self.take_rows([(r, cache, n)])
+        return cache
+
+    def take_rows(self, picks: Sequence[tuple]) -> None:
+        """Remove several rows at once: ``picks`` (row, empty cache, n or None), each row's first n
+        positions (default: all it has) put into its cache. The rows that stay are gathered once, however
+        many leave."""
+        for r, _, n in picks:
+            if not 0 <= r < self.rows or (n is not None and not 0 <= n <= self.lengths[r]):
+                raise ValueError(f"row {r} has {self.lengths[r] if 0 <= r < self.rows else 'no'} positions, "
+                                 f"cannot take {n}")
+        if len({r for r, _, _ in picks}) != len(picks):
+            raise ValueError(f"rows {[r for r, _, _ in picks]} are taken more than once")
+        for r, cache, n in picks:
+            n = self.lengths[r] if n is None else n
+            for i, layer in enumerate(cache):  # copies: a view would keep the whole batch buffer alive
+                layer.set_state([mx.contiguous(self.keys[i][r : r + 1, :, :n]),
+                                 mx.contiguous(self.values[i][r : r + 1, :, :n])], 0, n)
+        gone = {r for r, _, _ in picks}
+        keep = [j for j in range(self.rows) if j not in gone]
+        self.lengths = [self.lengths[j] for j in keep]
         # the rest, in buffers no longer than the longest remaining row needs (one copy either way)
         cap = min(self.capacity, self._room(max(self.lengths, default=0) + 1))
         idx = mx.array(keep) if keep else None
@@ -537,7 +578,6 @@ class SlotBatch:
             for i, a in enumerate(store):
                 store[i] = a[:, :, :cap][idx] if keep else None
         self._positions = None
-        return cache
 
     def positions(self) -> mx.array:
         """(rows,) int32: the position each row's next token takes."""
@@ -545,22 +585,27 @@ class SlotBatch:
             self._positions = mx.array(self.lengths, dtype=mx.int32)
         return self._positions
 
-    def prepare(self) -> None:
-        """Room for one more position in every row (call before a step)."""
-        if max(self.lengths, default=0) + 1 > self.capacity:
-            self._grow(max(self.lengths) + 1)
+    def prepare(self, n: int = 1) -> None:
+        """Room for ``n`` more positions in every row (call before a step)."""
+        if max(self.lengths, default=0) + n > self.capacity:
+            self._grow(max(self.lengths) + n)
 
     def advance(self) -> None:
         self.lengths = [n + 1 for n in self.lengths]
         self._positions = None
 
+    def invalidate(self) -> None:
+        """``lengths`` were changed in place: the positions array is built again."""
+        self._positions = None
+
 
 class SlotStore:
     """The buffers of one SlotBatch step as a pure function sees them: ``keys``/``values`` one
-    (rows, K, C, D) array per layer and ``positions`` (rows,) the position each row's new key takes.
-    ``layer(i).update_and_fetch(k, v)`` puts the step's k, v (rows, K, 1, D) at those positions (one
-    scatter) and returns the whole buffers, rows beyond a row's length included (the step's mask hides
-    them); ``keys``/``values`` then hold the updated buffers."""
+    (rows, K, C, D) array per layer and ``positions`` (rows,) the position each row's first new key
+    takes. ``layer(i).update_and_fetch(k, v)`` puts the step's k, v (rows, K, L, D) at positions
+    positions[b] .. positions[b] + L - 1 (one scatter) and returns the whole buffers, positions beyond
+    a row's own included (the step's mask hides them); ``keys``/``values`` then hold the updated
+    buffers."""
 
     def __init__(self, keys: Sequence[mx.array], values: Sequence[mx.array], positions: mx.array):
         self.keys, self.values, self.positions = list(keys), list(values), positions
@@ -577,8 +622,11 @@ class SlotLayer:
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         st, i = self.store, self.i
-        B, K, _, D = k.shape
-        idx = mx.broadcast_to(st.positions.reshape(B, 1, 1, 1), (B, K, 1, D))
+        B, K, L, D = k.shape
+        at = st.positions.reshape(B, 1, 1, 1)
+        if L > 1:
+            at = at + mx.arange(L, dtype=at.dtype).reshape(1, 1, L, 1)  # (B, 1, L, 1)
+        idx = mx.broadcast_to(at, (B, K, L, D))
         st.keys[i] = mx.put_along_axis(st.keys[i], idx, k.astype(st.keys[i].dtype), axis=2)
         st.values[i] = mx.put_along_axis(st.values[i], idx, v.astype(st.values[i].dtype), axis=2)
         return st.keys[i], st.values[i]

@@ -150,8 +150,9 @@ class Engine:
         self._active: List[_Slot] = []
         self._pool: List[ModelCache] = []  # most recently used last
         dense = model.slot_ready and kv_bits is None
-        self.slots: Optional[SlotBatch] = SlotBatch(len(model.layers)) if dense else None
+        self.slots: Optional[SlotBatch] = model.slot_batch() if dense else None
         self._rows: List[_Slot] = []  # the SlotBatch's rows, in order
+        self._leaving: List[tuple] = []  # (slot, whether its cache then joins the pool): rows to take out
         self._flight: Optional[_Flight] = None  # the SlotBatch step being computed
         self._wake = threading.Event()
         self._stop = False
@@ -170,7 +171,9 @@ class Engine:
     # ------------------------------------------------------------------------------ life cycle
 
     def start(self) -> "Engine":
+        """Start the engine thread (again after ``stop``: queued requests and the prefix pool are kept)."""
         if self._thread is None:
+            self._stop = False
             self._thread = threading.Thread(target=self._run, name="phi3mlx-engine", daemon=True)
             self._thread.start()
         return self
@@ -226,8 +229,8 @@ class Engine:
                 self._decode()
             except Exception as e:  # noqa: BLE001  (one bad step must not stop the server)
                 if self.slots is not None:  # its rows may be half-updated: every active request ends
-                    self.slots = SlotBatch(len(self.model.layers))
-                self._rows = []
+                    self.slots = self.model.slot_batch()
+                self._rows, self._leaving = [], []
                 self._flight = None
                 for s in self._active:
                     s.in_batch = False
@@ -298,6 +301,7 @@ class Engine:
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
+        together: List[_Slot] = []  # whole rest of the prompt now, prefilled as rows of one pass
         for s in self._active:
             if s.prefilled or s.done or budget <= 0:
                 continue
@@ -316,6 +320,10 @@ class Engine:
                 s.todo = s.todo[len(head) :]
                 budget = 0
                 continue
+            if self._joins_together(s):
+                together.append(s)
+                budget -= len(s.todo)
+                continue
             # the rest of the prompt in one pass; its last position's logits give the first token
             rows = s.rows if image_positions(s.todo) else None
             logits = self.model(mx.array(s.todo)[None], cache=s.cache, long_rope=s.long, last_only=True,
@@ -328,6 +336,58 @@ class Engine:
             else:
                 self._take([s], logits)
 
+        for group in self._groups(together):
+            self._prefill_rows(group)
+
+    def _joins_together(self, s: _Slot) -> bool:
+        """Whether s's prompt can run as a row of a batched prefill into the SlotBatch: dense float
+        caches, no image positions left to feed, and a cached prefix (if any) encoded with the LongRoPE
+        set the prompt needs."""
+        return (self.slots is not None and not image_positions(s.todo) and SlotBatch.loadable(s.cache)
+                and (s.cache.offset == 0 or s.cache.long_rope == s.long
+                     or self.model.config.rope.kind != "longrope"))
+
+    pad_waste = 0.5  # a batched prefill computes at most this much padding per real prompt token (+ one row's)
+
+    def _groups(self, slots: List[_Slot]) -> List[List[_Slot]]:
+        """``slots`` as batched-prefill groups: one LongRoPE set each, prompts of similar lengths (sorted
+        by length, a group grows while its padding stays within ``pad_waste``)."""
+        groups: List[List[_Slot]] = []
+        for long in (False, True):
+            rows = sorted((s for s in slots if s.long == long), key=lambda s: len(s.todo))
+            group: List[_Slot] = []
+            for s in rows:
+                n = len(s.todo)  # the longest so far: rows are sorted
+                real = sum(len(x.todo) for x in group) + n
+                if group and (len(group) + 1) * n > real * (1 + self.pad_waste) + n:
+                    groups.append(group)
+                    group = []
+                group.append(s)
+            if group:
+                groups.append(group)
+        return groups
+
+    def _prefill_rows(self, group: List[_Slot]) -> None:
+        """The rest of each prompt of ``group`` in one pass as new rows of the SlotBatch (each continuing
+        its cached prefix); each row's last position gives its first token, read when the batch's next
+        step is on its way."""
+        part = self.model.slot_batch()
+        for s in group:
+            part.add(s.cache)
+        L = max(len(s.todo) for s in group)
+        tokens = mx.array([s.todo + [0] * (L - len(s.todo)) for s in group])  # (B, L) right-padded
+        logits = self.model.prefill_slots(tokens, [len(s.todo) for s in group], part, group[0].long)
+        toks, logprobs = self._pick(group, logits)
+        self.slots.extend(part)
+        for i, s in enumerate(group):
+            s.held = list(s.ids)
+            s.long_cur, s.held_rows = group[0].long, s.cache.image_rows
+            s.cache.reset()
+            s.todo, s.prefilled = [], True
+            self._rows.append(s)
+            s.in_batch = True
+            s.first = (toks[i : i + 1], logprobs.get(i))
+
     def _join(self, s: _Slot, first: tuple) -> None:
         s.held = list(s.ids)  # after its prefill the cache holds exactly the prompt
         s.long_cur, s.held_rows = s.cache.long_rope, s.cache.image_rows
@@ -337,17 +397,31 @@ class Engine:
         s.in_batch = True
         s.first = first
 
-    def _leave(self, s: _Slot) -> None:
-        """Move s's row out of the SlotBatch into its own cache again: the positions it holds (a step in
-        flight may have written one more, a token that ended it)."""
-        r = self._rows.index(s)
-        s.cache.reset()
-        self.slots.take(r, s.cache, len(s.held))
-        s.cache.hold(s.held, s.held_rows)
-        s.cache.long_rope = s.long_cur
-        mx.async_eval([a for layer in s.cache for a in layer.state])  # its copy, not a view of the batch
-        self._rows.pop(r)
-        s.in_batch = False
+    def _leave(self, s: _Slot, pool: bool = False) -> None:
+        """Take s's row out of the SlotBatch into its own cache again (with ``pool``, the cache then joins
+        the prefix pool). Rows leaving in the same round go out together (``_take_out``), before the
+        batch's next change."""
+        self._leaving.append((s, pool))
+
+    def _take_out(self) -> None:
+        """Move the leaving rows out of the SlotBatch, each into its own cache: the positions it holds (a
+        step in flight may have written one more, a token that ended it)."""
+        if not self._leaving:
+            return
+        leaving, self._leaving = self._leaving, []
+        for s, _ in leaving:
+            s.cache.reset()
+        self.slots.take_rows([(self._rows.index(s), s.cache, len(s.held)) for s, _ in leaving])
+        gone = {id(s) for s, _ in leaving}
+        self._rows = [s for s in self._rows if id(s) not in gone]
+        for s, pool in leaving:
+            s.cache.hold(s.held, s.held_rows)
+            s.cache.long_rope = s.long_cur
+            s.in_batch = False
+            if pool:
+                self._to_pool(s.cache)
+        # their copies, not views of the batch
+        mx.async_eval([a for s, _ in leaving for layer in s.cache for a in layer.state])
 
     def _decode(self) -> None:
         cancelled = [s for s in self._active if s.prefilled and not s.done and s.req._cancelled]
@@ -362,6 +436,7 @@ class Engine:
         for s in leaving:
             if s.in_batch and not s.done:
                 self._leave(s)
+        self._take_out()
         ragged = [s for s in self._active if s.prefilled and not s.done and not s.in_batch]
         rows = list(self._rows)
         if not rows and not ragged:
@@ -444,6 +519,7 @@ class Engine:
                     s.held.append(tok)
         for s in firsts:
             s.first = None
+        self._take_out()  # the rows these tokens ended, together
 
     def _pick(self, slots: List[_Slot], logits: mx.array) -> tuple:
         """Each slot's next token from its row of ``logits`` (B, V), lazily: (tokens (B,), row -> log-
@@ -556,10 +632,10 @@ class Engine:
         if s.done:
             return
         s.done = True
-        if s.in_batch:
-            self._leave(s)
+        if s.in_batch:  # its cache is filled (and pooled) when the row is taken out
+            self._leave(s, pool=reason != "error")
+        elif reason != "error":
+            self._to_pool(s.cache)
         if s.pending_lp:
             self._emit(s, s.text[: s.sent])
-        if reason != "error":
-            self._to_pool(s.cache)
         s.req.emit(Done(reason, len(s.ids), s.n, s.cached, error))

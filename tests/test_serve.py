@@ -387,20 +387,23 @@ def run_engine(engine: Engine, prompts: list, max_tokens: int, on_leave=None, se
         got[reqs.index(slot.req)].append(token)
         step(slot, token, logprobs)
 
-    def spy_leave(slot):
+    def spy_leave(slot, *args, **kwargs):
         if on_leave is not None:
             on_leave(reqs.index(slot.req), slot)
-        leave(slot)
+        leave(slot, *args, **kwargs)
 
     engine._step, engine._leave = spy_step, spy_leave
     for r in reqs:
         engine.submit(r)
     engine.start()
     t0 = time.time()
-    while len(done) < len(prompts):
-        assert time.time() - t0 < 60
-        time.sleep(0.01)
-    engine.stop()
+    try:
+        while len(done) < len(prompts):
+            assert time.time() - t0 < 60
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+        del engine._step, engine._leave  # the engine's own again: it may be run once more
     return got, done
 
 
@@ -651,6 +654,115 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind, compiled):
             batch.add(back)
             alone.append(alone.pop(1))
             toks = mx.concatenate([toks[:1], toks[2:], toks[1:2]])
+
+
+@pytest.mark.parametrize("kind", ["embedded", "phimoe-window"])
+def test_batched_prefill_equals_each_prompt_alone(embedded, kind):
+    """Model.prefill_slots runs prompts of different lengths as right-padded rows of one pass, each
+    continuing its own cached prefix (none, a few positions, more than the window): each row's logits
+    are those of its prompt's own pass, and decoding on from the rows gives each its own logits
+    (the padding's keys are never seen). The project's parity bound, 1e-4."""
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import FT_MOE
+
+    if kind == "embedded":
+        model = embedded[0]
+    else:
+        mx.random.seed(0)
+        model = build_model(parse_config(dict(FT_MOE, sliding_window=20)))
+        model.eval()
+    rng = np.random.default_rng(1)
+    prefixes = [[], rng.integers(0, 1000, 5).tolist(), [], rng.integers(0, 1000, 33).tolist()]
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (7, 1, 30, 12)]
+    main = model.slot_batch()  # a batch with a row already decoding, which the prefilled rows join
+    c0 = model.make_cache()
+    model(mx.array([[3, 4, 5]]), cache=c0)
+    main.add(c0.copy())
+    part, alone, want = model.slot_batch(), [], []
+    for pre, p in zip(prefixes, prompts):
+        c = model.make_cache()
+        if pre:
+            model(mx.array(pre)[None], cache=c)
+        part.add(c.copy())
+        want.append(model(mx.array(p)[None], cache=c)[:, -1])
+        alone.append(c)
+    L = max(map(len, prompts))
+    tokens = mx.array([p + [0] * (L - len(p)) for p in prompts])
+    got = model.prefill_slots(tokens, [len(p) for p in prompts], part, False)
+    assert part.lengths == [len(a) + len(b) for a, b in zip(prefixes, prompts)]
+    assert float(mx.abs(got - mx.concatenate(want)).max()) <= 1e-4
+    main.extend(part)
+    assert main.rows == 5 and main.lengths[1:] == part.lengths
+    toks = mx.array([1] + [int(t) for t in mx.argmax(got, -1).tolist()])
+    alone.insert(0, c0)
+    for _ in range(6):
+        got = model.decode_slots(toks, main, False)
+        want = mx.concatenate([model(toks[i : i + 1][None], cache=alone[i])[:, -1] for i in range(5)])
+        assert float(mx.abs(got - want).max()) <= 1e-4
+        toks = mx.argmax(want, -1)
+    with pytest.raises(ValueError, match="do not fit"):
+        model.prefill_slots(tokens, [len(p) for p in prompts[:3]], model.slot_batch(), False)
+
+
+def test_requests_arriving_together_are_prefilled_in_one_pass(folders):
+    """Greedy requests admitted in the same round (one continuing a pooled conversation) are prefilled
+    as rows of one pass, grouped by length so that padding stays bounded, and each gets the tokens it
+    gets alone."""
+    model, tok = load(str(folders["phi3"]))
+    rng = np.random.default_rng(7)
+    first = rng.integers(5, 1000, 14).tolist()
+    prompts = [rng.integers(5, 1000, n).tolist() for n in (10, 12, 9, 11)] + [rng.integers(5, 1000, 120).tolist()]
+    engine = Engine(model, tok, max_batch=8)
+    got0, done0 = run_engine(engine, [first], 6)  # its cache goes to the pool: the prompt and the tokens fed
+    assert done0[0].finish_reason == "length"
+    prompts.append(first + got0[0] + rng.integers(5, 1000, 4).tolist())  # the conversation goes on: 5 new
+    alone = [[t for t, _ in generate_step(p, model, max_tokens=8)] for p in prompts]
+    calls = []
+    real = model.prefill_slots
+
+    def spy(tokens, counts, batch, long_rope):
+        calls.append(list(counts))
+        return real(tokens, counts, batch, long_rope)
+
+    model.prefill_slots = spy
+    try:
+        got, done = run_engine(engine, prompts, 8)  # engine runs again, with its pool
+    finally:
+        del model.prefill_slots
+    assert sorted(map(sorted, calls)) == [[5, 9, 10, 11, 12], [120]], calls  # the long prompt in a pass of its own
+    assert done[5].cached_tokens == len(first) + 5
+    for i in range(len(prompts)):
+        assert got[i] == alone[i][: len(got[i])], i
+        assert len(got[i]) == 8 or got[i][-1] in tok.stop_ids
+
+
+def test_slot_batch_takes_several_rows_at_once(embedded):
+    """take_rows removes rows in one go: each leaving row's first n positions land in its cache, the rows
+    that stay keep their order and contents in buffers cut to what they need; a row named twice or more
+    positions than a row has is refused."""
+    model = embedded[0]
+    batch, caches = model.slot_batch(), []
+    for n in (5, 70, 9, 12):
+        c = model.make_cache()
+        model(mx.arange(1, n + 1)[None], cache=c)
+        caches.append(c)
+        batch.add(c.copy())
+    before = [mx.array(a) for a in batch.keys + batch.values]
+    a, b = model.make_cache(), model.make_cache()
+    batch.take_rows([(1, a, None), (3, b, 7)])
+    assert batch.lengths == [5, 9] and batch.capacity == 64  # the 70-position row is gone: one step of room
+    assert a.offset == 70 and b.offset == 7
+    for i in range(len(model.layers)):
+        for got, want in ((a[i].state[0], caches[1][i].state[0]), (b[i].state[1], caches[3][i].state[1][:, :, :7])):
+            assert mx.array_equal(got, want)
+        for j, r in enumerate((0, 2)):
+            assert mx.array_equal(batch.keys[i][j, :, :9], before[i][r, :, :9])
+    for picks, msg in (([(0, a, None), (0, b, None)], "more than once"), ([(1, a, 10)], "cannot take 10"),
+                       ([(2, a, None)], "row 2 has no positions")):
+        with pytest.raises(ValueError, match=msg):
+            batch.take_rows(picks)
+    assert batch.lengths == [5, 9]
 
 
 def test_compiled_slot_step_reads_the_weights_at_every_call():

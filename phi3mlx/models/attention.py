@@ -67,8 +67,9 @@ class Pass:
 
 @dataclass
 class SlotPass:
-    """One decoding step of a SlotBatch (``phi3mlx.cache``): row b's token at ``positions[b]``; ``mask``
-    (B, 1, 1, T) True where row b may attend (its own positions, within the window)."""
+    """One pass over a SlotBatch (``phi3mlx.cache``): row b's L tokens at positions[b] .. positions[b] +
+    L - 1 (L is 1 for a decoding step); ``mask`` (B, 1, L, T) True where each may attend (its row's
+    positions up to its own, within the window)."""
 
     positions: mx.array
     long_rope: bool

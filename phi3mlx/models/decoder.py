@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..cache import ModelCache, SlotStore, config_identity, make_cache
+from ..cache import ModelCache, SlotBatch, SlotStore, config_identity, make_cache
 from ..config import ModelConfig
 from .attention import Attention, FusedQKV, Pass, SlotPass
 
@@ -227,18 +227,49 @@ class Model(nn.Module):
         Compiled, a trace is reused for every call with the same shapes and ``long_rope``: what Python
         decides while tracing (the config, ``training``, adapter settings) is fixed into it, so change
         none of that on a model being served (the weights themselves are read at every call)."""
+        h, keys, values = self._slot_pass(tokens.reshape(-1, 1), positions, keys, values, long_rope)
+        return self._head(h)[:, -1, :], keys, values
+
+    def _slot_pass(self, tokens: mx.array, positions: mx.array, keys: list, values: list, long_rope: bool):
+        """The layers over SlotBatch buffers: ``tokens`` (B, L), row b's at positions positions[b] ..
+        positions[b] + L - 1, each attending to its row's positions up to its own (within the window)
+        -> (hidden (B, L, hidden), the updated keys, values)."""
+        L = tokens.shape[1]
         C = keys[0].shape[2]
         ar = mx.arange(C)
-        mask = ar[None, :] <= positions[:, None]  # (B, C)
+        at = positions[:, None] if L == 1 else positions[:, None] + mx.arange(L, dtype=positions.dtype)  # (B, L)
+        mask = ar[None, None, :] <= at[:, :, None]  # (B, L, C)
         w = self.config.sliding_window
         if w is not None and w < self.config.context_length:
-            mask = mask & (positions[:, None] - ar[None, :] < w)
-        p = SlotPass(positions, long_rope, mask[:, None, None, :])
+            mask = mask & (at[:, :, None] - ar[None, None, :] < w)
+        p = SlotPass(positions, long_rope, mask[:, None])  # mask (B, 1, L, C)
         store = SlotStore(keys, values, positions)
-        h = self.embed(tokens.reshape(-1, 1))
+        h = self.embed(tokens)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, p, store.layer(i))
-        return self._head(h)[:, -1, :], store.keys, store.values
+        return h, store.keys, store.values
+
+    def prefill_slots(self, tokens: mx.array, counts: Sequence[int], batch, long_rope: bool) -> mx.array:
+        """Several prompts in one pass, each continuing its row of ``batch`` (a ``SlotBatch``): ``tokens``
+        (B, L) right-padded, row b's first ``counts[b]`` real. Each row's length then grows by its count
+        (the padding's keys lie beyond it, masked until overwritten). Returns the logits (B, V) of each
+        row's last real token; each equals its prompt's own pass over its own cache, up to float rounding
+        of the masked reduction."""
+        B, L = tokens.shape
+        if len(counts) != B or not all(1 <= c <= L for c in counts):
+            raise ValueError(f"counts {list(counts)} do not fit tokens of shape {tokens.shape}")
+        batch.prepare(L)
+        h, batch.keys, batch.values = self._slot_pass(tokens, batch.positions(), batch.keys, batch.values, long_rope)
+        last = mx.array([c - 1 for c in counts]).reshape(B, 1, 1)
+        h = mx.take_along_axis(h, last, axis=1)  # (B, 1, hidden): each row's last real token
+        batch.lengths = [n + c for n, c in zip(batch.lengths, counts)]
+        batch.invalidate()
+        return self._head(h)[:, 0, :]
+
+    def slot_batch(self) -> SlotBatch:
+        """An empty SlotBatch for this model's caches."""
+        cfg = self.config
+        return SlotBatch(len(self.model.layers), kv=(cfg.num_key_value_heads, cfg.head_dim, self.model.norm.weight.dtype))
 
     max_slot_traces = 64  # shapes a compiled step keeps traced; past that it starts afresh
 
