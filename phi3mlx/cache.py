@@ -605,10 +605,11 @@ class SlotStore:
     takes. ``layer(i).update_and_fetch(k, v)`` puts the step's k, v (rows, K, L, D) at positions
     positions[b] .. positions[b] + L - 1 (one scatter) and returns the whole buffers, positions beyond
     a row's own included (the step's mask hides them); ``keys``/``values`` then hold the updated
-    buffers."""
+    buffers. With ``span``, only the first ``span`` positions are returned (those beyond are nobody's)."""
 
-    def __init__(self, keys: Sequence[mx.array], values: Sequence[mx.array], positions: mx.array):
-        self.keys, self.values, self.positions = list(keys), list(values), positions
+    def __init__(self, keys: Sequence[mx.array], values: Sequence[mx.array], positions: mx.array,
+                 span: Optional[int] = None):
+        self.keys, self.values, self.positions, self.span = list(keys), list(values), positions, span
 
     def layer(self, i: int) -> "SlotLayer":
         return SlotLayer(self, i)
@@ -629,4 +630,6 @@ class SlotLayer:
         idx = mx.broadcast_to(at, (B, K, L, D))
         st.keys[i] = mx.put_along_axis(st.keys[i], idx, k.astype(st.keys[i].dtype), axis=2)
         st.values[i] = mx.put_along_axis(st.values[i], idx, v.astype(st.values[i].dtype), axis=2)
+        if st.span is not None and st.span < st.keys[i].shape[2]:
+            return st.keys[i][:, :, : st.span], st.values[i][:, :, : st.span]
         return st.keys[i], st.values[i]

@@ -6,15 +6,18 @@
 1. admit queued requests into free slots (at most ``max_batch`` active). A joining request takes a
    copy of the longest matching prefix from the prefix pool (caches of finished requests, keyed by
    the token ids they hold: a shared system prompt or a growing conversation is not recomputed);
-2. prefill: every joining request runs at most ``prefill_chunk`` prompt tokens per loop, so a long
-   prompt never stalls the others for long; the last prompt token gives its first logits;
+2. prefill: the joining requests run at most ``prefill_chunk`` prompt tokens per loop between them,
+   so a long prompt never stalls the others for long; the last prompt token gives the first logits.
+   Where the SlotBatch takes them (below), the prompts whose rest fits run together as rows of one
+   pass straight into new rows of the batch (``model.prefill_slots``: right-padded, each continuing
+   its own cached prefix; grouped by LongRoPE set and by length, so padding stays bounded);
 3. decode: one batched forward pass over every active sequence, then each request's own sampler,
-   stop ids, stop strings, ``max_tokens`` and the model's context. After its prefill a sequence joins
-   the ``SlotBatch`` (models whose layers all attend densely, float caches): one buffer per layer for
-   every row, so a step is one scatter and one attention call per layer (``model.decode_slots``).
-   Otherwise (Phi-3-small's blocksparse layers, ``kv_bits``, a row whose LongRoPE set differs from
-   the batch's) it decodes in the ragged batch: projections batched, attention per sequence over its
-   own cache (``model.decode_batch``).
+   stop ids, stop strings, ``max_tokens`` and the model's context. After its prefill a sequence is a
+   row of the ``SlotBatch`` (models whose layers all attend densely, float caches): one buffer per
+   layer for every row, so a step is one scatter and one attention call per layer
+   (``model.decode_slots``). Otherwise (Phi-3-small's blocksparse layers, ``kv_bits``, a row whose
+   LongRoPE set differs from the batch's) it decodes in the ragged batch: projections batched,
+   attention per sequence over its own cache (``model.decode_batch``).
 
 The SlotBatch's steps are pipelined as generate_step's are: step t+1 is built from step t's tokens
 while they are still being computed (``mx.async_eval``), and step t's tokens are then read, checked
@@ -24,7 +27,8 @@ batch with only the positions it holds, and its step-t+1 result is dropped.
 
 A request leaves the batch when its token is read and ends it (the next step may already be running)
 or, before the next step is built, when it is cancelled (``Request.cancel()``, e.g. a client that
-disconnected); its cache joins the prefix pool (bounded in entries and tokens).
+disconnected); the rows leaving in one round are taken out together (``SlotBatch.take_rows``), and
+their caches join the prefix pool (bounded in entries and tokens).
 Each request's output arrives through its ``emit`` callback (called on the engine thread): ``Delta``
 events, then one ``Done``.
 """
@@ -158,6 +162,7 @@ class Engine:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self.steps = 0  # decode steps run
+        self.rows_decoded = 0  # sequences over all decode steps (rows_decoded / steps: the mean batch)
         self.overlapped = 0  # SlotBatch steps built while the step before them was still being computed
         self.max_seen_batch = 0
         self._listeners: List[Callable[[], None]] = []
@@ -193,7 +198,8 @@ class Engine:
 
     @property
     def load(self) -> dict:
-        return {"active": len(self._active), "queued": self._queue.qsize(), "pooled": len(self._pool)}
+        return {"active": len(self._active), "queued": self._queue.qsize(), "pooled": len(self._pool),
+                "steps": self.steps, "rows_decoded": self.rows_decoded}
 
     # ------------------------------------------------------------------------------ the loop
 
@@ -443,6 +449,7 @@ class Engine:
             return
         self.max_seen_batch = max(self.max_seen_batch, len(rows) + len(ragged))
         self.steps += 1
+        self.rows_decoded += len(rows) + len(ragged)
         if ragged:
             self._take(ragged, self.model.decode_batch(mx.array([s.last for s in ragged]), [s.cache for s in ragged]))
         if rows:

@@ -230,12 +230,13 @@ class Model(nn.Module):
         h, keys, values = self._slot_pass(tokens.reshape(-1, 1), positions, keys, values, long_rope)
         return self._head(h)[:, -1, :], keys, values
 
-    def _slot_pass(self, tokens: mx.array, positions: mx.array, keys: list, values: list, long_rope: bool):
+    def _slot_pass(self, tokens: mx.array, positions: mx.array, keys: list, values: list, long_rope: bool,
+                   span: Optional[int] = None):
         """The layers over SlotBatch buffers: ``tokens`` (B, L), row b's at positions positions[b] ..
-        positions[b] + L - 1, each attending to its row's positions up to its own (within the window)
-        -> (hidden (B, L, hidden), the updated keys, values)."""
+        positions[b] + L - 1, each attending to its row's positions up to its own (within the window),
+        among the first ``span`` (default: all) -> (hidden (B, L, hidden), the updated keys, values)."""
         L = tokens.shape[1]
-        C = keys[0].shape[2]
+        C = span or keys[0].shape[2]
         ar = mx.arange(C)
         at = positions[:, None] if L == 1 else positions[:, None] + mx.arange(L, dtype=positions.dtype)  # (B, L)
         mask = ar[None, None, :] <= at[:, :, None]  # (B, L, C)
@@ -243,7 +244,7 @@ class Model(nn.Module):
         if w is not None and w < self.config.context_length:
             mask = mask & (at[:, :, None] - ar[None, None, :] < w)
         p = SlotPass(positions, long_rope, mask[:, None])  # mask (B, 1, L, C)
-        store = SlotStore(keys, values, positions)
+        store = SlotStore(keys, values, positions, span)
         h = self.embed(tokens)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, p, store.layer(i))
@@ -259,7 +260,8 @@ class Model(nn.Module):
         if len(counts) != B or not all(1 <= c <= L for c in counts):
             raise ValueError(f"counts {list(counts)} do not fit tokens of shape {tokens.shape}")
         batch.prepare(L)
-        h, batch.keys, batch.values = self._slot_pass(tokens, batch.positions(), batch.keys, batch.values, long_rope)
+        h, batch.keys, batch.values = self._slot_pass(tokens, batch.positions(), batch.keys, batch.values, long_rope,
+                                                      span=max(batch.lengths) + L)  # only what rows hold
         last = mx.array([c - 1 for c in counts]).reshape(B, 1, 1)
         h = mx.take_along_axis(h, last, axis=1)  # (B, 1, hidden): each row's last real token
         batch.lengths = [n + c for n, c in zip(batch.lengths, counts)]
