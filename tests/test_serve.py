@@ -501,6 +501,9 @@ def test_load_of_concurrent_clients(running, embedded):
     assert not failures, failures[:3]
     assert len(completed) + len(cancelled) == 160 and cancelled
     assert running.server.engine.max_seen_batch > 4  # requests were decoded together
+    with urllib.request.urlopen(running.url + "/health") as r:
+        health = json.loads(r.read())
+    assert health["steps"] == running.server.engine.steps and health["rows_decoded"] > 2 * health["steps"]
     t1 = time.time()
     while running.server.engine.load["active"] and time.time() - t1 < 10:
         time.sleep(0.05)
