@@ -361,8 +361,11 @@ class Engine:
         groups: List[List[_Slot]] = []
         for long in (False, True):
             rows = sorted((s for s in slots if s.long == long), key=lambda s: len(s.todo))
+            ones = [s for s in rows if len(s.todo) == 1]  # all cached but the last token: no pass of their own
+            if ones:
+                groups.append(ones)
             group: List[_Slot] = []
-            for s in rows:
+            for s in rows[len(ones) :]:
                 n = len(s.todo)  # the longest so far: rows are sorted
                 real = sum(len(x.todo) for x in group) + n
                 if group and (len(group) + 1) * n > real * (1 + self.pad_waste) + n:
@@ -376,10 +379,21 @@ class Engine:
     def _prefill_rows(self, group: List[_Slot]) -> None:
         """The rest of each prompt of ``group`` in one pass as new rows of the SlotBatch (each continuing
         its cached prefix); each row's last position gives its first token, read when the batch's next
-        step is on its way."""
+        step is on its way. Rows with one prompt token left (the rest from the prefix pool) join without
+        a pass: that token is their input to the batch's next step, whose output is their first token."""
         part = self.model.slot_batch()
         for s in group:
             part.add(s.cache)
+        if all(len(s.todo) == 1 for s in group):
+            self.slots.extend(part)
+            for s in group:
+                s.held, s.last = list(s.ids[:-1]), s.todo[0]
+                s.long_cur, s.held_rows = group[0].long, s.cache.image_rows
+                s.cache.reset()
+                s.todo, s.prefilled = [], True
+                self._rows.append(s)
+                s.in_batch = True
+            return
         L = max(len(s.todo) for s in group)
         tokens = mx.array([s.todo + [0] * (L - len(s.todo)) for s in group])  # (B, L) right-padded
         logits = self.model.prefill_slots(tokens, [len(s.todo) for s in group], part, group[0].long)

@@ -710,8 +710,8 @@ def test_batched_prefill_equals_each_prompt_alone(embedded, kind):
 
 def test_requests_arriving_together_are_prefilled_in_one_pass(folders):
     """Greedy requests admitted in the same round (one continuing a pooled conversation) are prefilled
-    as rows of one pass, grouped by length so that padding stays bounded, and each gets the tokens it
-    gets alone."""
+    as rows of one pass, grouped by length so that padding stays bounded; one whose prompt the pool
+    holds but for its last token joins the batch with no pass; each gets the tokens it gets alone."""
     model, tok = load(str(folders["phi3"]))
     rng = np.random.default_rng(7)
     first = rng.integers(5, 1000, 14).tolist()
@@ -720,6 +720,7 @@ def test_requests_arriving_together_are_prefilled_in_one_pass(folders):
     got0, done0 = run_engine(engine, [first], 6)  # its cache goes to the pool: the prompt and the tokens fed
     assert done0[0].finish_reason == "length"
     prompts.append(first + got0[0] + rng.integers(5, 1000, 4).tolist())  # the conversation goes on: 5 new
+    prompts.append(list(first))  # asked again: all but its last token from the pool, no pass of its own
     alone = [[t for t, _ in generate_step(p, model, max_tokens=8)] for p in prompts]
     calls = []
     real = model.prefill_slots
@@ -734,7 +735,7 @@ def test_requests_arriving_together_are_prefilled_in_one_pass(folders):
     finally:
         del model.prefill_slots
     assert sorted(map(sorted, calls)) == [[5, 9, 10, 11, 12], [120]], calls  # the long prompt in a pass of its own
-    assert done[5].cached_tokens == len(first) + 5
+    assert done[5].cached_tokens == len(first) + 5 and done[6].cached_tokens == len(first) - 1
     for i in range(len(prompts)):
         assert got[i] == alone[i][: len(got[i])], i
         assert len(got[i]) == 8 or got[i][-1] in tok.stop_ids
