@@ -199,7 +199,7 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
     say = progress or (lambda msg: None)
     model = str(resolve(model))  # one local folder for both servers
     servers = [("phi3mlx", [sys.executable, "-m", "phi3mlx", "serve", "--model", model, "--model-id", "bench",
-                            "--max-batch", str(max(concurrency)), "--port", "{port}"]
+                            "--max-batch", str(max(concurrency)), "--log-level", "warning", "--port", "{port}"]
                             + (["--compile-steps"] if compile_steps else []))]
     if compare_mlx_lm:
         servers.append(("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", model,

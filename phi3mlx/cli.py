@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", default=None,
                    help="vision models: image_url paths must lie in this folder (default: any local path when "
                    "listening on loopback, none otherwise; data: URLs always work)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="the HTTP server's log: info logs every request, warning only problems")
 
     add_parsers(sub, _Formatter)
     return parser
@@ -496,7 +498,7 @@ def _cmd_serve(a):
     _note_tiny(a)
     key = a.api_key if a.api_key is not None else os.environ.get("PHI3MLX_API_KEY") or None
     serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue, image_dir=a.image_dir,
-          compile_steps=a.compile_steps)
+          compile_steps=a.compile_steps, log_level=a.log_level)
 
 
 def _cmd_plan(a):

@@ -520,8 +520,9 @@ def test_load_of_concurrent_clients(running, embedded):
 
 
 def test_serve_command(capsys, tmp_path):
-    """`phi3mlx serve` as a user starts it (here with --compile-steps): a subprocess answering on its port;
-    its bad flags and a taken port are one-line errors before the model loads."""
+    """`phi3mlx serve` as a user starts it (here with --compile-steps and --log-level warning): a subprocess
+    answering on its port, logging no request; its bad flags and a taken port are one-line errors before
+    the model loads."""
     import subprocess
     import sys
 
@@ -529,10 +530,12 @@ def test_serve_command(capsys, tmp_path):
 
     port = free_port()
     proc = Subprocess("phi3mlx serve", [sys.executable, "-m", "phi3mlx", "serve", "--port", str(port),
-                                        "--model-id", "m", "--compile-steps"], port)
+                                        "--model-id", "m", "--compile-steps", "--log-level", "warning"], port)
     try:
         ttft, n = stream_request(port, "m", "What is 12 + 30?", 8)
         assert n >= 1 and ttft > 0
+        proc.log.seek(0)
+        assert "POST /v1/chat/completions" not in proc.log.read()  # info would log every request
         taken = subprocess.run([sys.executable, "-m", "phi3mlx", "serve", "--port", str(port)], capture_output=True,
                                text=True, timeout=120)
         assert taken.returncode == 1 and taken.stderr.strip().splitlines() == [
@@ -542,6 +545,7 @@ def test_serve_command(capsys, tmp_path):
     for argv, needle in ((["--port", "70000"], "--port must be in 1..65535"),
                          (["--max-batch", "0"], "--max-batch must be at least 1"),
                          (["--bogus"], "unrecognized arguments: --bogus"),
+                         (["--log-level", "loud"], "invalid choice: 'loud'"),
                          (["--model", str(tmp_path / "none")], "model path not found")):
         assert main(["serve", *argv]) == 1
         err = capsys.readouterr().err
