@@ -58,6 +58,7 @@ class Pass:
     key_start: int = 0  # absolute position of the first key a layer's cache returns
     window: Optional[int] = None
     _mask: Optional[AttentionMask] = field(default=None, repr=False)
+    tables: dict = field(default_factory=dict, repr=False)  # LongRoPE set -> rope table, shared by the layers
 
     def mask(self) -> AttentionMask:
         if self._mask is None:
@@ -74,6 +75,7 @@ class SlotPass:
     positions: mx.array
     long_rope: bool
     mask: mx.array
+    tables: dict = field(default_factory=dict, repr=False)  # LongRoPE set -> rope table, shared by the layers
 
 
 def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> mx.array:
@@ -158,15 +160,14 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         q, k, v = self.projection.qkv(self, x)
         if isinstance(p, SlotPass):  # rows of a SlotBatch: one rotation, one scatter, one attention
-            q, k = self.rope(q, p.positions, p.long_rope), self.rope(k, p.positions, p.long_rope)
+            q, k = self._rotate(q, k, p.positions, p.long_rope, p)
             k, v = cache.update_and_fetch(k, v)  # (B, K, C, D): the whole buffers, masked per row
             o = attend(q, k, v, self.scale[p.long_rope], AttentionMask(p.mask))
         elif isinstance(p, list):
             longs = {r.long_rope for r in p}
             if len(longs) == 1:  # one rotation for every row, each at its own position
                 long = longs.pop()
-                offsets = mx.array([r.offset for r in p])
-                q, k = self.rope(q, offsets, long), self.rope(k, offsets, long)
+                q, k = self._rotate(q, k, mx.array([r.offset for r in p]), long)
                 rows = [self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], p[i], cache[i], rotated=True)
                         for i in range(B)]
             else:
@@ -176,10 +177,24 @@ class Attention(nn.Module):
             o = self._attend(q, k, v, p, cache)
         return self.projection.out(self, o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def _rotate(self, q: mx.array, k: mx.array, offsets, long: bool, shared=None) -> tuple:
+        """q and k rotated, row b's L positions starting at ``offsets`` (an int, or (B,) per row). On MLX's
+        CPU backend a float32 pass rotates with a table of its positions, made once per pass (kept in
+        ``shared.tables``) and read by every layer; elsewhere ``mx.fast.rope`` runs as one kernel."""
+        if mx.default_device() != mx.cpu or q.dtype != mx.float32:
+            return self.rope(q, offsets, long), self.rope(k, offsets, long)
+        table = shared.tables.get(long) if shared is not None else None
+        if table is None:
+            steps = mx.arange(q.shape[2], dtype=mx.int32)
+            pos = offsets[:, None] + steps[None] if isinstance(offsets, mx.array) else (steps + offsets)[None]
+            table = self.rope.table(pos, long)  # (B or 1, 1, L, D)
+            if shared is not None:
+                shared.tables[long] = table
+        return self.rope.rotate(q, table), self.rope.rotate(k, table)
+
     def _attend(self, q, k, v, p: Pass, cache, rotated: bool = False) -> mx.array:
         if not rotated:
-            q = self.rope(q, p.offset, p.long_rope)
-            k = self.rope(k, p.offset, p.long_rope)
+            q, k = self._rotate(q, k, p.offset, p.long_rope, p)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, K, T, D) or quantized tuples
         scale = self.scale[p.long_rope]
