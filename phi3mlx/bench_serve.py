@@ -178,10 +178,12 @@ def parse_list(text: str, what: str, allowed=None, positive_int: bool = False) -
 
 def combine(trials: list) -> dict:
     """One concurrency's trials of a server as one result: tokens/s over all of them (total tokens over
-    total time), the median time to the first token over all their requests, and each trial's tokens/s."""
+    total time), the median time to the first token over all their requests, the total time, and each
+    trial's tokens/s."""
     return {"tok_s": sum(r["tokens"] for r in trials) / sum(r["wall"] for r in trials),
             "ttft": statistics.median([t for r in trials for t in r["ttfts"]]),
-            "tokens": sum(r["tokens"] for r in trials), "trials": [r["tok_s"] for r in trials]}
+            "tokens": sum(r["tokens"] for r in trials), "wall": sum(r["wall"] for r in trials),
+            "trials": [r["tok_s"] for r in trials]}
 
 
 def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
@@ -263,13 +265,13 @@ def print_serve_report(res: dict) -> None:
     short = {"phi3mlx": "ours", "mlx_lm.server": "mlx-lm"}
     cols = ["workload", "streams"] + [f"{short[n]} tok/s" for n in names] + [f"{short[n]} TTFT ms" for n in names]
     if len(names) == 2:
-        cols += ["tok/s x", "TTFT x"]
+        cols += ["tok/s x", "TTFT x", "time x"]
     table = engine_table(cols)
     lines, failures = [], []
     for w in res["workloads"]:
         ours = res["results"]["phi3mlx"][w]
         other: Optional[dict] = res["results"][names[1]][w] if len(names) == 2 else None
-        ratios = []
+        ratios, speeds = [], []
         for c in sorted(set(ours) | set(other or {})):
             rows = {n: res["results"][n][w].get(c) for n in names}
             row = [w, str(c)] + [_cell(rows[n], "tok_s") for n in names]
@@ -281,16 +283,23 @@ def print_serve_report(res: dict) -> None:
                 a, b = rows[names[0]], rows[names[1]]
                 ok = a is not None and b is not None and "error" not in a and "error" not in b
                 tps = ratio(a["tok_s"], b["tok_s"]) if ok else None
-                row += [fmt(tps, ".2f", "x"), fmt(ratio(a["ttft"], b["ttft"]) if ok else None, ".2f", "x")]
+                # the same requests: mlx_lm.server's time over ours (older results have no total time)
+                speed = ratio(b["wall"], a["wall"]) if ok and "wall" in a and "wall" in b else None
+                row += [fmt(tps, ".2f", "x"), fmt(ratio(a["ttft"], b["ttft"]) if ok else None, ".2f", "x"),
+                        fmt(speed, ".2f", "x")]
                 ratios.append(f"{c} streams {fmt(tps, '.2f', 'x')}")
+                speeds.append(f"{c} streams {fmt(speed, '.2f', 'x')}")
             table.add_row(*row)
         if other is not None:
             lines.append(f"serve tok/s ratio {w} (phi3mlx / mlx_lm.server): " + ", ".join(ratios))
+            lines.append(f"serve time ratio {w} (mlx_lm.server / phi3mlx, the same requests): " + ", ".join(speeds))
             both = [c for c in ours if "error" not in ours[c] and "error" not in (other.get(c) or {"error": 1})]
             a, b = (sum(res["results"][n][w][c]["tokens"] for c in both) for n in names)
             if a and b and abs(a - b) > 0.05 * max(a, b):  # answers of other lengths: tok/s compares less
-                lines.append(f"note: {w}: the answers differ in length ({short[names[0]]} {a} tokens, "
-                             f"{short[names[1]]} {b} tokens in all), so their tokens/s also measure that")
+                lines.append(f"note: {w}: the completion token counts differ ({short[names[0]]} {a} tokens, "
+                             f"{short[names[1]]} {b} tokens in all: other answers, or mlx_lm.server counting "
+                             "each answer's end token, which ours does not), so their tokens/s also measure "
+                             "that; the time ratio compares the same requests")
     trials = res.get("trials", 1)
     console.print(f"serving {res['model']}: streaming chat, {res['gen_tokens']} tokens at most per request, "
                   f"{res['repeats']} requests per client, {trials} trial{'s' if trials > 1 else ''} per round"

@@ -22,17 +22,19 @@ def test_bench_serve_runs_each_workload_on_a_fresh_server(capsys):
 
 
 def test_report_names_a_failed_round_and_gives_no_ratio_for_it(capsys):
-    ok = {"tok_s": 100.0, "ttft": 0.05, "tokens": 10}
+    ok = {"tok_s": 100.0, "ttft": 0.05, "tokens": 10, "wall": 0.1}
     res = {"model": "m", "gen_tokens": 8, "repeats": 1, "workloads": ["seeded"],
            "results": {"phi3mlx": {"seeded": {1: ok, 16: {**ok, "tok_s": 300.0}}},
-                       "mlx_lm.server": {"seeded": {1: {**ok, "tok_s": 50.0, "tokens": 5}, 16: {"error": "3 requests failed: x"}}}}}
+                       "mlx_lm.server": {"seeded": {1: {**ok, "tok_s": 50.0, "tokens": 5, "wall": 0.15},
+                                                    16: {"error": "3 requests failed: x"}}}}}
     B.print_serve_report(res)
     out = capsys.readouterr().out
-    assert re.search(r"seeded\s+1\s+100\.0\s+50\.0\s+50\.0\s+50\.0\s+2\.00x\s+1\.00x", out), out
-    assert re.search(r"seeded\s+16\s+300\.0\s+failed\s+50\.0\s+failed\s+n/a\s+n/a", out), out
+    assert re.search(r"seeded\s+1\s+100\.0\s+50\.0\s+50\.0\s+50\.0\s+2\.00x\s+1\.00x\s+1\.50x", out), out
+    assert re.search(r"seeded\s+16\s+300\.0\s+failed\s+50\.0\s+failed\s+n/a\s+n/a\s+n/a", out), out
     assert "serve tok/s ratio seeded (phi3mlx / mlx_lm.server): 1 streams 2.00x, 16 streams n/a" in out
+    assert "serve time ratio seeded (mlx_lm.server / phi3mlx, the same requests): 1 streams 1.50x" in out
     assert "mlx_lm.server failed (seeded, 16 streams): 3 requests failed: x" in out
-    assert "differ in length (ours 10 tokens, mlx-lm 5 tokens in all)" in out  # rounds both completed
+    assert "counts differ (ours 10 tokens, mlx-lm 5 tokens in all" in out  # rounds both completed
 
 
 def test_bad_flags_are_named_together(capsys):
