@@ -466,8 +466,10 @@ class SlotBatch:
     per-row operations; the step is a pure function of the buffers (``SlotStore``), so it compiles.
 
     Float caches that never dropped a key only (``loadable``). ``add`` appends a sequence from its
-    ModelCache, ``take`` removes row r and gives it back as one. A step (``Model.decode_slots``) puts its
-    updated buffers back in ``keys``/``values``, then ``advance()`` moves every row on by one.
+    ModelCache (an empty one too), ``extend`` the rows of another SlotBatch (prompts prefilled together,
+    ``Model.prefill_slots``); ``take`` removes row r and gives it back as one, ``take_rows`` several at
+    once. A step (``Model.decode_slots``) puts its updated buffers back in ``keys``/``values``, then
+    ``advance()`` moves every row on by one.
     """
 
     step = 64  # positions per growth: every join and leave copies the buffers, so they are kept short

@@ -176,7 +176,8 @@ class Engine:
     # ------------------------------------------------------------------------------ life cycle
 
     def start(self) -> "Engine":
-        """Start the engine thread (again after ``stop``: queued requests and the prefix pool are kept)."""
+        """Start the engine thread (again after ``stop``: the requests being decoded go on where they were,
+        and queued requests and the prefix pool are kept)."""
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._run, name="phi3mlx-engine", daemon=True)
@@ -207,18 +208,28 @@ class Engine:
         try:
             self._loop()
         finally:
-            self._settle()
+            self._settle(keep=True)
 
-    def _settle(self) -> None:
-        """Let a step still in flight finish and drop it (when idle, its rows have all ended; when the
-        engine stops, their requests stay unfinished): the thread may end, or MLX's cache be cleared,
-        with nothing left computing. A failure of that step is nobody's to report any more."""
-        flight, self._flight = self._flight, None
-        if flight is not None:
-            try:
-                mx.eval([flight.toks] + list(flight.logprobs.values()))
-            except Exception:  # noqa: BLE001  (its requests have all ended)
-                pass
+    def _settle(self, keep: bool = False) -> None:
+        """Let a step still in flight finish, so that the thread may end, or MLX's cache be cleared, with
+        nothing left computing. When idle its rows have all ended and it is dropped. When the engine
+        stops (``keep``), what is pending is computed but kept: the batch's buffers, first tokens not read
+        yet, and the step, whose tokens a restarted engine reads and feeds as if it had not stopped. A
+        failure of that step is nobody's to report any more (when idle) or ends the batch's requests."""
+        flight = self._flight
+        pending = [s.first[0] for s in self._rows if s.first is not None]
+        if keep:  # everything a restarted thread reads (MLX streams belong to a thread)
+            pending += [a for a in self.slots.keys + self.slots.values if a is not None] if self.slots else []
+            pending += [a for c in [s.cache for s in self._active] + self._pool for layer in c for a in layer.state]
+        try:
+            mx.eval(([flight.toks] + list(flight.logprobs.values()) if flight is not None else []) + pending)
+        except Exception as e:  # noqa: BLE001
+            if keep:
+                self._fail(e)
+            self._flight = None
+            return
+        if not keep or flight is None or all(s.done for s in flight.rows):
+            self._flight = None
 
     def _loop(self) -> None:
         while not self._stop:
@@ -234,15 +245,19 @@ class Engine:
                 self._prefill()
                 self._decode()
             except Exception as e:  # noqa: BLE001  (one bad step must not stop the server)
-                if self.slots is not None:  # its rows may be half-updated: every active request ends
-                    self.slots = self.model.slot_batch()
-                self._rows, self._leaving = [], []
-                self._flight = None
-                for s in self._active:
-                    s.in_batch = False
-                    self._finish(s, "error", f"{type(e).__name__}: {e}")
+                self._fail(e)
             self._active = [s for s in self._active if not s.done]
             self._round_done()
+
+    def _fail(self, e: Exception) -> None:
+        """A step failed: the batch's rows may be half-updated, so every active request ends with the error."""
+        if self.slots is not None:
+            self.slots = self.model.slot_batch()
+        self._rows, self._leaving = [], []
+        self._flight = None
+        for s in self._active:
+            s.in_batch = False
+            self._finish(s, "error", f"{type(e).__name__}: {e}")
 
     def _round_done(self) -> None:
         for fn in self._listeners:

@@ -621,6 +621,20 @@ def test_batched_rows_crossing_the_longrope_threshold(folders):
         assert len(got[i]) == 16 or got[i][-1] in tok.stop_ids
 
 
+def _slot_test_model(embedded, kind: str):
+    """The built-in model, or a random phimoe whose sliding window (20) is shorter than the test's rows."""
+    from phi3mlx.models import build_model, parse_config
+
+    from .helpers import FT_MOE
+
+    if kind == "embedded":
+        return embedded[0]
+    mx.random.seed(0)
+    model = build_model(parse_config(dict(FT_MOE, sliding_window=20)))
+    model.eval()
+    return model
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("kind", ["embedded", "phimoe-window"])
 def test_slot_batch_decoding_equals_each_row_alone(embedded, kind, compiled):
@@ -628,16 +642,8 @@ def test_slot_batch_decoding_equals_each_row_alone(embedded, kind, compiled):
     a sliding window shorter than the rows), plain or compiled, gives each row the logits of its own
     decoding (the project's parity bound, 1e-4)."""
     from phi3mlx.cache import SlotBatch
-    from phi3mlx.models import build_model, parse_config
 
-    from .helpers import FT_MOE
-
-    if kind == "embedded":
-        model = embedded[0]
-    else:
-        mx.random.seed(0)
-        model = build_model(parse_config(dict(FT_MOE, sliding_window=20)))
-        model.eval()
+    model = _slot_test_model(embedded, kind)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 1000, n).tolist() for n in (3, 17, 40, 9)]
     batch = SlotBatch(len(model.layers))
@@ -669,16 +675,7 @@ def test_batched_prefill_equals_each_prompt_alone(embedded, kind):
     continuing its own cached prefix (none, a few positions, more than the window): each row's logits
     are those of its prompt's own pass, and decoding on from the rows gives each its own logits
     (the padding's keys are never seen). The project's parity bound, 1e-4."""
-    from phi3mlx.models import build_model, parse_config
-
-    from .helpers import FT_MOE
-
-    if kind == "embedded":
-        model = embedded[0]
-    else:
-        mx.random.seed(0)
-        model = build_model(parse_config(dict(FT_MOE, sliding_window=20)))
-        model.eval()
+    model = _slot_test_model(embedded, kind)
     rng = np.random.default_rng(1)
     prefixes = [[], rng.integers(0, 1000, 5).tolist(), [], rng.integers(0, 1000, 33).tolist()]
     prompts = [rng.integers(0, 1000, n).tolist() for n in (7, 1, 30, 12)]
@@ -743,6 +740,41 @@ def test_requests_arriving_together_are_prefilled_in_one_pass(folders):
     for i in range(len(prompts)):
         assert got[i] == alone[i][: len(got[i])], i
         assert len(got[i]) == 8 or got[i][-1] in tok.stop_ids
+
+
+def test_an_engine_stopped_while_decoding_goes_on_where_it_was(folders):
+    """stop() in the middle of a batch (a step in flight, rows holding their tokens), then start(): every
+    request ends with the tokens it gets alone, none fed twice."""
+    model, tok = load(str(folders["phi3"]))
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(100, 5000, n).tolist() for n in (6, 13, 9)]
+    alone = [[t for t, _ in generate_step(p, model, max_tokens=24)] for p in prompts]
+    engine = Engine(model, tok, max_batch=4)
+    got, done = {i: [] for i in range(3)}, {}
+    step = engine._step
+
+    def spy(slot, token, logprobs):
+        got[prompts.index(slot.req.ids)].append(token)
+        step(slot, token, logprobs)
+
+    engine._step = spy
+    for i, p in enumerate(prompts):
+        engine.submit(Request(emit=lambda ev, i=i: done.__setitem__(i, ev) if isinstance(ev, Done) else None,
+                              ids=p, max_tokens=24))
+    engine.start()
+    t0 = time.time()
+    while min(len(g) for g in got.values()) < 5:
+        assert time.time() - t0 < 60
+        time.sleep(0.001)
+    engine.stop()
+    assert not done and engine._flight is not None  # stopped mid-way, its next step kept
+    engine.start()
+    while len(done) < 3:
+        assert time.time() - t0 < 60
+        time.sleep(0.01)
+    engine.stop()
+    for i in range(3):
+        assert got[i] == alone[i][: len(got[i])] and len(got[i]) == 24, i
 
 
 def test_slot_batch_takes_several_rows_at_once(embedded):

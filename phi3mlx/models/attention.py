@@ -179,8 +179,9 @@ class Attention(nn.Module):
 
     def _rotate(self, q: mx.array, k: mx.array, offsets, long: bool, shared=None) -> tuple:
         """q and k rotated, row b's L positions starting at ``offsets`` (an int, or (B,) per row). On MLX's
-        CPU backend a float32 pass rotates with a table of its positions, made once per pass (kept in
-        ``shared.tables``) and read by every layer; elsewhere ``mx.fast.rope`` runs as one kernel."""
+        CPU backend a float32 pass rotates with a table of its positions, made once per pass where the
+        layers share one (``shared.tables``: a forward pass, a SlotBatch step; the ragged batch makes it
+        per layer); elsewhere ``mx.fast.rope`` runs as one kernel."""
         if mx.default_device() != mx.cpu or q.dtype != mx.float32:
             return self.rope(q, offsets, long), self.rope(k, offsets, long)
         table = shared.tables.get(long) if shared is not None else None

@@ -269,9 +269,11 @@ class Model(nn.Module):
         return self._head(h)[:, 0, :]
 
     def slot_batch(self) -> SlotBatch:
-        """An empty SlotBatch for this model's caches."""
+        """An empty SlotBatch for this model's caches (keys and values in the activations' dtype, which the
+        embedding gives: a float32 norm beside half-precision weights must not widen the batch)."""
         cfg = self.config
-        return SlotBatch(len(self.model.layers), kv=(cfg.num_key_value_heads, cfg.head_dim, self.model.norm.weight.dtype))
+        dtype = self.embed(mx.zeros((1, 1), mx.int32)).dtype  # read from the graph: nothing is computed
+        return SlotBatch(len(self.model.layers), kv=(cfg.num_key_value_heads, cfg.head_dim, dtype))
 
     max_slot_traces = 64  # shapes a compiled step keeps traced; past that it starts afresh
 
