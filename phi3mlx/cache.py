@@ -592,12 +592,9 @@ class SlotBatch:
         if max(self.lengths, default=0) + n > self.capacity:
             self._grow(max(self.lengths) + n)
 
-    def advance(self) -> None:
-        self.lengths = [n + 1 for n in self.lengths]
-        self._positions = None
-
-    def invalidate(self) -> None:
-        """``lengths`` were changed in place: the positions array is built again."""
+    def advance(self, counts: Optional[Sequence[int]] = None) -> None:
+        """Move every row on by one position (a step), or row b by ``counts[b]`` (a prefill)."""
+        self.lengths = [n + (1 if counts is None else c) for n, c in zip(self.lengths, counts or self.lengths)]
         self._positions = None
 
 

@@ -399,29 +399,22 @@ class Engine:
         part = self.model.slot_batch()
         for s in group:
             part.add(s.cache)
-        if all(len(s.todo) == 1 for s in group):
-            self.slots.extend(part)
-            for s in group:
-                s.held, s.last = list(s.ids[:-1]), s.todo[0]
-                s.long_cur, s.held_rows = group[0].long, s.cache.image_rows
-                s.cache.reset()
-                s.todo, s.prefilled = [], True
-                self._rows.append(s)
-                s.in_batch = True
-            return
         L = max(len(s.todo) for s in group)
-        tokens = mx.array([s.todo + [0] * (L - len(s.todo)) for s in group])  # (B, L) right-padded
-        logits = self.model.prefill_slots(tokens, [len(s.todo) for s in group], part, group[0].long)
-        toks, logprobs = self._pick(group, logits)
+        if L > 1:
+            tokens = mx.array([s.todo + [0] * (L - len(s.todo)) for s in group])  # (B, L) right-padded
+            logits = self.model.prefill_slots(tokens, [len(s.todo) for s in group], part, group[0].long)
+            toks, logprobs = self._pick(group, logits)
         self.slots.extend(part)
         for i, s in enumerate(group):
-            s.held = list(s.ids)
+            if L > 1:  # its whole prompt is in the batch; its first token comes from this pass
+                s.held, s.first = list(s.ids), (toks[i : i + 1], logprobs.get(i))
+            else:  # the batch holds all but its last prompt token, which the next step feeds
+                s.held, s.last = list(s.ids[:-1]), s.todo[0]
             s.long_cur, s.held_rows = group[0].long, s.cache.image_rows
             s.cache.reset()
             s.todo, s.prefilled = [], True
             self._rows.append(s)
             s.in_batch = True
-            s.first = (toks[i : i + 1], logprobs.get(i))
 
     def _join(self, s: _Slot, first: tuple) -> None:
         s.held = list(s.ids)  # after its prefill the cache holds exactly the prompt

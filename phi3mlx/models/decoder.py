@@ -264,8 +264,7 @@ class Model(nn.Module):
                                                       span=max(batch.lengths) + L)  # only what rows hold
         last = mx.array([c - 1 for c in counts]).reshape(B, 1, 1)
         h = mx.take_along_axis(h, last, axis=1)  # (B, 1, hidden): each row's last real token
-        batch.lengths = [n + c for n, c in zip(batch.lengths, counts)]
-        batch.invalidate()
+        batch.advance(counts)
         return self._head(h)[:, 0, :]
 
     def slot_batch(self) -> SlotBatch:
