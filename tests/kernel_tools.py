@@ -24,13 +24,14 @@ CUDA_INCLUDE = next((p for p in ("/usr/local/cuda-13.0/include", "/usr/local/cud
                     None)
 
 
-def translation_unit(K, quantized: bool = False) -> str:
-    """The C++-threads rendering of kernel module ``K`` (its NAME, body, cpu_params and THREADS)."""
-    return cpu_translation_unit(K.NAME, K.body(quantized), K.cpu_params(quantized), threads=K.THREADS)
+def translation_unit(K, quantized: bool = False, threads: int | None = None) -> str:
+    """The C++-threads rendering of kernel module ``K`` (its NAME, body, cpu_params and THREADS, or
+    ``threads`` per threadgroup)."""
+    return cpu_translation_unit(K.NAME, K.body(quantized), K.cpu_params(quantized), threads=threads or K.THREADS)
 
 
-def build(d: Path, K, quantized: bool = False):
-    (d / "k.cpp").write_text(translation_unit(K, quantized))
+def build(d: Path, K, quantized: bool = False, threads: int | None = None):
+    (d / "k.cpp").write_text(translation_unit(K, quantized, threads))
     lib = d / "k.so"
     r = subprocess.run([GXX, "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", str(d / "k.cpp"), "-o", str(lib)],
                        capture_output=True, text=True)

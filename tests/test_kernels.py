@@ -32,12 +32,15 @@ def cpu_kernel_q(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("kernel_q"), True)
 
 
-def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None, bits=0, group_size=64):
-    """kbuf/vbuf: float arrays, or (packed, scales, biases) numpy tuples with ``bits``."""
+def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None, bits=0, group_size=64,
+            warps=K.THREADS // 32):
+    """kbuf/vbuf: float arrays, or (packed, scales, biases) numpy tuples with ``bits``; ``warps``: the
+    library's threadgroup size over 32."""
     B, H, L, D = q.shape
     first = kbuf[0] if bits else kbuf
     KV, cap = first.shape[1], first.shape[2]
-    params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group_size], dtype=np.int32)
+    params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group_size, warps],
+                      dtype=np.int32)
     scale = np.array([D ** -0.5 if scale is None else scale], dtype=np.float32)
     out = np.zeros_like(q)
     cache = [ptr(a) for a in (list(kbuf) + list(vbuf) if bits else [kbuf, vbuf])]
@@ -101,6 +104,24 @@ def test_quantized_keys(cpu_kernel_q, bits, group_size):
     assert np.abs(ours - ref).max() <= 1e-5
 
 
+@pytest.mark.parametrize("warps", [1, 3, 8, 16])
+def test_any_number_of_lane_groups(tmp_path, warps):
+    """A threadgroup of 1 to MAX_WARPS groups of 32 lanes (GPU launches use WARPS) gives the same
+    output: the key slots spread over the groups and the merge reads each group's partial result,
+    including groups that saw no key (a short row and many groups)."""
+    lib = build(tmp_path, K, threads=32 * warps)
+    block, local, vert, H, KV, D = 16, 4, 4, 8, 2, 64
+    sec = Phi3SmallSection(block_size=block, local_blocks=local, vert_stride=vert)
+    step = int(np.array(head_offsets(H, vert, False))[1])
+    for T, L in ((5, 1), (211, 3)):
+        rng = np.random.default_rng(T + warps)
+        q = rng.normal(size=(1, H, L, D)).astype(np.float32)
+        k = rng.normal(size=(1, KV, T, D)).astype(np.float32) * 2
+        v = rng.normal(size=(1, KV, T, D)).astype(np.float32)
+        ours = run_cpu(lib, q, k, v, T, T - L, block, local, vert, step, warps=warps)
+        assert np.abs(ours - reference(q, k, v, T - L, sec, H, KV)).max() <= 1e-5
+
+
 def test_every_head_shift(cpu_kernel):
     """vert 8 over 8 heads: every head sees a different residue of far blocks."""
     block, local, vert, H, KV, T, L, D = 8, 2, 8, 8, 8, 203, 1, 32
@@ -122,7 +143,7 @@ int main() {
   std::mt19937 g(0);
   std::normal_distribution<float> n;
   for (auto* a : {&q, &k, &v}) for (auto& x : *a) x = n(g);
-  int params[14] = {B, H, KV, L, T, D, T - L, 16, 2, 2, 1, cap, 0, 64};
+  int params[15] = {B, H, KV, L, T, D, T - L, 16, 2, 2, 1, cap, 0, 64, 4};
   float scale = 0.17f;
   run_blocksparse_decode(q.data(), k.data(), v.data(), params, &scale, out.data(), B * H * L);
   std::printf("%f\n", out[0]);

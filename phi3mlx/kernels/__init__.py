@@ -23,10 +23,7 @@ def backend() -> Optional[str]:
         return None
     if mx.metal.is_available():
         return "metal"
-    cuda = getattr(mx, "cuda", None)
-    if cuda is not None and cuda.is_available():
-        return "cuda"
-    return None
+    return "cuda"  # MLX's other GPU backend
 
 
 def set_enabled(on: bool) -> None:

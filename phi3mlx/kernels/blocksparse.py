@@ -1,19 +1,20 @@
 """Phi-3-small blocksparse attention for decoding (1 to 8 queries): one kernel body, three renderings.
 
-Each threadgroup serves one (batch, query head, query) row with 4 groups of 32 lanes. The row's
+Each threadgroup serves one (batch, query head, query) row with ``warps`` groups of 32 lanes (1 to
+``MAX_WARPS``, a runtime value: more groups keep more key rows in flight on a large GPU). The row's
 visible key blocks are computed from positions: the head's vertical-stride blocks before the local
 window (kb = r (mod vert), r = -(h * step + 1) mod vert), then the local window of ``local`` blocks up
 to the query's block, the causal cut only on that last block. Slot s of that list (block s / block,
-key s % block) goes to group s mod 4; each group's 32 lanes split the head dimension (D / 32 values a
+key s % block) goes to group s mod ``warps``; each group's 32 lanes split the head dimension (D / 32 values a
 lane, D <= 256), reduce the dot product with xor shuffles, and keep an online softmax in float32. The
-four partial results merge through threadgroup memory after one barrier. Keys read per head: at most
+groups' partial results merge through threadgroup memory after one barrier. Keys read per head: at most
 ``local * block + ceil(far blocks / vert) * block`` instead of T.
 
 Inputs: ``q`` (B, H, L, D); ``k``, ``v`` the cache buffers (B, KV, cap, D) (capacity ``cap`` >= T: the
 kernel reads only the visible rows, the buffer is never sliced or copied), or for a quantized cache
 (``--kv-bits``) each as packed words, scales and biases (``k``, ``k_s``, ``k_b``, ...); ``params``
-int32 [B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group size]; ``scale`` float32
-[1]. Output (B, H, L, D).
+int32 [B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group size, warps]; ``scale``
+float32 [1]. Output (B, H, L, D). A threadgroup is ``32 * warps`` threads.
 """
 
 from __future__ import annotations
@@ -24,18 +25,20 @@ from . import note_used
 from .portable import packed, render
 
 NAME = "blocksparse_decode"
-THREADS = 128  # 4 groups of 32 lanes
+MAX_WARPS = 16  # groups of 32 lanes a threadgroup may have (the merge buffer's size: 16 KB for D = 256)
+WARPS = 8  # the groups a GPU launch uses (chosen from examples/gpu_kernel_check.py's sweep)
+THREADS = 128  # the C++-threads rendering's threadgroup in the tests: 4 groups
 MAX_D = 256
 INPUTS = ["q", "k", "v", "params", "scale"]
 
 BODY = r"""
-K_SHARED float part_m[4];
-K_SHARED float part_l[4];
-K_SHARED float part_o[1024];
+K_SHARED float part_m[16];
+K_SHARED float part_l[16];
+K_SHARED float part_o[4096];
 int nB = params[0], nH = params[1], nKV = params[2], nL = params[3], nT = params[4], nD = params[5];
 int offset = params[6], block = params[7], local = params[8], vert = params[9], step = params[10];
 int cap = params[11];
-int bits = params[12], gsize = params[13];
+int bits = params[12], gsize = params[13], nW = params[14];
 int row = (int)gid;
 if (row < nB * nH * nL) {
   uint lane = tid % 32;
@@ -60,7 +63,7 @@ if (row < nB * nH * nL) {
   }
   float m = K_NEG_INF;
   float s_sum = 0.0f;
-  for (int s = (int)grp; s < n_slots; s += 4) {
+  for (int s = (int)grp; s < n_slots; s += nW) {
     int bi = s / block;
     int t = s % block;
     int kb = bi < n_far ? r + bi * vert : first_local + (bi - n_far);
@@ -94,16 +97,24 @@ if (row < nB * nH * nL) {
   }
   K_BARRIER();
   if (grp == 0) {
-    float mm = K_MAX(K_MAX(part_m[0], part_m[1]), K_MAX(part_m[2], part_m[3]));
-    float w0 = K_EXP(part_m[0] - mm);
-    float w1 = K_EXP(part_m[1] - mm);
-    float w2 = K_EXP(part_m[2] - mm);
-    float w3 = K_EXP(part_m[3] - mm);
-    float total = part_l[0] * w0 + part_l[1] * w1 + part_l[2] * w2 + part_l[3] * w3;
+    float mm = K_NEG_INF;
+    for (int w = 0; w < nW; ++w) {
+      mm = K_MAX(mm, part_m[w]);
+    }
+    float total = 0.0f;
+    float val[8];
     for (int i = 0; i < per; ++i) {
-      int c = (int)lane + 32 * i;
-      float val = part_o[c] * w0 + part_o[nD + c] * w1 + part_o[2 * nD + c] * w2 + part_o[3 * nD + c] * w3;
-      out[((b * nH + h) * nL + l) * nD + c] = val / total;
+      val[i] = 0.0f;
+    }
+    for (int w = 0; w < nW; ++w) {
+      float f = K_EXP(part_m[w] - mm);  // a group that saw no key has m = -inf, l = 0: f = 0
+      total += part_l[w] * f;
+      for (int i = 0; i < per; ++i) {
+        val[i] += part_o[w * nD + (int)lane + 32 * i] * f;
+      }
+    }
+    for (int i = 0; i < per; ++i) {
+      out[((b * nH + h) * nL + l) * nD + (int)lane + 32 * i] = val[i] / total;
     }
   }
 }
@@ -162,15 +173,20 @@ def supports(q: mx.array, keys: list, bits, group_size: int) -> bool:
 
 
 def decode(backend: str, q: mx.array, keys: list, values: list, T: int, offset: int, scale: float,
-           block: int, local: int, vert: int, step: int, bits=None, group_size: int = 64) -> mx.array:
+           block: int, local: int, vert: int, step: int, bits=None, group_size: int = 64,
+           warps: int | None = None) -> mx.array:
     """Blocksparse attention of q (B, H, L, D) over the first T rows of the cache buffers: ``keys`` and
-    ``values`` are [buffer (B, KV, cap, D)] or, quantized, [packed, scales, biases]."""
+    ``values`` are [buffer (B, KV, cap, D)] or, quantized, [packed, scales, biases]. ``warps``: groups
+    of 32 lanes per row (default ``WARPS``)."""
     B, H, L, D = q.shape
     KV, cap = keys[0].shape[1], keys[0].shape[2]
-    params = mx.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits or 0, group_size],
+    warps = WARPS if warps is None else warps
+    if not 1 <= warps <= MAX_WARPS:
+        raise ValueError(f"warps must be 1 to {MAX_WARPS}, got {warps}")
+    params = mx.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits or 0, group_size, warps],
                       dtype=mx.int32)
     quantized = bits is not None
     note_used(NAME + (f" ({bits}-bit keys)" if quantized else ""))
     return _kernel(backend, quantized)(inputs=[q, *keys, *values, params, mx.array([scale], dtype=mx.float32)],
                                        output_shapes=[q.shape], output_dtypes=[q.dtype],
-                                       grid=(B * H * L * THREADS, 1, 1), threadgroup=(THREADS, 1, 1))[0]
+                                       grid=(B * H * L * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1))[0]
