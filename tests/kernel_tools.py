@@ -30,13 +30,19 @@ def translation_unit(K, quantized: bool = False, threads: int | None = None) -> 
     return cpu_translation_unit(K.NAME, K.body(quantized), K.cpu_params(quantized), threads=threads or K.THREADS)
 
 
-def build(d: Path, K, quantized: bool = False, threads: int | None = None):
-    (d / "k.cpp").write_text(translation_unit(K, quantized, threads))
+def build_source(d: Path, source: str):
+    """Compile a C++ translation unit into a shared library in ``d`` and load it."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "k.cpp").write_text(source)
     lib = d / "k.so"
     r = subprocess.run([GXX, "-O2", "-std=c++20", "-shared", "-fPIC", "-pthread", str(d / "k.cpp"), "-o", str(lib)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     return ctypes.CDLL(str(lib))
+
+
+def build(d: Path, K, quantized: bool = False, threads: int | None = None):
+    return build_source(d, translation_unit(K, quantized, threads))
 
 
 def ptr(a: np.ndarray):
@@ -76,12 +82,12 @@ float atomic_fetch_add_explicit(atomic<float>*, float, memory_order);
 """
 
 
-def captured_msl(capfd, kernel, args: list, output_shape, grid: int, threads: int) -> str:
-    """The exact MSL MLX generates for ``kernel`` called on ``args``, captured by tracing under
-    mx.export_function (no Metal device needed)."""
+def captured_msl(capfd, kernel, args: list, output_shapes: list, grid: int, threads: int) -> str:
+    """The exact MSL MLX generates for ``kernel`` called on ``args`` (float32 outputs of
+    ``output_shapes``), captured by tracing under mx.export_function (no Metal device needed)."""
 
     def f(*a):
-        return kernel(inputs=list(a), output_shapes=[output_shape], output_dtypes=[mx.float32],
+        return kernel(inputs=list(a), output_shapes=output_shapes, output_dtypes=[mx.float32] * len(output_shapes),
                       grid=(grid, 1, 1), threadgroup=(threads, 1, 1), verbose=True)[0]
 
     capfd.readouterr()

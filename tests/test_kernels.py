@@ -12,14 +12,18 @@ import pytest
 from phi3mlx.kernels import blocksparse as K
 from phi3mlx.models.phi3small import Blocksparse, Phi3SmallSection, head_offsets
 
-from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, captured_msl, clang_parses, cuda_wrap, nvrtc_compile, ptr, \
-    tsan_run
+from phi3mlx.kernels.portable import cpu_translation_unit
+
+from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, build_source, captured_msl, clang_parses, cuda_wrap, \
+    nvrtc_compile, ptr, tsan_run
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is needed to run the kernel body on the CPU")
 
 
-def _build(d, quantized: bool):
-    return build(d, K, quantized)
+def _build(d, quantized: bool, threads: int = K.THREADS):
+    """Both passes' C++-threads renderings: (first pass with ``threads`` a threadgroup, merge)."""
+    merge = cpu_translation_unit(K.MERGE_NAME, K.MERGE_BODY, K.merge_cpu_params(), threads=32)
+    return build(d / "first", K, quantized, threads), build_source(d / "merge", merge)
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +36,28 @@ def cpu_kernel_q(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("kernel_q"), True)
 
 
-def run_cpu(lib, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None, bits=0, group_size=64,
-            warps=K.THREADS // 32):
-    """kbuf/vbuf: float arrays, or (packed, scales, biases) numpy tuples with ``bits``; ``warps``: the
-    library's threadgroup size over 32."""
+def run_cpu(libs, q, kbuf, vbuf, T, offset, block, local, vert, step, scale=None, bits=0, group_size=64,
+            warps=K.THREADS // 32, parts=None):
+    """Both passes, as ``K.decode`` launches them. kbuf/vbuf: float arrays, or (packed, scales, biases)
+    numpy tuples with ``bits``; ``warps``: the first library's threadgroup size over 32; ``parts``: parts
+    per row (default ``K.split``'s)."""
+    first, merge = libs
     B, H, L, D = q.shape
-    first = kbuf[0] if bits else kbuf
-    KV, cap = first.shape[1], first.shape[2]
-    params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group_size, warps],
+    first_buf = kbuf[0] if bits else kbuf
+    KV, cap = first_buf.shape[1], first_buf.shape[2]
+    rows = B * H * L
+    n, span = K.split(rows, T, offset, L, block, local, vert)
+    if parts is not None:
+        n, span = parts, -(-n * span // parts)
+    params = np.array([B, H, KV, L, T, D, offset, block, local, vert, step, cap, bits, group_size, warps, n, span],
                       dtype=np.int32)
     scale = np.array([D ** -0.5 if scale is None else scale], dtype=np.float32)
+    po = np.full(rows * n * D, np.nan, dtype=np.float32)  # every entry is written
+    pml = np.full(rows * n * 2, np.nan, dtype=np.float32)
     out = np.zeros_like(q)
     cache = [ptr(a) for a in (list(kbuf) + list(vbuf) if bits else [kbuf, vbuf])]
-    lib.run_blocksparse_decode(ptr(q), *cache, ptr(params), ptr(scale), ptr(out), ctypes.c_int(B * H * L))
+    first.run_blocksparse_decode(ptr(q), *cache, ptr(params), ptr(scale), ptr(po), ptr(pml), ctypes.c_int(rows * n))
+    merge.run_blocksparse_merge(ptr(po), ptr(pml), ptr(params), ptr(out), ctypes.c_int(rows))
     return out
 
 
@@ -109,7 +122,7 @@ def test_any_number_of_lane_groups(tmp_path, warps):
     """A threadgroup of 1 to MAX_WARPS groups of 32 lanes (GPU launches use WARPS) gives the same
     output: the key slots spread over the groups and the merge reads each group's partial result,
     including groups that saw no key (a short row and many groups)."""
-    lib = build(tmp_path, K, threads=32 * warps)
+    lib = _build(tmp_path, False, threads=32 * warps)
     block, local, vert, H, KV, D = 16, 4, 4, 8, 2, 64
     sec = Phi3SmallSection(block_size=block, local_blocks=local, vert_stride=vert)
     step = int(np.array(head_offsets(H, vert, False))[1])
@@ -120,6 +133,36 @@ def test_any_number_of_lane_groups(tmp_path, warps):
         v = rng.normal(size=(1, KV, T, D)).astype(np.float32)
         ours = run_cpu(lib, q, k, v, T, T - L, block, local, vert, step, warps=warps)
         assert np.abs(ours - reference(q, k, v, T - L, sec, H, KV)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7, 40])
+def test_any_number_of_parts(cpu_kernel, parts):
+    """A row's slots split into 1 to many parts (more parts than its slots: empty parts) merge to the
+    same output, for float and across window and block edges."""
+    block, local, vert, H, KV, D, T, L = 16, 4, 4, 8, 2, 64, 301, 2
+    sec = Phi3SmallSection(block_size=block, local_blocks=local, vert_stride=vert)
+    step = int(np.array(head_offsets(H, vert, False))[1])
+    rng = np.random.default_rng(parts)
+    q = rng.normal(size=(1, H, L, D)).astype(np.float32)
+    k = rng.normal(size=(1, KV, T, D)).astype(np.float32) * 2
+    v = rng.normal(size=(1, KV, T, D)).astype(np.float32)
+    ours = run_cpu(cpu_kernel, q, k, v, T, T - L, block, local, vert, step, parts=parts)
+    assert np.abs(ours - reference(q, k, v, T - L, sec, H, KV)).max() <= 1e-5
+
+
+def test_split_bounds_every_row():
+    """split's span x parts covers every row's slots, for the last query of a pass (the largest)."""
+    for T, L, block, local, vert in ((5, 1, 16, 4, 4), (301, 2, 16, 4, 4), (16384, 1, 64, 16, 8),
+                                     (32768, 8, 64, 16, 8), (65, 3, 64, 16, 8)):
+        for rows in (1, 32, 256):
+            parts, span = K.split(rows, T, T - L, L, block, local, vert)
+            assert 1 <= parts <= K.MAX_PARTS
+            pos = T - 1
+            qb = pos // block
+            first_local = max(0, qb - local + 1)
+            for r in range(vert):
+                n_far = -(-(first_local - r) // vert) if first_local > r else 0
+                assert parts * span >= (n_far + qb - first_local + 1) * block
 
 
 def test_every_head_shift(cpu_kernel):
@@ -139,14 +182,16 @@ TSAN_MAIN = r"""
 #include <random>
 int main() {
   const int B = 1, H = 2, KV = 1, L = 2, T = 70, D = 32, cap = 70;
-  std::vector<float> q(B * H * L * D), k(B * KV * cap * D), v(B * KV * cap * D), out(B * H * L * D);
+  const int P = 2, span = 48;  // two parts of each row's slots
+  std::vector<float> q(B * H * L * D), k(B * KV * cap * D), v(B * KV * cap * D), po(B * H * L * P * D),
+      pml(B * H * L * P * 2);
   std::mt19937 g(0);
   std::normal_distribution<float> n;
   for (auto* a : {&q, &k, &v}) for (auto& x : *a) x = n(g);
-  int params[15] = {B, H, KV, L, T, D, T - L, 16, 2, 2, 1, cap, 0, 64, 4};
+  int params[17] = {B, H, KV, L, T, D, T - L, 16, 2, 2, 1, cap, 0, 64, 4, P, span};
   float scale = 0.17f;
-  run_blocksparse_decode(q.data(), k.data(), v.data(), params, &scale, out.data(), B * H * L);
-  std::printf("%f\n", out[0]);
+  run_blocksparse_decode(q.data(), k.data(), v.data(), params, &scale, po.data(), pml.data(), B * H * L * P);
+  std::printf("%f\n", po[0]);
   return 0;
 }
 """
@@ -173,14 +218,14 @@ def test_a_missing_barrier_is_a_race(tmp_path):
 def _msl(capfd, quantized: bool = False) -> str:
     header, src = K.source("metal", quantized)
     names = K.QUANT_INPUTS if quantized else K.INPUTS
-    kern = mx.fast.metal_kernel(name=K.NAME, input_names=names, output_names=["out"], source=src, header=header)
+    kern = mx.fast.metal_kernel(name=K.NAME, input_names=names, output_names=K.OUTPUTS, source=src, header=header)
     if quantized:
         packed = [mx.zeros((1, 1, 40, 4), dtype=mx.uint32), mx.zeros((1, 1, 40, 1)), mx.zeros((1, 1, 40, 1))]
         cache = packed + packed
     else:
         cache = [mx.zeros((1, 1, 40, 32)), mx.zeros((1, 1, 40, 32))]
-    args = [mx.zeros((1, 2, 1, 32)), *cache, mx.zeros((14,), dtype=mx.int32), mx.ones((1,))]
-    return captured_msl(capfd, kern, args, (1, 2, 1, 32), K.THREADS * 2, K.THREADS)
+    args = [mx.zeros((1, 2, 1, 32)), *cache, mx.zeros((17,), dtype=mx.int32), mx.ones((1,))]
+    return captured_msl(capfd, kern, args, [(64,), (4,)], K.THREADS * 2, K.THREADS)
 
 
 @pytest.mark.skipif(CLANG is None, reason="clang++ is needed to parse the Metal rendering")
@@ -200,7 +245,7 @@ def cuda_source(dtype: str = "float", quantized: bool = False) -> str:
     cache = ([f"const {t}* {x}{suf}" for x in ("k", "v") for t, suf in (("uint32_t", ""), (dtype, "_s"), (dtype, "_b"))]
              if quantized else [f"const {dtype}* k", f"const {dtype}* v"])
     return cuda_wrap(K.NAME, header, src, [f"const {dtype}* q", *cache, "const int32_t* params", "const float* scale",
-                                           f"{dtype}* out"])
+                                           "float* po", "float* pml"])
 
 
 @pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers are needed to compile the CUDA rendering")
@@ -208,6 +253,28 @@ def cuda_source(dtype: str = "float", quantized: bool = False) -> str:
                                              ("__nv_bfloat16", True)])
 def test_cuda_rendering_compiles_for_sm90(dtype, quantized):
     rc, log = nvrtc_compile(cuda_source(dtype, quantized))
+    assert rc == 0, log[-3000:]
+
+
+@pytest.mark.skipif(CLANG is None, reason="clang++ is needed to parse the Metal rendering")
+def test_merge_metal_rendering_parses(capfd, tmp_path):
+    header, src = K.merge_source("metal")
+    kern = mx.fast.metal_kernel(name=K.MERGE_NAME, input_names=K.MERGE_INPUTS, output_names=["out"], source=src,
+                                header=header)
+    args = [mx.zeros((2 * 3 * 32,)), mx.zeros((2 * 3 * 2,)), mx.zeros((17,), dtype=mx.int32)]
+    msl = captured_msl(capfd, kern, args, [(1, 2, 1, 32)], 64, 32)
+    assert "[[kernel]] void custom_kernel_blocksparse_merge" in msl
+    assert "[[thread_position_in_threadgroup]]" in msl and "[[threadgroup_position_in_grid]]" in msl
+    r = clang_parses(msl, tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.skipif(CUDA_INCLUDE is None, reason="CUDA headers are needed to compile the CUDA rendering")
+@pytest.mark.parametrize("dtype", ["float", "__nv_bfloat16", "__half"])
+def test_merge_cuda_rendering_compiles_for_sm90(dtype):
+    header, src = K.merge_source("cuda")
+    sig = ["const float* po", "const float* pml", "const int32_t* params", f"{dtype}* out"]
+    rc, log = nvrtc_compile(cuda_wrap(K.MERGE_NAME, header, src, sig))
     assert rc == 0, log[-3000:]
 
 

@@ -144,7 +144,7 @@ def test_metal_rendering_parses(capfd, tmp_path, quantized):
         weights = [mx.zeros((2, 64, 64))] * 3
     args = [mx.zeros((1, 64)), mx.zeros((1, 2), dtype=mx.uint32), mx.zeros((1, 2)), *weights,
             mx.zeros((7,), dtype=mx.int32)]
-    msl = captured_msl(capfd, kern, args, (1, 64), K.THREADS * 2, K.THREADS)
+    msl = captured_msl(capfd, kern, args, [(1, 64)], K.THREADS * 2, K.THREADS)
     assert "[[kernel]] void custom_kernel_moe_decode" in msl
     assert "device atomic<float>* out" in msl  # the output the body adds into
     assert "[[thread_position_in_threadgroup]]" in msl and "[[threadgroup_position_in_grid]]" in msl
