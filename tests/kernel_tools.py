@@ -71,6 +71,7 @@ METAL_STUB = r"""
 typedef unsigned int uint;
 typedef unsigned short ushort;
 struct uint3 { uint x, y, z; };
+struct uint4 { uint x, y, z, w; };
 namespace metal { float exp(float); float max(float, float); }
 enum class mem_flags { mem_threadgroup };
 void threadgroup_barrier(mem_flags);

@@ -95,6 +95,9 @@ def test_supports():
     assert not K.supports(mx.zeros((1, 9, 64)), experts(64, 96, 4))  # more than 8 tokens: MLX ops
     assert not K.supports(x.astype(mx.float16), experts(64, 96, 4))  # weights of another dtype
     assert not K.supports(x, experts(64, 128, 4, bits=3, group_size=64))  # 3-bit: MLX ops
+    wide = K.MAX_HIDDEN + 64  # the token no longer fits the threadgroup memory: MLX ops
+    assert not K.supports(mx.zeros((1, 1, wide)), experts(wide, 64, 2))
+    assert K.supports(mx.zeros((1, 1, K.MAX_HIDDEN)), experts(K.MAX_HIDDEN, 64, 2, bits=4, group_size=64))
     sw = experts(64, 96, 4)
     sw.gate_proj.bias = mx.zeros((4, 96))
     assert not K.supports(x, sw)  # biased experts

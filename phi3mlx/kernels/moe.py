@@ -2,12 +2,18 @@
 
 For token n and its routed slot j (expert e = inds[n, j], router weight w = wts[n, j]), the layer is
 ``w * down[e] @ (silu(gate[e] @ x) * (up[e] @ x))``, summed over slots. One threadgroup serves one
-(token, slot, chunk of ``CHUNK`` intermediate rows): its 8 groups of 32 lanes take the chunk's gate
-and up rows in turn (lanes split the hidden dimension, reading whole packed words, and reduce with xor
-shuffles); after a barrier the chunk's SwiGLU values sit in threadgroup memory; after a second, each
-thread takes output rows of ``down[e]`` (strided by the threadgroup size), dots their chunk columns with
-those values and adds ``w * dot`` to ``out[n, row]`` atomically (float32, zero-initialised). Every expert
-weight the token's experts need is read exactly once; nothing else is read.
+(token, slot, chunk of ``CHUNK`` intermediate rows):
+
+0. the token goes into threadgroup memory as float32;
+1. its 8 groups of 32 lanes take the chunk's rows i in turn, gate row i and up row i together (the
+   lanes split the hidden dimension, reading 16-byte vectors of packed words, two rows' worth in flight,
+   and reduce with xor shuffles);
+2. after a barrier, the chunk's SwiGLU values go into threadgroup memory;
+3. after a second, each thread takes two output rows of ``down[e]`` a round (rows tid, tid + 256, then
+   the next 512), dots their chunk columns with those values and adds ``w * dot`` to ``out[n, row]``
+   atomically (float32, zero-initialised).
+
+Every expert weight the token's experts need is read exactly once; nothing else is read.
 
 Weights: float ``(E, I, H)`` gate/up and ``(E, H, I)`` down in the activations' dtype, or MLX's affine
 quantization (``mx.quantize``: ``bits`` 4 or 8, 32 / bits values per uint32 word, low bits first,
@@ -29,10 +35,12 @@ NAME = "moe_decode"
 THREADS = 256  # 8 groups of 32 lanes
 CHUNK = 64  # intermediate rows per threadgroup (the body's gu/hv sizes)
 MAX_TOKENS = 8
+MAX_HIDDEN = 4096  # the token in threadgroup memory (16.5 KB with its padding)
 INPUTS = ["x", "inds", "wts", "wg", "wu", "wd", "params"]
 QUANT_INPUTS = ["x", "inds", "wts", "wg", "wg_s", "wg_b", "wu", "wu_s", "wu_b", "wd", "wd_s", "wd_b", "params"]
 
 BODY = r"""
+K_SHARED float xs[4224];
 K_SHARED float gu[128];
 K_SHARED float hv[64];
 int nN = params[0], nK = params[1], nHd = params[2], nI = params[3];
@@ -48,23 +56,28 @@ if (task < nN * nK * nC) {
   float wr = float(wts[n * nK + slot]);
   int i0 = c * 64;
   int len = nI - i0 < 64 ? nI - i0 : 64;
-  // 1. the chunk's gate rows (rr < 64) and up rows (rr >= 64), one 32-lane group per row
-  for (int rr = (int)sg; rr < 128; rr += 8) {
-    int i = i0 + rr % 64;
-    float d = 0.0f;
+  // 0. the token as float32 in threadgroup memory, one pad slot after every 32 values (XS), so that the
+  //    32 lanes, each reading its own run of 32 values, hit 32 different banks
+  for (int j = (int)tid; j < nHd; j += 256) {
+    xs[XS(j)] = float(x[n * nHd + j]);
+  }
+  K_BARRIER();
+  // 1. the chunk's gate and up rows, row i of both together, one 32-lane group per i
+  for (int ii = (int)sg; ii < 64; ii += 8) {
+    int i = i0 + ii;
+    float dg = 0.0f;
+    float du = 0.0f;
     if (i < nI) {
       long row = (long)e * nI + i;
-      if (rr < 64) {
-        ROW_DOT_X(wg, row, d);
-      } else {
-        ROW_DOT_X(wu, row, d);
-      }
+      ROW2_DOT_X(wg, wu, row, dg, du);
     }
     for (uint mask = 16; mask > 0; mask >>= 1) {
-      d += K_SHFL_XOR(d, mask);
+      dg += K_SHFL_XOR(dg, mask);
+      du += K_SHFL_XOR(du, mask);
     }
     if (lane == 0) {
-      gu[rr] = d;
+      gu[ii] = dg;
+      gu[64 + ii] = du;
     }
   }
   K_BARRIER();
@@ -74,53 +87,114 @@ if (task < nN * nK * nC) {
     hv[tid] = (int)tid < len ? g / (1.0f + K_EXP(-g)) * gu[64 + tid] : 0.0f;
   }
   K_BARRIER();
-  // 3. the down projection's chunk columns, weighted by the router, added into the output
-  for (int o = (int)tid; o < nHd; o += 256) {
-    long row = (long)e * nHd + o;
-    float d = 0.0f;
-    CHUNK_DOT_H(wd, row, d);
-    K_ATOMIC_ADD(out, n * nHd + o, wr * d);
+  // 3. the down projection's chunk columns, two output rows a round, weighted by the router, added
+  //    into the output
+  for (int o = (int)tid; o < nHd; o += 512) {
+    int o2 = o + 256 < nHd ? o + 256 : o;
+    long ra = (long)e * nHd + o;
+    long rb = (long)e * nHd + o2;
+    float da = 0.0f;
+    float db = 0.0f;
+    CHUNK2_DOT_H(wd, ra, rb, da, db);
+    K_ATOMIC_ADD(out, n * nHd + o, wr * da);
+    if (o2 != o) {
+      K_ATOMIC_ADD(out, n * nHd + o2, wr * db);
+    }
   }
 }
 """
 
-# ROW_DOT_X(a, row, acc): this lane's share of row ``row`` of a (rows of H values) dotted with x[n];
-# CHUNK_DOT_H(a, row, acc): columns i0 .. i0 + len of row ``row`` of a (rows of I values) dotted with hv.
+# ROW2_DOT_X(a1, a2, row, acc1, acc2): this lane's share of row ``row`` of a1 and of a2 (rows of H values)
+# dotted with the token; CHUNK2_DOT_H(a, ra, rb, acc_a, acc_b): columns i0 .. i0 + len of rows ra and rb of a
+# (rows of I values) dotted with hv. Quantized rows are read as 16-byte vectors of 4 packed words.
 DOTS_FLOAT = r"""
-#define ROW_DOT_X(a, row, acc) \
-  for (int j = (int)lane; j < nHd; j += 32) { acc += float(a[(row) * nHd + j]) * float(x[n * nHd + j]); }
-#define CHUNK_DOT_H(a, row, acc) \
-  for (int j = 0; j < len; ++j) { acc += float(a[(row) * nI + i0 + j]) * hv[j]; }
+#define XS(j) ((j) + (j) / 32)
+#define ROW2_DOT_X(a1, a2, row, acc1, acc2) \
+  for (int j = (int)lane; j < nHd; j += 64) { \
+    int j2 = j + 32 < nHd ? j + 32 : j; \
+    float g1 = float(a1[(row) * nHd + j]); \
+    float u1 = float(a2[(row) * nHd + j]); \
+    float g2 = float(a1[(row) * nHd + j2]); \
+    float u2 = float(a2[(row) * nHd + j2]); \
+    float x1 = xs[XS(j)]; \
+    float x2 = j2 != j ? xs[XS(j2)] : 0.0f; \
+    acc1 += g1 * x1 + g2 * x2; \
+    acc2 += u1 * x1 + u2 * x2; \
+  }
+#define CHUNK2_DOT_H(a, ra, rb, acc_a, acc_b) \
+  for (int j = 0; j < len; ++j) { \
+    float hj = hv[j]; \
+    acc_a += float(a[(ra) * nI + i0 + j]) * hj; \
+    acc_b += float(a[(rb) * nI + i0 + j]) * hj; \
+  }
 """
 
 DOTS_QUANT = r"""
-#define ROW_DOT_X(a, row, acc) { \
-  int vpw = 32 / bits, wpr = nHd / vpw, gpr = nHd / gsize; \
+#define XS(j) ((j) + (j) / 32)
+#define ROW2_DOT_X(a1, a2, row, acc1, acc2) { \
+  int vpw = 32 / bits, wpr = nHd / vpw, nv = wpr / 4, gpr = nHd / gsize; \
   uint qmask = (1u << bits) - 1u; \
-  for (int w = (int)lane; w < wpr; w += 32) { \
-    uint word = a[(row) * wpr + w]; \
-    int col = w * vpw; \
-    float qx = 0.0f, sx = 0.0f; \
-    for (int j = 0; j < vpw; ++j) { \
-      float xv = float(x[n * nHd + col + j]); \
-      qx += float((word >> (j * bits)) & qmask) * xv; \
-      sx += xv; \
+  K_IN(uint4) r1 = (K_IN(uint4))(a1 + (row) * wpr); \
+  K_IN(uint4) r2 = (K_IN(uint4))(a2 + (row) * wpr); \
+  for (int v0 = (int)lane; v0 < nv; v0 += 64) { \
+    int vb = v0 + 32 < nv ? v0 + 32 : v0; \
+    uint4 pv[4]; \
+    pv[0] = r1[v0]; \
+    pv[1] = r2[v0]; \
+    pv[2] = r1[vb]; \
+    pv[3] = r2[vb]; \
+    for (int half = 0; half < 2; ++half) { \
+      int vi = half == 0 ? v0 : vb; \
+      if (half == 0 || vb != v0) { \
+        uint w1[4] = {pv[2 * half].x, pv[2 * half].y, pv[2 * half].z, pv[2 * half].w}; \
+        uint w2[4] = {pv[2 * half + 1].x, pv[2 * half + 1].y, pv[2 * half + 1].z, pv[2 * half + 1].w}; \
+        int col = vi * 4 * vpw; \
+        float q1 = 0.0f, q2 = 0.0f, sx = 0.0f; \
+        for (int t = 0; t < 4; ++t) { \
+          for (int j = 0; j < vpw; ++j) { \
+            int cc = col + t * vpw + j; \
+            float xv = xs[XS(cc)]; \
+            q1 += float((w1[t] >> (j * bits)) & qmask) * xv; \
+            q2 += float((w2[t] >> (j * bits)) & qmask) * xv; \
+            sx += xv; \
+          } \
+        } \
+        int g = col / gsize; \
+        acc1 += float(a1##_s[(row) * gpr + g]) * q1 + float(a1##_b[(row) * gpr + g]) * sx; \
+        acc2 += float(a2##_s[(row) * gpr + g]) * q2 + float(a2##_b[(row) * gpr + g]) * sx; \
+      } \
     } \
-    acc += float(a##_s[(row) * gpr + col / gsize]) * qx + float(a##_b[(row) * gpr + col / gsize]) * sx; \
   } }
-#define CHUNK_DOT_H(a, row, acc) { \
-  int vpw = 32 / bits, wpr = nI / vpw, gpr = nI / gsize; \
+#define CHUNK2_DOT_H(a, ra, rb, acc_a, acc_b) { \
+  int vpw = 32 / bits, wpr = nI / vpw, gpr = nI / gsize, nvc = len / (4 * vpw); \
   uint qmask = (1u << bits) - 1u; \
-  for (int w = 0; w < len / vpw; ++w) { \
-    int col = i0 + w * vpw; \
-    uint word = a[(row) * wpr + col / vpw]; \
-    float qh = 0.0f, sh = 0.0f; \
-    for (int j = 0; j < vpw; ++j) { \
-      float hj = hv[w * vpw + j]; \
-      qh += float((word >> (j * bits)) & qmask) * hj; \
-      sh += hj; \
+  K_IN(uint4) pa_ = (K_IN(uint4))(a + (ra) * wpr + i0 / vpw); \
+  K_IN(uint4) pb_ = (K_IN(uint4))(a + (rb) * wpr + i0 / vpw); \
+  uint4 va[4]; \
+  uint4 vb[4]; \
+  for (int vi = 0; vi < 4; ++vi) { \
+    if (vi < nvc) { \
+      va[vi] = pa_[vi]; \
+      vb[vi] = pb_[vi]; \
     } \
-    acc += float(a##_s[(row) * gpr + col / gsize]) * qh + float(a##_b[(row) * gpr + col / gsize]) * sh; \
+  } \
+  for (int vi = 0; vi < 4; ++vi) { \
+    if (vi < nvc) { \
+      uint wa[4] = {va[vi].x, va[vi].y, va[vi].z, va[vi].w}; \
+      uint wb[4] = {vb[vi].x, vb[vi].y, vb[vi].z, vb[vi].w}; \
+      float qa = 0.0f, qb = 0.0f, sh = 0.0f; \
+      for (int t = 0; t < 4; ++t) { \
+        for (int j = 0; j < vpw; ++j) { \
+          float hj = hv[vi * 4 * vpw + t * vpw + j]; \
+          qa += float((wa[t] >> (j * bits)) & qmask) * hj; \
+          qb += float((wb[t] >> (j * bits)) & qmask) * hj; \
+          sh += hj; \
+        } \
+      } \
+      int g = (i0 + vi * 4 * vpw) / gsize; \
+      acc_a += float(a##_s[(ra) * gpr + g]) * qa + float(a##_b[(ra) * gpr + g]) * sh; \
+      acc_b += float(a##_s[(rb) * gpr + g]) * qb + float(a##_b[(rb) * gpr + g]) * sh; \
+    } \
   } }
 """
 
@@ -184,9 +258,12 @@ def supports(x: mx.array, switch_mlp) -> bool:
         return False
     ws, bits, gs = parts[0]
     H, I = x.shape[-1], switch_mlp.gate_proj.output_dims
+    if H > MAX_HIDDEN:
+        return False
     if bits == 0:
-        return all(w[0].dtype == x.dtype for w, _, _ in parts) and H % 32 == 0
-    return H % gs == 0 and I % gs == 0 and I % 32 == 0
+        return all(w[0].dtype == x.dtype for w, _, _ in parts)
+    # rows and chunks in whole 16-byte vectors of 4 words, each vector inside one quantization group
+    return H % gs == 0 and I % gs == 0 and gs % 32 == 0 and (H * bits // 32) % 4 == 0 and I % 32 == 0
 
 
 def decode(backend: str, x: mx.array, inds: mx.array, wts: mx.array, weights: list, intermediate: int,

@@ -11,7 +11,9 @@ A body is written in the common subset of Metal Shading Language and CUDA C++, a
   ``atomic_outputs=True``);
 * ``K_BARRIER()``: the whole threadgroup; ``K_SHFL_XOR(x, mask)``: exchange with lane ``lane ^ mask`` of
   the same 32-lane group (every lane of the group must call it);
-* ``K_IN(T)`` / ``K_OUT(T)``: pointer types of inputs and outputs for helper functions.
+* ``K_IN(T)`` / ``K_OUT(T)``: pointer types of inputs and outputs for helper functions and casts
+  (``(K_IN(uint4))(words)`` reads 4 words as one 16-byte vector: ``uint4`` with ``.x .y .z .w`` is
+  CUDA's and Metal's own type, a struct in the C++ rendering).
 
 The per-backend prologue (``prologue``) defines ``tid`` (thread index in the threadgroup) and ``gid``
 (threadgroup index in the grid) from the backend's attributes; it goes into the kernel *source* so
@@ -63,6 +65,7 @@ HEADER_CPU = r"""
 #include <thread>
 #include <vector>
 typedef unsigned int uint;
+struct uint4 { uint x, y, z, w; };  // CUDA's and Metal's 16-byte vector of 4 words
 #define KFLOAT(x) x##f
 #define K_NEG_INF (-INFINITY)
 #define K_EXP(x) std::exp(x)
