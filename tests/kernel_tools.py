@@ -49,6 +49,28 @@ def ptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
+def cpu_launch(lib, name: str, threads: int, calls: list | None = None):
+    """A stand-in for the kernel object ``mx.fast.metal_kernel``/``cuda_kernel`` returns: it runs ``lib``'s
+    C++ rendering ``run_<name>`` (built with ``threads`` per threadgroup) as the GPU launch would, so the
+    Python wrapper's launch (inputs in order, output sizes, grid in threads, threadgroup, init_value) is
+    tested with the body. Float inputs go in as float32; outputs start at ``init_value``, else NaN (a
+    GPU leaves them undefined: every entry must be written). ``calls`` collects each launch's inputs."""
+
+    def launch(inputs, output_shapes, output_dtypes, grid, threadgroup, init_value=None, **_):
+        assert tuple(threadgroup) == (threads, 1, 1), threadgroup
+        assert tuple(grid[1:]) == (1, 1) and grid[0] % threads == 0, grid
+        if calls is not None:
+            calls.append(inputs)
+        arrays = [np.ascontiguousarray(np.array(a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a))
+                  for a in inputs]
+        fill = np.nan if init_value is None else init_value
+        outs = [np.full(int(np.prod(s)), fill, dtype=np.float32) for s in output_shapes]
+        getattr(lib, f"run_{name}")(*[ptr(a) for a in arrays + outs], ctypes.c_int(grid[0] // threads))
+        return [mx.array(o.reshape(s)).astype(d) for o, s, d in zip(outs, output_shapes, output_dtypes)]
+
+    return launch
+
+
 def tsan_run(tmp_path: Path, K, main: str, extra_flags: list):
     """Build ``K``'s C++ rendering plus ``main`` with ThreadSanitizer and run it (skips without its runtime)."""
     src = tmp_path / "t.cpp"

@@ -17,8 +17,8 @@ from phi3mlx.models import build_model, parse_config
 from phi3mlx.quant import quantize_model
 
 from .helpers import FT_MOE
-from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, captured_msl, clang_parses, cuda_wrap, nvrtc_compile, ptr, \
-    tsan_run
+from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, captured_msl, clang_parses, cpu_launch, cuda_wrap, \
+    nvrtc_compile, ptr, tsan_run
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is needed to run the kernel body on the CPU")
 
@@ -172,17 +172,14 @@ def test_cuda_rendering_compiles_for_sm90(dtype, quantized):
     assert rc == 0, log[-3000:]
 
 
-def _cpu_decode(lib, lib_q):
-    """decode() with the body run as C++ threads in place of the GPU."""
+def _on_cpu(monkeypatch, lib, lib_q, calls=None):
+    """Only the GPU replaced: K.decode launches the kernel as on a GPU (inputs, output size, grid,
+    threadgroup, init_value) and the launch runs the body as C++ threads."""
     from phi3mlx import kernels
 
-    def on_cpu(gpu, x, inds, wts, weights, intermediate, bits=0, group_size=64):
-        kernels.note_used(K.NAME)
-        out = run_cpu(lib_q if bits else lib, np.array(x.astype(mx.float32)), np.array(inds), np.array(wts),
-                      [np.array(a) for a in weights], intermediate, bits, group_size)
-        return mx.array(out)
-
-    return on_cpu
+    monkeypatch.setattr(kernels, "backend", lambda: "cpu-threads")
+    monkeypatch.setattr(K, "_kernel", lambda backend, quantized: cpu_launch(lib_q if quantized else lib, K.NAME,
+                                                                            K.THREADS, calls))
 
 
 def tiny_moe(bits: int = 0):
@@ -207,20 +204,14 @@ def test_model_decodes_through_the_kernel(cpu_kernel, cpu_kernel_q, monkeypatch,
     model = tiny_moe(bits)
     ids = np.random.default_rng(1).integers(0, 32000, 20).tolist()
     plain = list(generate_step(ids, model, max_tokens=6))
-    calls = []
-    on_cpu = _cpu_decode(cpu_kernel, cpu_kernel_q)
-
-    def counted(gpu, x, *a, **kw):
-        calls.append(x.shape[0])
-        return on_cpu(gpu, x, *a, **kw)
-
-    monkeypatch.setattr(kernels, "backend", lambda: "cpu-threads")
-    monkeypatch.setattr(K, "decode", counted)
+    launches = []
+    _on_cpu(monkeypatch, cpu_kernel, cpu_kernel_q, launches)
     kernels.reset_used()
     fast = list(generate_step(ids, model, max_tokens=6))
-    assert kernels.used() == [K.NAME]
+    assert kernels.used() == [K.NAME + (f" ({bits}-bit experts)" if bits else "")]
     layers = FT_MOE["num_hidden_layers"]
-    assert set(calls) == {1} and len(calls) % layers == 0 and len(calls) >= 5 * layers  # every decode step
+    assert {x[0].shape[0] for x in launches} == {1}  # one token a step
+    assert len(launches) == 6 * layers  # every one-token pass (the prompt's last token, 5 steps), every layer
     assert [t for t, _ in fast] == [t for t, _ in plain]
     for (_, a), (_, b) in zip(fast, plain):
         assert np.abs(np.array(a) - np.array(b)).max() <= 1e-4
@@ -243,8 +234,7 @@ def test_gradient_is_the_mlx_op_path(cpu_kernel, cpu_kernel_q, monkeypatch):
 
     params = model.trainable_parameters()
     ref_g = mx.grad(loss, argnums=(0, 1))(params, x)
-    monkeypatch.setattr(kernels, "backend", lambda: "cpu-threads")
-    monkeypatch.setattr(K, "decode", _cpu_decode(cpu_kernel, cpu_kernel_q))
+    _on_cpu(monkeypatch, cpu_kernel, cpu_kernel_q)
     kernels.reset_used()
     got_g = mx.grad(loss, argnums=(0, 1))(params, x)
     assert kernels.used() == [K.NAME]
