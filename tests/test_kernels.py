@@ -329,3 +329,29 @@ def test_no_kernels_flag_switches_them_off(capsys):
     assert main(["generate", "--model", "phi3mlx:embedded", "--prompt", "hi", "-m", "2"]) == 0
     assert kernels.enabled()
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_plumbing(tmp_path):
+    """examples/gpu_kernel_check.py is the one prepared run for a lent GPU: its --dry mode (the MLX-op
+    path standing in for the kernels, toy sizes) runs sections in their own processes, builds and loads
+    a model folder for us and mlx-lm, and gathers every section's RESULT lines, so a GPU's time is not
+    spent on a broken script."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "gpu_kernel_check.py"
+    r = subprocess.run([sys.executable, str(script), "--dry", "--dtype", "float32", "--sections", "bs", "moe",
+                        "e2e-small", "--contexts", "100", "--warps", "4", "--small-layers", "1", "--out",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert got["failed"] == []
+    sections = {x["section"] for x in got["results"]}
+    assert sections == {"device", "bs", "moe", "e2e-small"}
+    small = next(x for x in got["results"] if x["section"] == "e2e-small")
+    assert small["kernels"] > 0 and small["mlx_ops"] > 0 and small["step_ms_kernels"] > 0
+    bs = [x for x in got["results"] if x["section"] == "bs"]
+    assert all(x["err"] <= 1e-4 for x in bs) and len(bs) == 2 * 3  # float and 4-bit keys, 3 configurations
