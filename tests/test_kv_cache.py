@@ -74,3 +74,28 @@ def test_cli_kv_bits(tiny_folder, capsys):
     assert main(["generate", "--model", str(tiny_folder), "--prompt", "Hi", "--kv-bits", "3"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("phi3mlx: error: generate: argument --kv-bits: invalid choice: 3") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("mask_kind", [None, "causal", "lt", "hlt", "b1lt", "bhlt"])
+def test_quantized_attention_equals_float_attention_over_the_same_values(mask_kind):
+    """GQA (8 query heads on 2 KV heads), 2 rows, 3 queries: attention over a quantized cache equals float
+    attention over its dequantized keys and values, for every mask shape the callers pass."""
+    from phi3mlx.models.attention import quantized_attention
+
+    B, H, K, L, T, D, gs, bits = 2, 8, 2, 3, 37, 64, 32, 4
+    mx.random.seed(7)
+    q = mx.random.normal((B, H, L, D))
+    k = mx.quantize(mx.random.normal((B, K, T, D)), group_size=gs, bits=bits)
+    v = mx.quantize(mx.random.normal((B, K, T, D)), group_size=gs, bits=bits)
+    kf, vf = (mx.dequantize(*t, group_size=gs, bits=bits) for t in (k, v))
+    shapes = {"lt": (L, T), "hlt": (H, L, T), "b1lt": (B, 1, L, T), "bhlt": (B, H, L, T)}
+    if mask_kind in shapes:
+        mask = mx.random.uniform(shape=shapes[mask_kind]) > 0.3
+        mask = mask | (mx.arange(T) == 0)  # every query sees a key
+    else:
+        mask = mask_kind
+    ref = mx.fast.scaled_dot_product_attention(q, mx.repeat(kf, H // K, axis=1), mx.repeat(vf, H // K, axis=1),
+                                               scale=D ** -0.5, mask=mask)
+    got = quantized_attention(q, k, v, D ** -0.5, mask, gs, bits)
+    assert got.shape == (B, H, L, D)
+    assert float(mx.abs(got - ref).max()) <= 1e-4

@@ -95,23 +95,33 @@ def attend(q: mx.array, k, v, scale: float, mask: AttentionMask, cache=None) -> 
 
 
 def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, group_size: int, bits: int) -> mx.array:
-    """Attention over a quantized KV cache; mask None, "causal", (L, T) or per-head (H, L, T)."""
+    """Attention over a quantized KV cache; mask None, "causal", (L, T), per-head (H, L, T) or per-row
+    (B, 1 or H, L, T).
+
+    The query heads that share a KV head are stacked as rows of one matrix, (B, K, G * L, D), so each
+    quantized matmul multiplies arrays with the same batch shape: no broadcast (stride-0) KV operand,
+    which some GPU quantized-matmul paths have read wrongly.
+    """
     B, H, L, D = q.shape
     K = k[0].shape[1]
     G = H // K
-    q = (q * scale).reshape(B, K, G, L, D)  # query heads grouped by the KV head they read
-    k = tuple(mx.expand_dims(t, 2) for t in k)  # (B, K, 1, T, ...)
-    v = tuple(mx.expand_dims(t, 2) for t in v)
-    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, K, G, L, T)
+    q = (q * scale).reshape(B, K, G * L, D)  # row g * L + l: query head k * G + g, position l
+    s = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, K, G * L, T)
     if mask is not None:
         T = s.shape[-1]
         if isinstance(mask, str):
             mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
-        elif mask.ndim == 3:
-            mask = mask.reshape(K, G, L, T)
+        if mask.ndim == 2:  # (L, T): the same for every head
+            mask = mx.tile(mask, (G, 1))
+        elif mask.ndim == 3:  # (H, L, T)
+            mask = mask.reshape(K, G * L, T)
+        elif mask.shape[1] == 1:  # (B, 1, L, T)
+            mask = mx.tile(mask, (1, 1, G, 1))
+        else:  # (B, H, L, T)
+            mask = mask.reshape(mask.shape[0], K, G * L, T)
         s = mx.where(mask, s, mx.finfo(s.dtype).min)
     p = mx.softmax(s, axis=-1, precise=True)
-    o = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
+    o = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)  # (B, K, G * L, D)
     return o.reshape(B, H, L, D)
 
 
