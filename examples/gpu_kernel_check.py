@@ -15,10 +15,11 @@ prints one line per case, plus ``RESULT {json}`` lines that the driver gathers i
 * ``moe``: the Phi-3.5-MoE expert layer (4096 wide, 16 experts, top 2, intermediate 6400), float and 4-bit
   (group 64), 1 and 4 tokens: exactness, median times, speedup, bandwidth share of the routed weights.
 * ``prefill``: whether a prefill kernel could beat MLX's ops. Blocksparse: our chunked gather + fused
-  attention over a 16k prompt against dense causal fused attention of the same size, and against the
-  dense time scaled by the fraction of keys blocksparse attention reads (what a blocksparse kernel as fast
-  as the dense one would take). MoE: the sorted ``gather_qmm`` path for 512 and 2048 tokens against one
-  quantized matmul of the same rows and work (what a grouped kernel could at best reach).
+  attention over a 16k prompt (the default query chunk and larger ones) against dense causal fused
+  attention of the same size, and against the dense time scaled by the fraction of keys blocksparse
+  attention reads (what a blocksparse kernel as fast as the dense one would take). MoE: the sorted ``gather_qmm`` path for 512 and 2048 tokens against one
+  quantized matmul of the same rows and work (what a grouped kernel could at best reach), and against
+  one quantized matmul per expert over rows sorted by expert (an MLX-op alternative).
 * ``e2e-moe``: a 4-bit Phi-3.5-MoE-shaped model (``--moe-layers`` layers, random weights, written as a
   folder and loaded by us and by mlx-lm) decoding 64 tokens: tokens/s with the kernels, with MLX ops
   (``kernels.set_enabled(False)``), and mlx-lm's ``generate_step``; the median of 3 interleaved rounds.
@@ -235,16 +236,19 @@ def section_prefill(a, gpu, dtype, tol, bw) -> int:
     k = mx.random.normal((1, KV, T, D)).astype(dtype)
     v = mx.random.normal((1, KV, T, D)).astype(dtype)
     scale = D ** -0.5
-    bs = Blocksparse(sec, H, KV)
-    t_bs = median_time(lambda: bs._blocksparse(q, k, v, 0, scale, None), 5)
     t_dense = median_time(lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal"), 5)
     m = blocksparse_mask(0, T, H, block, local, vert, False)
     frac = float(m.astype(mx.float32).sum()) / (H * T * (T + 1) / 2)
-    print(f"blocksparse prefill T={T}: ours {t_bs * 1e3:.2f} ms, dense causal {t_dense * 1e3:.2f} ms, "
-          f"keys read {100 * frac:.1f}% of causal; a kernel as fast as the dense one per key: "
-          f"{t_dense * frac * 1e3:.2f} ms (ours / that = {t_bs / (t_dense * frac):.2f}x)", flush=True)
-    result(section="prefill", kind="blocksparse", T=T, ms_ours=t_bs * 1e3, ms_dense=t_dense * 1e3, fraction=frac,
-           ours_over_ideal=t_bs / (t_dense * frac))
+    bs = Blocksparse(sec, H, KV)
+    for chunk_blocks in ([None, 4] if a.dry else [None, 16, 32]):  # the default, then larger query chunks
+        bs.chunk_blocks = chunk_blocks
+        t_bs = median_time(lambda: bs._blocksparse(q, k, v, 0, scale, None), 5)
+        chunk = block * (chunk_blocks or max(1, local // 4))
+        print(f"blocksparse prefill T={T}, query chunks of {chunk}: ours {t_bs * 1e3:.2f} ms, dense causal "
+              f"{t_dense * 1e3:.2f} ms, keys read {100 * frac:.1f}% of causal; a kernel as fast as the dense one "
+              f"per key: {t_dense * frac * 1e3:.2f} ms (ours / that = {t_bs / (t_dense * frac):.2f}x)", flush=True)
+        result(section="prefill", kind="blocksparse", T=T, chunk=chunk, ms_ours=t_bs * 1e3, ms_dense=t_dense * 1e3,
+               fraction=frac, ours_over_ideal=t_bs / (t_dense * frac))
     hidden, inter, experts, top = (256, 320, 4, 2) if a.dry else (4096, 6400, 16, 2)
     sw = SwitchGLU(hidden, inter, experts)
     sw.set_dtype(dtype)
@@ -264,10 +268,33 @@ def section_prefill(a, gpu, dtype, tol, bw) -> int:
             return down(nn.silu(g) * one(rows2))
 
         t_dense = median_time(dense, 5)
+        flat = np.array(inds).reshape(-1)
+        order = mx.array(np.argsort(flat, kind="stable"))
+        counts = np.bincount(flat, minlength=experts)
+
+        def per_expert():
+            """Rows sorted by expert, then one quantized matmul per expert and projection."""
+            xs = rows[order // top]
+            outs, at = [], 0
+            for e, c in enumerate(counts.tolist()):
+                if c:
+                    r = xs[at:at + c]
+                    g, u = (mx.quantized_matmul(r, p.weight[e], p.scales[e], p.biases[e], group_size=64, bits=4)
+                            for p in (sw.gate_proj, sw.up_proj))
+                    d = sw.down_proj
+                    outs.append(mx.quantized_matmul(nn.silu(g) * u, d.weight[e], d.scales[e], d.biases[e],
+                                                    group_size=64, bits=4))
+                    at += c
+            return mx.concatenate(outs)[mx.argsort(order)]
+
+        ref = sw(x, inds).reshape(N * top, hidden)
+        err = float(mx.abs(per_expert() - ref).max()) / max(1.0, float(mx.abs(ref).max()))
+        t_loop = median_time(per_expert, 5)
         print(f"MoE prefill {N} tokens (4-bit): sorted gather_qmm {t_gather * 1e3:.2f} ms, one quantized matmul of "
-              f"the same rows {t_dense * 1e3:.2f} ms (gather / dense = {t_gather / t_dense:.2f}x)", flush=True)
+              f"the same rows {t_dense * 1e3:.2f} ms (gather / dense = {t_gather / t_dense:.2f}x), one quantized "
+              f"matmul per expert {t_loop * 1e3:.2f} ms (rel|diff| {err:.1e})", flush=True)
         result(section="prefill", kind="moe", tokens=N, ms_gather=t_gather * 1e3, ms_dense=t_dense * 1e3,
-               gather_over_dense=t_gather / t_dense)
+               gather_over_dense=t_gather / t_dense, ms_per_expert=t_loop * 1e3, per_expert_err=err)
     return 0
 
 

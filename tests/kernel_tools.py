@@ -94,6 +94,7 @@ typedef unsigned int uint;
 typedef unsigned short ushort;
 struct uint3 { uint x, y, z; };
 struct uint4 { uint x, y, z, w; };
+#define half __fp16  // a Metal type name: used as a variable name, it fails here as on a Mac
 namespace metal { float exp(float); float max(float, float); }
 enum class mem_flags { mem_threadgroup };
 void threadgroup_barrier(mem_flags);

@@ -256,7 +256,7 @@ def test_causality_sweep(tmp_path):
             assert np.abs(np.concatenate(parts) - base).max() <= 1e-4, T
 
 
-def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None):
+def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None, chunk_blocks=None):
     """The mask Blocksparse._blocksparse really applies, read off its output: with zero queries every
     allowed key gets the same weight, and value j = one-hot(j) makes row (h, i) = allowed[h, i] / count."""
     from types import SimpleNamespace
@@ -273,8 +273,23 @@ def _effective_mask(H, K, bs, local, vert, homo, offset, L, bits=None):
         kv = tuple(mx.quantize(kv, group_size=64, bits=bits))
         cache = SimpleNamespace(group_size=64, bits=bits)
     me = Blocksparse(Phi3SmallSection(block_size=bs, local_blocks=local, vert_stride=vert, homo_head=homo), H, K)
+    me.chunk_blocks = chunk_blocks
     o = me._blocksparse(q, kv, kv, offset, 1.0, cache)
     return np.array(o[0, :, :, :T]) > 1e-3
+
+
+@pytest.mark.parametrize("chunk_blocks", [1, 3, 7, 64])
+def test_any_prefill_chunk_gives_the_definition(chunk_blocks):
+    """The prefill's query chunk (a whole number of blocks, from one to more than the prompt) changes
+    only how the work is cut, never which keys a query sees."""
+    for bs, local, vert, (H, K) in [(4, 2, 3, (4, 2)), (8, 5, 8, (6, 2))]:
+        T = 6 * bs * local + 13
+        cfg = dict(num_attention_heads=H, blocksparse_block_size=bs, blocksparse_num_local_blocks=local,
+                   blocksparse_vert_stride=vert, blocksparse_homo_head_pattern=False)
+        full = allowed(cfg, T).numpy()
+        for offset, L in [(0, T), (bs * local + 3, T - bs * local - 3)]:
+            got = _effective_mask(H, K, bs, local, vert, False, offset, L, chunk_blocks=chunk_blocks)
+            assert (got == full[:, offset:T, :T]).all(), (bs, local, vert, H, K, offset, L)
 
 
 @pytest.mark.slow

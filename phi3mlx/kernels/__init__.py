@@ -1,4 +1,5 @@
-"""Custom kernels (Phi-3-small blocksparse decode attention), written once for Metal, CUDA and C++ threads.
+"""Custom kernels (Phi-3-small blocksparse decode attention, Phi-3.5-MoE expert decode), each written
+once for Metal, CUDA and C++ threads.
 
 ``backend()`` says which GPU rendering this machine runs ("metal", "cuda" or None: the CPU backend runs
 the MLX-op path). ``set_enabled(False)`` (``--no-kernels``) switches every kernel off; ``used()``

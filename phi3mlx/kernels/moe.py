@@ -143,11 +143,11 @@ DOTS_QUANT = r"""
     pv[1] = r2[v0]; \
     pv[2] = r1[vb]; \
     pv[3] = r2[vb]; \
-    for (int half = 0; half < 2; ++half) { \
-      int vi = half == 0 ? v0 : vb; \
-      if (half == 0 || vb != v0) { \
-        uint w1[4] = {pv[2 * half].x, pv[2 * half].y, pv[2 * half].z, pv[2 * half].w}; \
-        uint w2[4] = {pv[2 * half + 1].x, pv[2 * half + 1].y, pv[2 * half + 1].z, pv[2 * half + 1].w}; \
+    for (int hf = 0; hf < 2; ++hf) { \
+      int vi = hf == 0 ? v0 : vb; \
+      if (hf == 0 || vb != v0) { \
+        uint w1[4] = {pv[2 * hf].x, pv[2 * hf].y, pv[2 * hf].z, pv[2 * hf].w}; \
+        uint w2[4] = {pv[2 * hf + 1].x, pv[2 * hf + 1].y, pv[2 * hf + 1].z, pv[2 * hf + 1].w}; \
         int col = vi * 4 * vpw; \
         float q1 = 0.0f, q2 = 0.0f, sx = 0.0f; \
         for (int t = 0; t < 4; ++t) { \

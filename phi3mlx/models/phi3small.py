@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -206,7 +207,14 @@ def mask_dummy_ids(cfg: ModelConfig, logits: mx.array) -> mx.array:
 
 
 class Blocksparse:
-    """Exact blocksparse attention for one layer, called as (q, k, v, scale, pass, cache) -> o."""
+    """Exact blocksparse attention for one layer, called as (q, k, v, scale, pass, cache) -> o.
+
+    ``chunk_blocks``: key blocks per query chunk of a prefill (None: a quarter of the local window, at
+    least one). Any whole number of blocks gives the same output; larger chunks mean fewer, larger
+    operations (a GPU's per-operation cost) and more masked work in the band.
+    """
+
+    chunk_blocks: Optional[int] = None
 
     def __init__(self, sec: Phi3SmallSection, n_heads: int, n_kv: int):
         self.sec, self.n_heads, self.n_kv = sec, n_heads, n_kv
@@ -265,7 +273,7 @@ class Blocksparse:
             # MLX ops: one masked pass over all keys, the (H, L, T) mask shared by layers
             m = blocksparse_mask(offset, L, H, bs, local, vert, homo)
             return attend(q, k, v, scale, AttentionMask(m), cache)
-        chunk = bs * max(1, local // 4)
+        chunk = bs * (self.chunk_blocks or max(1, local // 4))
         outs = []
         s = offset
         while s < T:
