@@ -303,12 +303,12 @@ def test_model_decodes_through_the_kernel(cpu_kernel, cpu_kernel_q, tmp_path, mo
 
     launches = []
 
-    def first_pass(backend, quantized):
+    def first_pass(backend, quantized, tag):
         return cpu_launch((cpu_kernel_q if quantized else cpu_kernel)[0], K.NAME, K.THREADS, launches)
 
     monkeypatch.setattr(kernels, "backend", lambda: "cpu-threads")
     monkeypatch.setattr(K, "_kernel", first_pass)
-    monkeypatch.setattr(K, "_merge_kernel", lambda backend: cpu_launch(cpu_kernel[1], K.MERGE_NAME, 32))
+    monkeypatch.setattr(K, "_merge_kernel", lambda backend, tag: cpu_launch(cpu_kernel[1], K.MERGE_NAME, 32))
     kernels.reset_used()
     fast = list(generate_step(ids, model, max_tokens=8, cache=cache()))
     assert kernels.used() == [K.NAME + (f" ({kv_bits}-bit keys)" if kv_bits else "")]
@@ -355,3 +355,23 @@ def test_gpu_check_script_runs_its_plumbing(tmp_path):
     assert small["kernels"] > 0 and small["mlx_ops"] > 0 and small["step_ms_kernels"] > 0
     bs = [x for x in got["results"] if x["section"] == "bs"]
     assert all(x["err"] <= 1e-4 for x in bs) and len(bs) == 2 * 3  # float and 4-bit keys, 3 configurations
+
+
+def test_each_dtype_gets_its_own_compiled_kernel(monkeypatch):
+    """MLX keeps a compiled custom kernel under its name while the generated signature follows the
+    arrays' dtypes: a bfloat16 launch must not find the float32 build. The names carry the dtypes."""
+    names = []
+
+    def fake_kernel(name, **_):
+        names.append(name)
+        return lambda inputs, output_shapes, output_dtypes, **__: [mx.zeros(s, dtype=d)
+                                                                   for s, d in zip(output_shapes, output_dtypes)]
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    monkeypatch.setattr(K, "_KERNELS", {})
+    for dtype in (mx.float32, mx.bfloat16, mx.float32):
+        q = mx.zeros((1, 4, 1, 64), dtype=dtype)
+        k = mx.zeros((1, 2, 40, 64), dtype=dtype)
+        K.decode("cuda", q, [k], [k], 40, 39, 0.125, 16, 2, 2, 1)
+    assert names == ["blocksparse_decode_float32_float32", "blocksparse_merge_float32",
+                     "blocksparse_decode_bfloat16_bfloat16", "blocksparse_merge_bfloat16"]

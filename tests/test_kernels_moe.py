@@ -178,7 +178,7 @@ def _on_cpu(monkeypatch, lib, lib_q, calls=None):
     from phi3mlx import kernels
 
     monkeypatch.setattr(kernels, "backend", lambda: "cpu-threads")
-    monkeypatch.setattr(K, "_kernel", lambda backend, quantized: cpu_launch(lib_q if quantized else lib, K.NAME,
+    monkeypatch.setattr(K, "_kernel", lambda backend, quantized, tag: cpu_launch(lib_q if quantized else lib, K.NAME,
                                                                             K.THREADS, calls))
 
 
@@ -244,3 +244,26 @@ def test_gradient_is_the_mlx_op_path(cpu_kernel, cpu_kernel_q, monkeypatch):
     assert len(touched) == 4  # router and the three expert stacks
     for k in touched:
         assert np.abs(np.array(got_flat[k]) - np.array(ref_flat[k])).max() <= 1e-5, k
+
+
+def test_each_dtype_gets_its_own_compiled_kernel(monkeypatch):
+    """The kernel's name carries the token's and the weights' dtypes (MLX keeps a compiled custom kernel
+    under its name, while its signature follows the dtypes)."""
+    names = []
+
+    def fake_kernel(name, **_):
+        names.append(name)
+        return lambda inputs, output_shapes, output_dtypes, **__: [mx.zeros(s, dtype=d)
+                                                                   for s, d in zip(output_shapes, output_dtypes)]
+
+    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    monkeypatch.setattr(K, "_KERNELS", {})
+    for dtype, bits in ((mx.float32, 0), (mx.float16, 0), (mx.float32, 4), (mx.float32, 0)):
+        sw = experts(64, 64, 2, bits=bits)
+        if not bits:
+            sw.set_dtype(dtype)
+        ws = [a for p in ("gate_proj", "up_proj", "down_proj") for a in K.weights_of(getattr(sw, p))[0]]
+        K.decode("cuda", mx.zeros((1, 64), dtype=dtype), mx.zeros((1, 2), dtype=mx.uint32), mx.ones((1, 2)), ws, 64,
+                 bits)
+    assert names == ["moe_decode_" + "_".join(["float32"] * 4), "moe_decode_" + "_".join(["float16"] * 4),
+                     "moe_decode_q_float32_" + "_".join(["uint32", "float32", "float32"] * 3)]

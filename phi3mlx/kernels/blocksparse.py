@@ -29,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import note_used
-from .portable import packed, render
+from .portable import dtype_tag, packed, render
 
 NAME = "blocksparse_decode"
 MERGE_NAME = "blocksparse_merge"
@@ -79,10 +79,10 @@ if (row < nB * nH * nL) {
   }
   float m = K_NEG_INF;
   float s_sum = 0.0f;
-  int head_rows = (b * nKV + kvh) * cap;
+  long head_rows = (long)(b * nKV + kvh) * cap;  // rows of the cache buffer: 64-bit offsets from here on
   // each group takes 4 consecutive slots a round: their loads are independent, so all are in flight
   for (int s0 = s_begin + 4 * (int)grp; s0 < s_end; s0 += 4 * nW) {
-    int base[4];
+    long base[4];
     bool ok[4];
     float d[4];
     for (int u = 0; u < 4; ++u) {
@@ -255,22 +255,25 @@ def split(rows: int, T: int, offset: int, L: int, block: int, local: int, vert: 
 _KERNELS: dict = {}
 
 
-def _kernel(backend: str, quantized: bool):
-    key = (backend, quantized)
+def _kernel(backend: str, quantized: bool, tag: str):
+    """The first pass for ``backend``, float or quantized keys, built for the dtypes ``tag`` names."""
+    key = (backend, quantized, tag)
     if key not in _KERNELS:
         header, src = source(backend, quantized)
         make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        _KERNELS[key] = make(name=NAME + ("_q" if quantized else ""), input_names=QUANT_INPUTS if quantized else INPUTS,
-                             output_names=OUTPUTS, source=src, header=header)
+        _KERNELS[key] = make(name=f"{NAME}{'_q' if quantized else ''}_{tag}",
+                             input_names=QUANT_INPUTS if quantized else INPUTS, output_names=OUTPUTS, source=src,
+                             header=header)
     return _KERNELS[key]
 
 
-def _merge_kernel(backend: str):
-    key = (backend, "merge")
+def _merge_kernel(backend: str, tag: str):
+    """The merge pass for ``backend``, writing the dtype ``tag`` names."""
+    key = (backend, "merge", tag)
     if key not in _KERNELS:
         header, src = merge_source(backend)
         make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        _KERNELS[key] = make(name=MERGE_NAME, input_names=MERGE_INPUTS, output_names=["out"], source=src,
+        _KERNELS[key] = make(name=f"{MERGE_NAME}_{tag}", input_names=MERGE_INPUTS, output_names=["out"], source=src,
                              header=header)
     return _KERNELS[key]
 
@@ -304,9 +307,9 @@ def decode(backend: str, q: mx.array, keys: list, values: list, T: int, offset: 
                        span], dtype=mx.int32)
     quantized = bits is not None
     note_used(NAME + (f" ({bits}-bit keys)" if quantized else ""))
-    po, pml = _kernel(backend, quantized)(
+    po, pml = _kernel(backend, quantized, dtype_tag(q.dtype, *(a.dtype for a in keys)))(
         inputs=[q, *keys, *values, params, mx.array([scale], dtype=mx.float32)],
         output_shapes=[(rows * n * D,), (rows * n * 2,)], output_dtypes=[mx.float32, mx.float32],
         grid=(rows * n * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1))
-    return _merge_kernel(backend)(inputs=[po, pml, params], output_shapes=[q.shape], output_dtypes=[q.dtype],
+    return _merge_kernel(backend, dtype_tag(q.dtype))(inputs=[po, pml, params], output_shapes=[q.shape], output_dtypes=[q.dtype],
                                   grid=(rows * 32, 1, 1), threadgroup=(32, 1, 1))[0]

@@ -29,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import note_used
-from .portable import packed, render
+from .portable import dtype_tag, packed, render
 
 NAME = "moe_decode"
 THREADS = 256  # 8 groups of 32 lanes
@@ -221,12 +221,13 @@ def cpu_params(quantized: bool = False) -> list[tuple[str, str]]:
 _KERNELS: dict = {}
 
 
-def _kernel(backend: str, quantized: bool):
-    key = (backend, quantized)
+def _kernel(backend: str, quantized: bool, tag: str):
+    """The kernel for ``backend``, float or quantized experts, built for the dtypes ``tag`` names."""
+    key = (backend, quantized, tag)
     if key not in _KERNELS:
         header, src = source(backend, quantized)
         names = QUANT_INPUTS if quantized else INPUTS
-        name = NAME + ("_q" if quantized else "")
+        name = f"{NAME}{'_q' if quantized else ''}_{tag}"
         if backend == "metal":
             _KERNELS[key] = mx.fast.metal_kernel(name=name, input_names=names, output_names=["out"], source=src,
                                                  header=header, atomic_outputs=True)
@@ -275,7 +276,8 @@ def decode(backend: str, x: mx.array, inds: mx.array, wts: mx.array, weights: li
     chunks = -(-intermediate // CHUNK)
     params = mx.array([N, K, H, intermediate, bits, group_size, chunks], dtype=mx.int32)
     note_used(NAME + (f" ({bits}-bit experts)" if bits else ""))
-    return _kernel(backend, bits > 0)(inputs=[x, inds.astype(mx.uint32), wts.astype(mx.float32), *weights, params],
+    tag = dtype_tag(x.dtype, *(a.dtype for a in weights))
+    return _kernel(backend, bits > 0, tag)(inputs=[x, inds.astype(mx.uint32), wts.astype(mx.float32), *weights, params],
                                       output_shapes=[(N, H)], output_dtypes=[mx.float32],
                                       grid=(N * K * chunks * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                                       init_value=0.0)[0]

@@ -139,6 +139,13 @@ def shared_decls(body: str, backend: str) -> str:
     return "\n".join(out)
 
 
+def dtype_tag(*dtypes) -> str:
+    """A kernel-name suffix for the data types a launch reads and writes. MLX keeps a compiled custom
+    kernel under its name, but the generated signature's pointer types follow the arrays' dtypes: a
+    kernel built for bfloat16 must not be found again for float32."""
+    return "_".join(str(d).split(".")[-1] for d in dtypes)
+
+
 def render(backend: str, body: str) -> tuple[str, str]:
     """(header, source) of a kernel body for ``backend`` ("metal" or "cuda")."""
     header = {"metal": HEADER_METAL, "cuda": HEADER_CUDA}[backend]

@@ -99,8 +99,8 @@ def quantized_attention(q, k: tuple, v: tuple, scale: float, mask, group_size: i
     (B, 1 or H, L, T).
 
     The query heads that share a KV head are stacked as rows of one matrix, (B, K, G * L, D), so each
-    quantized matmul multiplies arrays with the same batch shape: no broadcast (stride-0) KV operand,
-    which some GPU quantized-matmul paths have read wrongly.
+    quantized matmul multiplies arrays with the same batch shape: no broadcast (stride-0) KV operand, a
+    case some of MLX's GPU quantized-matmul kernels have mishandled (ml-explore/mlx#3480).
     """
     B, H, L, D = q.shape
     K = k[0].shape[1]
