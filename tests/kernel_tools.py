@@ -49,6 +49,18 @@ def ptr(a: np.ndarray):
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
+def recording_kernel(names: list):
+    """A stand-in for ``mx.fast.cuda_kernel`` that records each kernel name it is asked to build; the
+    kernel it returns gives zeros of the requested outputs."""
+
+    def make(name, **_):
+        names.append(name)
+        return lambda inputs, output_shapes, output_dtypes, **__: [mx.zeros(s, dtype=d)
+                                                                   for s, d in zip(output_shapes, output_dtypes)]
+
+    return make
+
+
 def cpu_launch(lib, name: str, threads: int, calls: list | None = None):
     """A stand-in for the kernel object ``mx.fast.metal_kernel``/``cuda_kernel`` returns: it runs ``lib``'s
     C++ rendering ``run_<name>`` (built with ``threads`` per threadgroup) as the GPU launch would, so the

@@ -15,7 +15,7 @@ from phi3mlx.models.phi3small import Blocksparse, Phi3SmallSection, blocksparse_
 from phi3mlx.kernels.portable import cpu_translation_unit
 
 from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, build_source, captured_msl, clang_parses, cpu_launch, \
-    cuda_wrap, nvrtc_compile, ptr, tsan_run
+    cuda_wrap, nvrtc_compile, ptr, recording_kernel, tsan_run
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is needed to run the kernel body on the CPU")
 
@@ -361,13 +361,7 @@ def test_each_dtype_gets_its_own_compiled_kernel(monkeypatch):
     """MLX keeps a compiled custom kernel under its name while the generated signature follows the
     arrays' dtypes: a bfloat16 launch must not find the float32 build. The names carry the dtypes."""
     names = []
-
-    def fake_kernel(name, **_):
-        names.append(name)
-        return lambda inputs, output_shapes, output_dtypes, **__: [mx.zeros(s, dtype=d)
-                                                                   for s, d in zip(output_shapes, output_dtypes)]
-
-    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    monkeypatch.setattr(mx.fast, "cuda_kernel", recording_kernel(names))
     monkeypatch.setattr(K, "_KERNELS", {})
     for dtype in (mx.float32, mx.bfloat16, mx.float32):
         q = mx.zeros((1, 4, 1, 64), dtype=dtype)

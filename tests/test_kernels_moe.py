@@ -18,7 +18,7 @@ from phi3mlx.quant import quantize_model
 
 from .helpers import FT_MOE
 from .kernel_tools import CLANG, CUDA_INCLUDE, GXX, build, captured_msl, clang_parses, cpu_launch, cuda_wrap, \
-    nvrtc_compile, ptr, tsan_run
+    nvrtc_compile, ptr, recording_kernel, tsan_run
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is needed to run the kernel body on the CPU")
 
@@ -250,13 +250,7 @@ def test_each_dtype_gets_its_own_compiled_kernel(monkeypatch):
     """The kernel's name carries the token's and the weights' dtypes (MLX keeps a compiled custom kernel
     under its name, while its signature follows the dtypes)."""
     names = []
-
-    def fake_kernel(name, **_):
-        names.append(name)
-        return lambda inputs, output_shapes, output_dtypes, **__: [mx.zeros(s, dtype=d)
-                                                                   for s, d in zip(output_shapes, output_dtypes)]
-
-    monkeypatch.setattr(mx.fast, "cuda_kernel", fake_kernel)
+    monkeypatch.setattr(mx.fast, "cuda_kernel", recording_kernel(names))
     monkeypatch.setattr(K, "_KERNELS", {})
     for dtype, bits in ((mx.float32, 0), (mx.float16, 0), (mx.float32, 4), (mx.float32, 0)):
         sw = experts(64, 64, 2, bits=bits)
