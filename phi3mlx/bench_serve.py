@@ -190,7 +190,8 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
                     concurrency=CONCURRENCY, workloads=("greedy",), trials: int = 2, progress=None,
                     compile_steps: bool = False) -> dict:
     """For each workload, both servers are started afresh and warmed up; then for each concurrency each
-    server runs ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
+    server runs one unmeasured round of one request per client (the first steps at a new batch size may
+    trace or allocate what later ones reuse), then ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
     speed during the run weighs on both alike (fully with an even number of trials). Both hold the model
     at once; a server whose round fails is stopped at once.
 
@@ -229,6 +230,15 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
                     proc.close()  # it takes no more of the machine from the other's rounds
             for c in concurrency:
                 runs: dict = {name: [] for name in live}
+                for name, srv in live.items():  # unmeasured: each new batch size's first steps
+                    if srv["failed"] is None:
+                        say(f"{name}: {workload}, {c} concurrent stream(s), warm-up")
+                        try:
+                            run_round(srv["port"], srv["served"], c, 1, gen_tokens, workload)
+                        except Phi3MLXError as e:
+                            out["results"][name][workload][c] = {"error": f"warm-up: {e}"}
+                            srv["failed"] = f"skipped after the warm-up with {c} streams failed"
+                            srv["proc"].close()
                 for t in range(trials):
                     for name in (list(live) if t % 2 == 0 else list(reversed(live))):
                         srv = live[name]

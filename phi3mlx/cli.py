@@ -324,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the batch's decoding step as one compiled graph: faster steps for small models, but "
                    "each new batch size and cache length is traced once (a pause) and kept in memory (about "
                    "0.1 MB per layer per shape, 64 shapes at most, then it starts afresh), so not the default")
+    p.add_argument("--blas-threads", type=int, default=None, metavar="N",
+                   help="CPU backend with OpenBLAS: BLAS threads while serving (default: 1 for a model of at most "
+                   "32 MB of weights, whose matmuls are too small to share out, where an idle BLAS thread "
+                   "would spin on a core the server needs; else OpenBLAS's own count)")
     p.add_argument("--image-dir", default=None,
                    help="vision models: image_url paths must lie in this folder (default: any local path when "
                    "listening on loopback, none otherwise; data: URLs always work)")
@@ -498,7 +502,7 @@ def _cmd_serve(a):
     _note_tiny(a)
     key = a.api_key if a.api_key is not None else os.environ.get("PHI3MLX_API_KEY") or None
     serve(model, tok, a.model_id or a.model, a.host, a.port, key, a.max_batch, a.max_queue, image_dir=a.image_dir,
-          compile_steps=a.compile_steps, log_level=a.log_level)
+          compile_steps=a.compile_steps, log_level=a.log_level, blas_threads=a.blas_threads)
 
 
 def _cmd_plan(a):
@@ -566,6 +570,7 @@ def check_args(a) -> None:
         need("--port", lambda v: 0 < v < 65536, "in 1..65535")
         need("--max-batch", lambda v: v >= 1, "at least 1")
         need("--max-queue", lambda v: v >= 1, "at least 1")
+        need("--blas-threads", lambda v: v >= 1, "at least 1")
         if a.image_dir is not None and not Path(a.image_dir).is_dir():
             problems.append(f"--image-dir {a.image_dir} is not a folder")
     if a.command == "bench" and not (a.train or a.pretrain):  # before the model loads (and the tiny notice)

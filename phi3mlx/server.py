@@ -137,13 +137,14 @@ class _Relay:
 
 class Server:
     def __init__(self, model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None, compile_steps: bool = False):
+                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None, compile_steps: bool = False,
+                 blas_threads: Optional[int] = None):
         self.model, self.tokenizer, self.model_id, self.api_key = model, tokenizer, model_id, api_key
         # local image paths a request may name: none (None, the default), any (ANY_PATH), or those in a folder
         self.image_dir = image_dir if image_dir is None or image_dir is ANY_PATH else os.path.realpath(image_dir)
         self.context = model.config.context_length
         self.engine = engine or Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                                       compiled=compile_steps)
+                                       compiled=compile_steps, blas=blas_threads)
         self.created = int(time.time())
         self._relay: Optional[_Relay] = None
         self.engine.on_round(self._kick)
@@ -520,9 +521,10 @@ def check_listen(host: str, port: int) -> None:
 
 
 def build_app(model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-              max_queue: int = 64, image_dir=None, compile_steps: bool = False) -> Server:
+              max_queue: int = 64, image_dir=None, compile_steps: bool = False,
+              blas_threads: Optional[int] = None) -> Server:
     return Server(model, tokenizer, model_id, api_key, max_batch, max_queue, image_dir=image_dir,
-                  compile_steps=compile_steps)
+                  compile_steps=compile_steps, blas_threads=blas_threads)
 
 
 def is_loopback(host: str) -> bool:
@@ -545,9 +547,9 @@ def local_images(host: str, image_dir: Optional[str]):
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
           max_batch: int = 16, max_queue: int = 64, log_level: str = "info", image_dir: Optional[str] = None,
-          compile_steps: bool = False) -> None:
+          compile_steps: bool = False, blas_threads: Optional[int] = None) -> None:
     """Run the server until interrupted."""
     server = build_app(model, tokenizer, model_id, api_key, max_batch, max_queue,
-                       image_dir=local_images(host, image_dir), compile_steps=compile_steps)
+                       image_dir=local_images(host, image_dir), compile_steps=compile_steps, blas_threads=blas_threads)
     print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)

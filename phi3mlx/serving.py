@@ -31,10 +31,17 @@ disconnected); the rows leaving in one round are taken out together (``SlotBatch
 their caches join the prefix pool (bounded in entries and tokens).
 Each request's output arrives through its ``emit`` callback (called on the engine thread): ``Delta``
 events, then one ``Done``.
+
+On MLX's CPU backend with OpenBLAS, a small model is served with one BLAS thread (``blas_threads``):
+its matmuls take microseconds, so a second BLAS thread gains little, while OpenBLAS keeps it spinning
+between calls on a core the engine and HTTP threads need (measured here: with the built-in model, a
+second BLAS thread took about 70% of a core and the server's tokens/s at 16 streams was 5-20% lower).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -42,9 +49,63 @@ from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
 
+from mlx.utils import tree_flatten
+
 from .cache import ModelCache, SlotBatch, common_prefix, image_positions
 from .errors import Phi3MLXError
 from .generate import Sampling, image_prompt, make_sampler, reuse_prefix
+
+
+class OpenBLAS:
+    """The thread count of the OpenBLAS this process runs MLX's CPU matmuls with, where it has one (MLX's
+    Linux CPU build with OpenBLAS loaded, e.g. through ``LD_PRELOAD``); ``find()`` is None otherwise."""
+
+    def __init__(self, lib):
+        self._get, self._set = lib.openblas_get_num_threads, lib.openblas_set_num_threads
+        self._get.restype, self._set.restype = ctypes.c_int, None
+        self._set.argtypes = [ctypes.c_int]
+
+    @classmethod
+    def find(cls) -> Optional["OpenBLAS"]:
+        libs = [None]  # the process's global symbols (LD_PRELOAD), then any BLAS library it has loaded
+        try:
+            with open("/proc/self/maps") as f:
+                libs += sorted({line.split()[-1] for line in f if "blas" in line.rsplit("/", 1)[-1]})
+        except OSError:
+            pass
+        for name in libs:
+            try:
+                lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW) if name else ctypes.CDLL(None)
+                if hasattr(lib, "openblas_set_num_threads") and hasattr(lib, "openblas_get_num_threads"):
+                    return cls(lib)
+            except OSError:
+                continue
+        return None
+
+    @property
+    def threads(self) -> int:
+        return int(self._get())
+
+    @threads.setter
+    def threads(self, n: int) -> None:
+        self._set(int(n))
+
+
+SMALL_MODEL_BYTES = 32 * 2**20  # weights up to this size: a step's matmuls are too small to share out
+
+
+def blas_threads(model, requested: Optional[int] = None) -> Optional[int]:
+    """The BLAS thread count to serve ``model`` with, or None to leave the process's as it is: what was
+    ``requested`` (a positive number), else (automatic) 1 for a model of at most ``SMALL_MODEL_BYTES``
+    of weights on the CPU backend. Only OpenBLAS's count can be set (``OpenBLAS``)."""
+    if requested is not None:
+        if requested < 1:
+            raise Phi3MLXError(f"the BLAS thread count must be 1 or more, got {requested}")
+        return requested
+    if mx.default_device() != mx.cpu:
+        return None
+    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    return 1 if size <= SMALL_MODEL_BYTES else None
 
 
 class QueueFull(Exception):
@@ -141,8 +202,13 @@ class _Flight:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
                  pool_entries: int = 8, pool_tokens: int = 65536, kv_bits: Optional[int] = None,
-                 kv_group_size: Optional[int] = None, compiled: bool = False):
+                 kv_group_size: Optional[int] = None, compiled: bool = False, blas: Optional[int] = None):
+        """``blas``: the BLAS threads to run with while the engine runs (``blas_threads``; None: automatic;
+        OpenBLAS only, the process's count is put back when the engine stops)."""
         self.model, self.tokenizer = model, tokenizer
+        self.blas_threads = blas_threads(model, blas)
+        self._blas: Optional[OpenBLAS] = None
+        self._blas_before = 0  # the process's BLAS threads before start()
         # SlotBatch steps as compiled graphs (``Model.decode_slots``): each batch size and buffer length is
         # traced once and kept (memory and a pause per new shape), so it is the caller's choice
         self.compiled = compiled
@@ -180,6 +246,9 @@ class Engine:
         and queued requests and the prefix pool are kept)."""
         if self._thread is None:
             self._stop = False
+            self._blas = OpenBLAS.find() if self.blas_threads is not None else None
+            if self._blas is not None:
+                self._blas_before, self._blas.threads = self._blas.threads, self.blas_threads
             self._thread = threading.Thread(target=self._run, name="phi3mlx-engine", daemon=True)
             self._thread.start()
         return self
@@ -190,6 +259,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._blas is not None:
+            self._blas.threads, self._blas = self._blas_before, None
 
     def submit(self, req: Request) -> None:
         if self._queue.qsize() >= self.max_queue:

@@ -48,10 +48,12 @@ def test_bad_flags_are_named_together(capsys):
 
 
 def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monkeypatch):
-    """Both servers run at once; per concurrency the rounds go A B B A (so a machine slowing down during the run
-    weighs on both); a server's tokens/s is over all its trials; after a failed round that server is stopped and
-    its later rounds are skipped, saying why, while the other goes on."""
+    """Both servers run at once; per concurrency each first gets an unmeasured warm-up round (one request per
+    client), then the timed rounds go A B B A (so a machine slowing down during the run weighs on both); a
+    server's tokens/s is over all its trials; after a failed round (warm-up or timed) that server is stopped
+    and its later rounds are skipped, saying why, while the other goes on."""
     calls, closed = [], []
+    fail = {}  # (who, clients, kind) -> message
 
     class FakeServer:
         def __init__(self, name, argv, port, timeout=180.0):
@@ -62,24 +64,37 @@ def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monke
 
     def fake_round(port, served, clients, repeats, max_tokens, workload="greedy"):
         who = "ours" if served == "bench" else "theirs"
-        calls.append((who, clients))
-        if who == "theirs" and clients == 4:
-            raise B.Phi3MLXError("2 requests failed: boom")
-        n = len(calls)  # a machine that slows down: each round takes longer than the one before
+        kind = "warm" if repeats == 1 else "timed"
+        calls.append((who, clients, kind))
+        if (who, clients, kind) in fail:
+            raise B.Phi3MLXError(fail[who, clients, kind])
+        n = max(1, sum(k == "timed" for _, _, k in calls))  # a machine that slows down: each round slower than the last
         return {"tok_s": 100.0 / n, "ttft": 0.01 * n, "tokens": 100, "wall": float(n), "ttfts": [0.01 * n]}
 
     monkeypatch.setattr(B, "Subprocess", FakeServer)
     monkeypatch.setattr(B, "run_round", fake_round)
     monkeypatch.setattr(B, "stream_request", lambda *a, **k: (0.0, 4))
     monkeypatch.setattr(B, "resolve", lambda m: m)
-    res = B.run_serve_bench("m", compare_mlx_lm=True, concurrency=(1, 4, 16), trials=2)
-    assert calls[:4] == [("ours", 1), ("theirs", 1), ("theirs", 1), ("ours", 1)]
-    assert calls[4:] == [("ours", 4), ("theirs", 4), ("ours", 4), ("ours", 16), ("ours", 16)]
+    fail[("theirs", 4, "timed")] = "2 requests failed: boom"
+    res = B.run_serve_bench("m", compare_mlx_lm=True, concurrency=(1, 4, 16), trials=2, repeats=3)
+    assert calls[:6] == [("ours", 1, "warm"), ("theirs", 1, "warm"), ("ours", 1, "timed"), ("theirs", 1, "timed"),
+                         ("theirs", 1, "timed"), ("ours", 1, "timed")]
+    assert calls[6:] == [("ours", 4, "warm"), ("theirs", 4, "warm"), ("ours", 4, "timed"), ("theirs", 4, "timed"),
+                         ("ours", 4, "timed"), ("ours", 16, "warm"), ("ours", 16, "timed"), ("ours", 16, "timed")]
     ours, theirs = res["results"]["phi3mlx"]["greedy"], res["results"]["mlx_lm.server"]["greedy"]
     assert ours[1]["tok_s"] == 200 / (1 + 4) and theirs[1]["tok_s"] == 200 / (2 + 3)  # A B B A: even under drift
     assert ours[1]["trials"] == [100.0, 25.0] and ours[1]["ttft"] == 0.025
     assert theirs[4] == {"error": "2 requests failed: boom"}
     assert theirs[16] == {"error": "skipped after the round with 4 streams failed"}
     assert "error" not in ours[16] and len(ours[16]["trials"]) == 2
-    assert closed[0] == ("mlx_lm.server", 6)  # stopped right after its failed round, before ours went on
+    assert closed[0] == ("mlx_lm.server", 10)  # stopped right after its failed round, before ours went on
     assert {name for name, _ in closed} == {"mlx_lm.server", "phi3mlx"}
+
+    calls.clear(), closed.clear(), fail.clear()
+    fail[("theirs", 1, "warm")] = "1 requests failed: cold"
+    res = B.run_serve_bench("m", compare_mlx_lm=True, concurrency=(1, 4), trials=2, repeats=3)
+    ours, theirs = res["results"]["phi3mlx"]["greedy"], res["results"]["mlx_lm.server"]["greedy"]
+    assert theirs[1] == {"error": "warm-up: 1 requests failed: cold"}
+    assert theirs[4] == {"error": "skipped after the warm-up with 1 streams failed"}
+    assert [w for w, _, _ in calls].count("theirs") == 1 and len(ours[1]["trials"]) == len(ours[4]["trials"]) == 2
+    assert closed[0] == ("mlx_lm.server", 2)

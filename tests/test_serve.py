@@ -20,7 +20,9 @@ from phi3mlx.cli import main
 from phi3mlx.generate import generate, generate_step, make_sampler, stream_generate
 from phi3mlx.loader import load
 from phi3mlx.server import Server, _Relay
-from phi3mlx.serving import Delta, Done, Engine, Request
+from phi3mlx import serving
+from phi3mlx.errors import Phi3MLXError
+from phi3mlx.serving import Delta, Done, Engine, OpenBLAS, Request, blas_threads
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 
@@ -544,6 +546,7 @@ def test_serve_command(capsys, tmp_path):
         proc.close()
     for argv, needle in ((["--port", "70000"], "--port must be in 1..65535"),
                          (["--max-batch", "0"], "--max-batch must be at least 1"),
+                         (["--blas-threads", "0"], "--blas-threads must be at least 1, got 0"),
                          (["--bogus"], "unrecognized arguments: --bogus"),
                          (["--log-level", "loud"], "invalid choice: 'loud'"),
                          (["--model", str(tmp_path / "none")], "model path not found")):
@@ -968,3 +971,55 @@ def test_completion_prompt_ids_a_tokenizer_cannot_decode_get_a_400():
     with pytest.raises(APIError) as e:
         Server._completion_prompt(stub, {"prompt": [5, 120]}, True)
     assert e.value.status == 400 and "token id 120 is out of range" in str(e.value)
+
+
+def test_a_small_model_is_served_with_one_blas_thread_and_the_count_is_put_back(embedded, monkeypatch):
+    """On the CPU backend a model of at most SMALL_MODEL_BYTES of weights (the built-in one: about 7 MB) runs
+    with one BLAS thread while the engine runs, a larger one with the process's count; an explicit count wins;
+    the count before start() is back after stop()."""
+    model, tok = embedded
+    assert mx.default_device() == mx.cpu
+    assert blas_threads(model) == 1 and blas_threads(model, 3) == 3
+    with pytest.raises(Phi3MLXError, match="BLAS thread count must be 1 or more, got 0"):
+        blas_threads(model, 0)
+    monkeypatch.setattr(serving, "SMALL_MODEL_BYTES", 1024)
+    assert blas_threads(model) is None
+
+    class FakeBLAS:  # the library's count, as OpenBLAS keeps it
+        count, seen = 2, []
+
+        @property
+        def threads(self):
+            return FakeBLAS.count
+
+        @threads.setter
+        def threads(self, n):
+            FakeBLAS.count = n
+            FakeBLAS.seen.append(n)
+
+    monkeypatch.setattr(serving.OpenBLAS, "find", classmethod(lambda cls: FakeBLAS()))
+    seen_during = []
+    for blas, during in ((None, 2), (1, 1)):  # None: automatic, here a "large" model: left as it is
+        e = Engine(model, tok, blas=blas)
+        got, done = run_engine(e, [tok.encode("Add 2 and 3.")], 4,
+                               on_leave=lambda i, slot: seen_during.append(FakeBLAS.count))
+        assert done[0].finish_reason in ("stop", "length") and seen_during[-1] == during
+        assert FakeBLAS.count == 2  # put back by stop()
+    assert FakeBLAS.seen == [1, 2]
+
+
+def test_openblas_is_found_and_set_where_this_process_has_it():
+    """Where MLX runs on OpenBLAS here (the test command preloads it when the machine has it), its thread
+    count is read and set through the library itself."""
+    lib = OpenBLAS.find()
+    if lib is None:
+        pytest.skip("no OpenBLAS in this process (MLX's bundled BLAS has no thread count to set)")
+    before = lib.threads
+    try:
+        lib.threads = 1
+        assert lib.threads == 1
+        a = mx.random.normal((64, 256))
+        assert mx.allclose(a @ a.T, mx.array(np.array(a) @ np.array(a).T), atol=1e-3)  # still multiplies
+    finally:
+        lib.threads = before
+    assert lib.threads == before
