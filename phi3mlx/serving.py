@@ -385,8 +385,22 @@ class Engine:
         return best.copy()
 
     def _to_pool(self, cache: ModelCache) -> None:
+        """Pool ``cache`` (most recently used). The pool keeps no entry whose ids another entry holds as
+        its start (with the same LongRoPE set): a cache that one already covers only refreshes that one,
+        and one that covers others replaces them, so that requests asking the same again do not crowd
+        out the other prefixes."""
         if not cache.offset or cache.offset > self.pool_tokens:  # an oversized one would empty the pool
             return
+        ids = cache.token_ids
+        n = len(ids)
+        for c in self._pool:
+            held = c.token_ids
+            if c.long_rope == cache.long_rope and len(held) >= n and held[:n] == ids:
+                self._pool.remove(c)
+                self._pool.append(c)
+                return
+        self._pool = [c for c in self._pool if not (c.long_rope == cache.long_rope and len(c.token_ids) <= n
+                                                    and ids[: len(c.token_ids)] == c.token_ids)]
         self._pool.append(cache)
         while len(self._pool) > self.pool_entries or sum(c.offset for c in self._pool) > self.pool_tokens:
             self._pool.pop(0)

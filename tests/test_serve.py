@@ -1023,3 +1023,28 @@ def test_openblas_is_found_and_set_where_this_process_has_it():
     finally:
         lib.threads = before
     assert lib.threads == before
+
+
+def test_the_prefix_pool_keeps_one_entry_per_prefix(embedded):
+    """Requests asking the same again refresh one pooled entry instead of filling the pool with copies,
+    so the other prefixes stay; an entry that a longer one starts with gives way to it; the repeated
+    prompt then joins with its whole prompt but the last token from the pool."""
+    model, tok = embedded
+    engine = Engine(model, tok, max_batch=4, pool_entries=3)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)
+               for q in ("What is 23 + 45?", "Who lives in the valley?", "Add 17 and 38.")]
+    got, done = run_engine(engine, prompts, 6)  # three prefixes pooled
+    held = sorted(c.token_ids for c in engine._pool)
+    assert len(held) == 3 and all(any(h[: len(p)] == p for h in held) for p in prompts)
+    for _ in range(2):  # the first prompt four times at once, twice: still three entries, one per prompt
+        got2, done2 = run_engine(engine, [prompts[0]] * 4, 6)
+        assert all(d.cached_tokens == len(prompts[0]) - 1 for d in done2.values())
+        assert got2[0] == got2[1] == got2[2] == got2[3] == got[0]
+        assert sorted(c.token_ids for c in engine._pool) == held
+    oldest, short = engine._pool[0], engine._pool[1]
+    longer = short.copy()  # a cache holding the same ids and more
+    longer.extend(model, [5, 6, 7], 3, short.long_rope)
+    longer.hold(short.token_ids + [5, 6, 7])
+    engine._to_pool(longer)
+    assert len(engine._pool) == 3 and engine._pool[-1] is longer and all(c is not short for c in engine._pool)
+    assert engine._pool[0] is oldest  # nothing else had to go
