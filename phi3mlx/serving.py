@@ -67,12 +67,14 @@ class OpenBLAS:
 
     @classmethod
     def find(cls) -> Optional["OpenBLAS"]:
-        libs = [None]  # the process's global symbols (LD_PRELOAD), then any BLAS library it has loaded
+        libs = [None]  # the process's global symbols (LD_PRELOAD: what MLX's BLAS calls bind to) first
         try:
             with open("/proc/self/maps") as f:
-                libs += sorted({line.split()[-1] for line in f if "blas" in line.rsplit("/", 1)[-1]})
+                loaded = sorted({line.split()[-1] for line in f if "blas" in line.rsplit("/", 1)[-1]})
         except OSError:
-            pass
+            loaded = []
+        if not any("mlx" in path for path in loaded):  # else MLX calls its own bundled BLAS, not this one
+            libs += loaded
         for name in libs:
             try:
                 lib = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | os.RTLD_NOW) if name else ctypes.CDLL(None)
@@ -91,6 +93,28 @@ class OpenBLAS:
         self._set(int(n))
 
 
+_blas_lock = threading.Lock()
+_blas_users = 0  # running engines that set the count
+_blas_before = 0  # the count before the first of them
+
+
+def _blas_acquire(lib: "OpenBLAS", n: int) -> None:
+    global _blas_users, _blas_before
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_before = lib.threads
+        _blas_users += 1
+        lib.threads = n
+
+
+def _blas_release(lib: "OpenBLAS") -> None:
+    global _blas_users
+    with _blas_lock:
+        _blas_users -= 1
+        if _blas_users == 0:
+            lib.threads = _blas_before
+
+
 SMALL_MODEL_BYTES = 32 * 2**20  # weights up to this size: a step's matmuls are too small to share out
 
 
@@ -106,6 +130,16 @@ def blas_threads(model, requested: Optional[int] = None) -> Optional[int]:
         return None
     size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     return 1 if size <= SMALL_MODEL_BYTES else None
+
+
+def _covers(a: ModelCache, b: ModelCache) -> bool:
+    """Whether cache ``a`` serves every request that ``b`` serves: ``a`` holds ``b``'s ids and then
+    perhaps more, encoded with the same LongRoPE set, and can be cut back to ``b``'s length without a
+    prefill (a window cache past its window cannot)."""
+    held, ids = a.token_ids, b.token_ids
+    n = len(ids)
+    return (a.long_rope == b.long_rope and len(held) >= n and held[:n] == ids
+            and all(layer.can_trim(len(held) - n) for layer in a))
 
 
 class QueueFull(Exception):
@@ -204,11 +238,10 @@ class Engine:
                  pool_entries: int = 8, pool_tokens: int = 65536, kv_bits: Optional[int] = None,
                  kv_group_size: Optional[int] = None, compiled: bool = False, blas: Optional[int] = None):
         """``blas``: the BLAS threads to run with while the engine runs (``blas_threads``; None: automatic;
-        OpenBLAS only, the process's count is put back when the engine stops)."""
+        OpenBLAS only; the process's count is put back when the last running engine that set it stops)."""
         self.model, self.tokenizer = model, tokenizer
         self.blas_threads = blas_threads(model, blas)
-        self._blas: Optional[OpenBLAS] = None
-        self._blas_before = 0  # the process's BLAS threads before start()
+        self._blas: Optional[OpenBLAS] = None  # set while this engine holds the process's BLAS count
         # SlotBatch steps as compiled graphs (``Model.decode_slots``): each batch size and buffer length is
         # traced once and kept (memory and a pause per new shape), so it is the caller's choice
         self.compiled = compiled
@@ -246,21 +279,35 @@ class Engine:
         and queued requests and the prefix pool are kept)."""
         if self._thread is None:
             self._stop = False
-            self._blas = OpenBLAS.find() if self.blas_threads is not None else None
-            if self._blas is not None:
-                self._blas_before, self._blas.threads = self._blas.threads, self.blas_threads
-            self._thread = threading.Thread(target=self._run, name="phi3mlx-engine", daemon=True)
-            self._thread.start()
+            lib = OpenBLAS.find() if self.blas_threads is not None else None
+            if lib is not None and self._blas is None:
+                _blas_acquire(lib, self.blas_threads)
+                self._blas = lib
+            thread = threading.Thread(target=self._run, name="phi3mlx-engine", daemon=True)
+            try:
+                thread.start()
+            except BaseException:
+                self._put_blas_back()
+                raise
+            self._thread = thread
         return self
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        try:
+            if self._thread is not None:
+                self._thread.join()
+                self._thread = None
+        finally:
+            self._put_blas_back()
+
+    def _put_blas_back(self) -> None:
+        """The process's BLAS count as it was before the first running engine set it (once no engine
+        that set it runs any more)."""
         if self._blas is not None:
-            self._blas.threads, self._blas = self._blas_before, None
+            _blas_release(self._blas)
+            self._blas = None
 
     def submit(self, req: Request) -> None:
         if self._queue.qsize() >= self.max_queue:
@@ -385,22 +432,19 @@ class Engine:
         return best.copy()
 
     def _to_pool(self, cache: ModelCache) -> None:
-        """Pool ``cache`` (most recently used). The pool keeps no entry whose ids another entry holds as
-        its start (with the same LongRoPE set): a cache that one already covers only refreshes that one,
-        and one that covers others replaces them, so that requests asking the same again do not crowd
-        out the other prefixes."""
+        """Pool ``cache`` (most recently used). The pool keeps no entry that another one covers
+        (``_covers``): a cache that a pooled one covers only refreshes that one, and one that covers
+        pooled ones replaces them, so that identical requests (greedy ones asking the same again) do not
+        crowd out the other prefixes."""
         if not cache.offset or cache.offset > self.pool_tokens:  # an oversized one would empty the pool
             return
         ids = cache.token_ids
-        n = len(ids)
         for c in self._pool:
-            held = c.token_ids
-            if c.long_rope == cache.long_rope and len(held) >= n and held[:n] == ids:
+            if _covers(c, cache):
                 self._pool.remove(c)
                 self._pool.append(c)
                 return
-        self._pool = [c for c in self._pool if not (c.long_rope == cache.long_rope and len(c.token_ids) <= n
-                                                    and ids[: len(c.token_ids)] == c.token_ids)]
+        self._pool = [c for c in self._pool if not _covers(cache, c)]
         self._pool.append(cache)
         while len(self._pool) > self.pool_entries or sum(c.offset for c in self._pool) > self.pool_tokens:
             self._pool.pop(0)
