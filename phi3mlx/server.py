@@ -137,7 +137,7 @@ class _Relay:
 
 class Server:
     def __init__(self, model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None, compile_steps: bool = False,
+                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None, compile_steps: Optional[bool] = None,
                  blas_threads: Optional[int] = None):
         self.model, self.tokenizer, self.model_id, self.api_key = model, tokenizer, model_id, api_key
         # local image paths a request may name: none (None, the default), any (ANY_PATH), or those in a folder
@@ -521,7 +521,7 @@ def check_listen(host: str, port: int) -> None:
 
 
 def build_app(model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-              max_queue: int = 64, image_dir=None, compile_steps: bool = False,
+              max_queue: int = 64, image_dir=None, compile_steps: Optional[bool] = None,
               blas_threads: Optional[int] = None) -> Server:
     return Server(model, tokenizer, model_id, api_key, max_batch, max_queue, image_dir=image_dir,
                   compile_steps=compile_steps, blas_threads=blas_threads)
@@ -547,7 +547,7 @@ def local_images(host: str, image_dir: Optional[str]):
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8080, api_key: Optional[str] = None,
           max_batch: int = 16, max_queue: int = 64, log_level: str = "info", image_dir: Optional[str] = None,
-          compile_steps: bool = False, blas_threads: Optional[int] = None) -> None:
+          compile_steps: Optional[bool] = None, blas_threads: Optional[int] = None) -> None:
     """Run the server until interrupted."""
     server = build_app(model, tokenizer, model_id, api_key, max_batch, max_queue,
                        image_dir=local_images(host, image_dir), compile_steps=compile_steps, blas_threads=blas_threads)

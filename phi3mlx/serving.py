@@ -118,6 +118,12 @@ def _blas_release(lib: "OpenBLAS") -> None:
 SMALL_MODEL_BYTES = 32 * 2**20  # weights up to this size: a step's matmuls are too small to share out
 
 
+def small_model(model) -> bool:
+    """Whether ``model``'s weights total at most ``SMALL_MODEL_BYTES``: a step whose fixed costs (MLX's
+    per-operation scheduling, Python) weigh more than its arithmetic."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) <= SMALL_MODEL_BYTES
+
+
 def blas_threads(model, requested: Optional[int] = None) -> Optional[int]:
     """The BLAS thread count to serve ``model`` with, or None to leave the process's as it is: what was
     ``requested`` (a positive number), else (automatic) 1 for a model of at most ``SMALL_MODEL_BYTES``
@@ -128,8 +134,7 @@ def blas_threads(model, requested: Optional[int] = None) -> Optional[int]:
         return requested
     if mx.default_device() != mx.cpu:
         return None
-    size = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    return 1 if size <= SMALL_MODEL_BYTES else None
+    return 1 if small_model(model) else None
 
 
 def _covers(a: ModelCache, b: ModelCache) -> bool:
@@ -236,15 +241,17 @@ class _Flight:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 512,
                  pool_entries: int = 8, pool_tokens: int = 65536, kv_bits: Optional[int] = None,
-                 kv_group_size: Optional[int] = None, compiled: bool = False, blas: Optional[int] = None):
+                 kv_group_size: Optional[int] = None, compiled: Optional[bool] = None,
+                 blas: Optional[int] = None):
         """``blas``: the BLAS threads to run with while the engine runs (``blas_threads``; None: automatic;
         OpenBLAS only; the process's count is put back when the last running engine that set it stops)."""
         self.model, self.tokenizer = model, tokenizer
         self.blas_threads = blas_threads(model, blas)
         self._blas: Optional[OpenBLAS] = None  # set while this engine holds the process's BLAS count
         # SlotBatch steps as compiled graphs (``Model.decode_slots``): each batch size and buffer length is
-        # traced once and kept (memory and a pause per new shape), so it is the caller's choice
-        self.compiled = compiled
+        # traced once and kept (memory, and a pause per new shape that grows with the model), so by default
+        # (None) only a small model's steps are compiled, whose traces are cheap and whose steps gain most
+        self.compiled = small_model(model) if compiled is None else compiled
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.pool_entries, self.pool_tokens = pool_entries, pool_tokens
         self.kv_bits, self.kv_group_size = kv_bits, kv_group_size

@@ -547,6 +547,8 @@ def test_serve_command(capsys, tmp_path):
     for argv, needle in ((["--port", "70000"], "--port must be in 1..65535"),
                          (["--max-batch", "0"], "--max-batch must be at least 1"),
                          (["--blas-threads", "0"], "--blas-threads must be at least 1, got 0"),
+                         (["--compile-steps", "--no-compile-steps", "--max-batch", "0"],
+                          "--max-batch must be at least 1"),  # both spellings parse
                          (["--bogus"], "unrecognized arguments: --bogus"),
                          (["--log-level", "loud"], "invalid choice: 'loud'"),
                          (["--model", str(tmp_path / "none")], "model path not found")):
@@ -1083,3 +1085,18 @@ def test_a_pooled_cache_covers_another_only_where_it_can_be_cut_back_to_it():
     assert not serving._covers(Cache([1, 2, 9, 4, 5]), short)
     assert not serving._covers(Cache([1, 2, 3, 4, 5], ok=False), short)  # past its window: no cut back
     assert serving._covers(Cache([1, 2, 3], ok=False), short)  # nothing to cut
+
+
+def test_a_small_models_steps_are_compiled_by_default(embedded, monkeypatch):
+    """By default (compiled=None) a model of at most SMALL_MODEL_BYTES of weights decodes its SlotBatch
+    steps as compiled graphs, a larger one does not; an explicit choice wins either way."""
+    model, tok = embedded
+    assert serving.small_model(model)
+    assert Engine(model, tok).compiled is True and Engine(model, tok, compiled=False).compiled is False
+    monkeypatch.setattr(serving, "SMALL_MODEL_BYTES", 1024)
+    assert Engine(model, tok).compiled is False and Engine(model, tok, compiled=True).compiled is True
+    monkeypatch.undo()
+    got, done = run_engine(Engine(model, tok, max_batch=2), [tok.encode("Add 2 and 3."), tok.encode("Hello")], 5)
+    ref, _ = run_engine(Engine(model, tok, max_batch=2, compiled=False),
+                        [tok.encode("Add 2 and 3."), tok.encode("Hello")], 5)
+    assert got == ref and model.__dict__.get("_slot_steps")  # the compiled steps ran, with the same tokens
