@@ -188,7 +188,7 @@ def combine(trials: list) -> dict:
 
 def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_mlx_lm: bool = False,
                     concurrency=CONCURRENCY, workloads=("greedy",), trials: int = 2, progress=None,
-                    compile_steps: bool = False) -> dict:
+                    compile_steps: Optional[bool] = None) -> dict:
     """For each workload, both servers are started afresh and warmed up; then for each concurrency each
     server runs one unmeasured round of one request per client (the first steps at a new batch size may
     trace or allocate what later ones reuse), then ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
@@ -203,11 +203,11 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
     model = str(resolve(model))  # one local folder for both servers
     servers = [("phi3mlx", [sys.executable, "-m", "phi3mlx", "serve", "--model", model, "--model-id", "bench",
                             "--max-batch", str(max(concurrency)), "--log-level", "warning", "--port", "{port}"]
-                            + (["--compile-steps"] if compile_steps else []))]
+                            + ({True: ["--compile-steps"], False: ["--no-compile-steps"]}.get(compile_steps, [])))]
     if compare_mlx_lm:
         servers.append(("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", model,
                                           "--log-level", "WARNING", "--port", "{port}"]))
-    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "trials": trials,
+    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "trials": trials, "compile_steps": compile_steps,
            "workloads": list(workloads), "results": {}}
     for workload in workloads:
         live: dict = {}  # name -> {"port", "served", "proc", "failed": None or why its rounds are skipped}

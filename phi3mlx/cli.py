@@ -295,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(temperature 0), sampled (temperature 0.7, top_p 0.9), seeded (sampled with a seed per "
                    "request)")
     p.add_argument("--streams", default="1,4,16", help="with --serve: comma-separated numbers of concurrent clients")
-    p.add_argument("--compile-steps", action="store_true",
-                   help="with --serve: start phi3mlx serve with --compile-steps")
+    p.add_argument("--compile-steps", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --serve: start phi3mlx serve with --compile-steps (or --no-compile-steps); default: "
+                   "neither, the server's own choice (compiled for a model of at most 32 MB)")
     p.add_argument("--trials", type=int, default=2,
                    help="with --serve: timed rounds per server and number of streams; with --compare-mlx-lm the "
                    "two servers, both running (the model loaded twice), take turns (A B B A ...; an even number "

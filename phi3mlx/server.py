@@ -551,5 +551,9 @@ def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 
     """Run the server until interrupted."""
     server = build_app(model, tokenizer, model_id, api_key, max_batch, max_queue,
                        image_dir=local_images(host, image_dir), compile_steps=compile_steps, blas_threads=blas_threads)
-    print(f"serving {model_id} at http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
+    e = server.engine
+    how = ["compiled steps" if e.compiled else "uncompiled steps"]
+    if e.blas_threads is not None:
+        how.append(f"{e.blas_threads} BLAS thread{'s' if e.blas_threads != 1 else ''}")
+    print(f"serving {model_id} at http://{host}:{port}/v1 ({', '.join(how)}; Ctrl-C stops)", flush=True)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level)

@@ -98,3 +98,29 @@ def test_servers_take_turns_and_a_failed_server_is_skipped_with_the_reason(monke
     assert theirs[4] == {"error": "skipped after the warm-up with 1 streams failed"}
     assert [w for w, _, _ in calls].count("theirs") == 1 and len(ours[1]["trials"]) == len(ours[4]["trials"]) == 2
     assert closed[0] == ("mlx_lm.server", 2)
+
+
+def test_the_compile_choice_reaches_our_server_only_when_given(monkeypatch):
+    """`bench --serve` starts `phi3mlx serve` with --compile-steps, --no-compile-steps or neither (the
+    server's own choice), records which, and never passes it to mlx_lm.server."""
+    argvs = []
+
+    class FakeServer:
+        def __init__(self, name, argv, port, timeout=180.0):
+            argvs.append((name, argv))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(B, "Subprocess", FakeServer)
+    monkeypatch.setattr(B, "run_round", lambda *a, **k: {"tok_s": 1.0, "ttft": 0.1, "tokens": 1, "wall": 1.0,
+                                                         "ttfts": [0.1]})
+    monkeypatch.setattr(B, "stream_request", lambda *a, **k: (0.0, 4))
+    monkeypatch.setattr(B, "resolve", lambda m: m)
+    for choice, flags in ((None, []), (True, ["--compile-steps"]), (False, ["--no-compile-steps"])):
+        argvs.clear()
+        res = B.run_serve_bench("m", compare_mlx_lm=True, concurrency=(1,), trials=1, compile_steps=choice)
+        ours = dict(argvs)["phi3mlx"]
+        assert [a for a in ours if "compile-steps" in a] == flags and res["compile_steps"] is choice
+        assert not any("compile" in a for a in dict(argvs)["mlx_lm.server"])
+    assert main(["bench", "--serve", "--no-compile-steps", "--trials", "0"]) == 1  # the flag parses
