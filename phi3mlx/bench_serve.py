@@ -191,8 +191,9 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
                     compile_steps: Optional[bool] = None) -> dict:
     """For each workload, both servers are started afresh and warmed up; then for each concurrency each
     server runs one unmeasured round of one request per client (the first steps at a new batch size may
-    trace or allocate what later ones reuse), then ``trials`` rounds, the servers taking turns in A B B A order, so a change in the machine's
-    speed during the run weighs on both alike (fully with an even number of trials). Both hold the model
+    trace or allocate what later ones reuse), then ``trials`` rounds, the servers taking turns in A B B A
+    order, so a change in the machine's speed during the run weighs on both alike (fully with an even
+    number of trials). Both hold the model
     at once; a server whose round fails is stopped at once.
 
     ``results[server][workload][c]`` is ``combine`` of its trials, or ``{"error": message}`` when a
@@ -207,8 +208,8 @@ def run_serve_bench(model: str, gen_tokens: int = 64, repeats: int = 3, compare_
     if compare_mlx_lm:
         servers.append(("mlx_lm.server", [sys.executable, "-m", "mlx_lm", "server", "--model", model,
                                           "--log-level", "WARNING", "--port", "{port}"]))
-    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "trials": trials, "compile_steps": compile_steps,
-           "workloads": list(workloads), "results": {}}
+    out = {"model": model, "gen_tokens": gen_tokens, "repeats": repeats, "trials": trials,
+           "compile_steps": compile_steps, "workloads": list(workloads), "results": {}}
     for workload in workloads:
         live: dict = {}  # name -> {"port", "served", "proc", "failed": None or why its rounds are skipped}
         try:

@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", default=None, help="the name clients use (default: the --model argument)")
     p.add_argument("--compile-steps", action=argparse.BooleanOptionalAction, default=None,
                    help="run the batch's decoding step as one compiled graph (default: for a model of at most 32 "
-                   "MB of weights, the built-in one: 4-9%% more tokens/s at 16 streams on a 2-core CPU). Each new batch "
-                   "size and cache length is traced once (a pause: about 3 ms for the built-in model, 150 ms "
+                   "MB of weights, the built-in one: 4-9%% more tokens/s at 16 streams on a 2-core CPU). Each "
+                   "new batch size and cache length is traced once (a pause: about 3 ms for the built-in model, 150 ms "
                    "for a 32-layer one) and kept in memory (about 0.1 MB per layer per shape, 64 shapes at "
                    "most, then it starts afresh)")
     p.add_argument("--blas-threads", type=int, default=None, metavar="N",

@@ -137,8 +137,8 @@ class _Relay:
 
 class Server:
     def __init__(self, model, tokenizer, model_id: str, api_key: Optional[str] = None, max_batch: int = 16,
-                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None, compile_steps: Optional[bool] = None,
-                 blas_threads: Optional[int] = None):
+                 max_queue: int = 64, engine: Optional[Engine] = None, image_dir=None,
+                 compile_steps: Optional[bool] = None, blas_threads: Optional[int] = None):
         self.model, self.tokenizer, self.model_id, self.api_key = model, tokenizer, model_id, api_key
         # local image paths a request may name: none (None, the default), any (ANY_PATH), or those in a folder
         self.image_dir = image_dir if image_dir is None or image_dir is ANY_PATH else os.path.realpath(image_dir)

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import mlx.core as mx
-
 from mlx.utils import tree_flatten
 
 from .cache import ModelCache, SlotBatch, common_prefix, image_positions
@@ -445,7 +444,6 @@ class Engine:
         crowd out the other prefixes."""
         if not cache.offset or cache.offset > self.pool_tokens:  # an oversized one would empty the pool
             return
-        ids = cache.token_ids
         for c in self._pool:
             if _covers(c, cache):
                 self._pool.remove(c)
