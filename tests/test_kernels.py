@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from phi3mlx.kernels import blocksparse as K
+from phi3mlx.kernels import portable
 from phi3mlx.models.phi3small import Blocksparse, Phi3SmallSection, blocksparse_layer, head_offsets
 
 from phi3mlx.kernels.portable import cpu_translation_unit
@@ -362,7 +363,7 @@ def test_each_dtype_gets_its_own_compiled_kernel(monkeypatch):
     arrays' dtypes: a bfloat16 launch must not find the float32 build. The names carry the dtypes."""
     names = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", recording_kernel(names))
-    monkeypatch.setattr(K, "_KERNELS", {})
+    monkeypatch.setattr(portable, "BUILT", {})
     for dtype in (mx.float32, mx.bfloat16, mx.float32):
         q = mx.zeros((1, 4, 1, 64), dtype=dtype)
         k = mx.zeros((1, 2, 40, 64), dtype=dtype)

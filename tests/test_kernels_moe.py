@@ -13,6 +13,7 @@ import pytest
 from mlx_lm.models.switch_layers import SwitchGLU
 
 from phi3mlx.kernels import moe as K
+from phi3mlx.kernels import portable
 from phi3mlx.models import build_model, parse_config
 from phi3mlx.quant import quantize_model
 
@@ -251,7 +252,7 @@ def test_each_dtype_gets_its_own_compiled_kernel(monkeypatch):
     under its name, while its signature follows the dtypes)."""
     names = []
     monkeypatch.setattr(mx.fast, "cuda_kernel", recording_kernel(names))
-    monkeypatch.setattr(K, "_KERNELS", {})
+    monkeypatch.setattr(portable, "BUILT", {})
     for dtype, bits in ((mx.float32, 0), (mx.float16, 0), (mx.float32, 4), (mx.float32, 0)):
         sw = experts(64, 64, 2, bits=bits)
         if not bits:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import note_used
-from .portable import dtype_tag, packed, render
+from .portable import build, dtype_tag, packed, render
 
 NAME = "blocksparse_decode"
 MERGE_NAME = "blocksparse_merge"
@@ -252,30 +252,15 @@ def split(rows: int, T: int, offset: int, L: int, block: int, local: int, vert: 
     return parts, -(-bound // parts)
 
 
-_KERNELS: dict = {}
-
-
 def _kernel(backend: str, quantized: bool, tag: str):
     """The first pass for ``backend``, float or quantized keys, built for the dtypes ``tag`` names."""
-    key = (backend, quantized, tag)
-    if key not in _KERNELS:
-        header, src = source(backend, quantized)
-        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        _KERNELS[key] = make(name=f"{NAME}{'_q' if quantized else ''}_{tag}",
-                             input_names=QUANT_INPUTS if quantized else INPUTS, output_names=OUTPUTS, source=src,
-                             header=header)
-    return _KERNELS[key]
+    return build(backend, f"{NAME}{'_q' if quantized else ''}_{tag}", QUANT_INPUTS if quantized else INPUTS,
+                 OUTPUTS, lambda: source(backend, quantized))
 
 
 def _merge_kernel(backend: str, tag: str):
     """The merge pass for ``backend``, writing the dtype ``tag`` names."""
-    key = (backend, "merge", tag)
-    if key not in _KERNELS:
-        header, src = merge_source(backend)
-        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        _KERNELS[key] = make(name=f"{MERGE_NAME}_{tag}", input_names=MERGE_INPUTS, output_names=["out"], source=src,
-                             header=header)
-    return _KERNELS[key]
+    return build(backend, f"{MERGE_NAME}_{tag}", MERGE_INPUTS, ["out"], lambda: merge_source(backend))
 
 
 def supports(q: mx.array, keys: list, bits, group_size: int) -> bool:
@@ -311,5 +296,6 @@ def decode(backend: str, q: mx.array, keys: list, values: list, T: int, offset: 
         inputs=[q, *keys, *values, params, mx.array([scale], dtype=mx.float32)],
         output_shapes=[(rows * n * D,), (rows * n * 2,)], output_dtypes=[mx.float32, mx.float32],
         grid=(rows * n * 32 * warps, 1, 1), threadgroup=(32 * warps, 1, 1))
-    return _merge_kernel(backend, dtype_tag(q.dtype))(inputs=[po, pml, params], output_shapes=[q.shape], output_dtypes=[q.dtype],
-                                  grid=(rows * 32, 1, 1), threadgroup=(32, 1, 1))[0]
+    return _merge_kernel(backend, dtype_tag(q.dtype))(inputs=[po, pml, params], output_shapes=[q.shape],
+                                                      output_dtypes=[q.dtype], grid=(rows * 32, 1, 1),
+                                                      threadgroup=(32, 1, 1))[0]

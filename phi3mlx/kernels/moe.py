@@ -29,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from . import note_used
-from .portable import dtype_tag, packed, render
+from .portable import build, dtype_tag, packed, render
 
 NAME = "moe_decode"
 THREADS = 256  # 8 groups of 32 lanes
@@ -218,23 +218,10 @@ def cpu_params(quantized: bool = False) -> list[tuple[str, str]]:
             ("const int*", "params"), ("float*", "out")]
 
 
-_KERNELS: dict = {}
-
-
 def _kernel(backend: str, quantized: bool, tag: str):
     """The kernel for ``backend``, float or quantized experts, built for the dtypes ``tag`` names."""
-    key = (backend, quantized, tag)
-    if key not in _KERNELS:
-        header, src = source(backend, quantized)
-        names = QUANT_INPUTS if quantized else INPUTS
-        name = f"{NAME}{'_q' if quantized else ''}_{tag}"
-        if backend == "metal":
-            _KERNELS[key] = mx.fast.metal_kernel(name=name, input_names=names, output_names=["out"], source=src,
-                                                 header=header, atomic_outputs=True)
-        else:
-            _KERNELS[key] = mx.fast.cuda_kernel(name=name, input_names=names, output_names=["out"], source=src,
-                                                header=header)
-    return _KERNELS[key]
+    return build(backend, f"{NAME}{'_q' if quantized else ''}_{tag}", QUANT_INPUTS if quantized else INPUTS,
+                 ["out"], lambda: source(backend, quantized), atomic_outputs=True)
 
 
 def weights_of(layer) -> tuple[list, int, int]:

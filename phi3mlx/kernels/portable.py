@@ -23,6 +23,10 @@ sizes come in as small int32 arrays, never as template values (a template value 
 
 from __future__ import annotations
 
+from typing import Callable
+
+import mlx.core as mx
+
 HEADER_METAL = """
 #include <metal_stdlib>
 using namespace metal;
@@ -144,6 +148,26 @@ def dtype_tag(*dtypes) -> str:
     kernel under its name, but the generated signature's pointer types follow the arrays' dtypes: a
     kernel built for bfloat16 must not be found again for float32."""
     return "_".join(str(d).split(".")[-1] for d in dtypes)
+
+
+BUILT: dict = {}  # (backend, kernel name) -> the kernel object MLX made
+
+
+def build(backend: str, name: str, input_names: list, output_names: list,
+          make_source: Callable[[], tuple[str, str]], atomic_outputs: bool = False):
+    """The custom kernel ``name`` for ``backend`` ("metal" or "cuda"), made on first use from
+    ``make_source()`` = (header, source) and kept (the name says everything its source depends on:
+    variant and dtypes). ``atomic_outputs``: Metal's outputs as atomics (CUDA's are plain pointers)."""
+    key = (backend, name)
+    if key not in BUILT:
+        header, src = make_source()
+        if backend == "metal":
+            BUILT[key] = mx.fast.metal_kernel(name=name, input_names=input_names, output_names=output_names,
+                                              source=src, header=header, atomic_outputs=atomic_outputs)
+        else:
+            BUILT[key] = mx.fast.cuda_kernel(name=name, input_names=input_names, output_names=output_names,
+                                             source=src, header=header)
+    return BUILT[key]
 
 
 def render(backend: str, body: str) -> tuple[str, str]:
